@@ -1,0 +1,1 @@
+"""Default configuration and recipes (installed as yolo_prune.cfg)."""

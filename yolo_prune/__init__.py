@@ -1,0 +1,57 @@
+"""yolo-prune: make trained YOLOv8 detectors smaller and faster, keeping their accuracy.
+
+The public API follows the pipeline::
+
+    import yolo_prune as yp
+    model = yp.load("best.pt")                                        # 1. load
+    sparse = yp.sparse_train(model, "data.yaml", sr=1e-3, epochs=30)  # 2. sparsity training
+    pruned = yp.prune(sparse.best, method="bn", target_macs=0.5)      # 3. rank + remove channels
+    tuned = yp.finetune(pruned.checkpoint, "data.yaml", epochs=30)    # 4. fine-tune
+    yp.validate(tuned.best, "data.yaml")                              # 5. COCO mAP
+    yp.benchmark({"dense": "best.pt", "pruned": tuned.best})          #    latency
+    yp.export(tuned.best, format="onnx", save_dir="out")              #    export
+
+or all at once with :func:`pipeline`. Every function returns a typed result that prints as a table.
+Names are imported lazily, so ``import yolo_prune`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_API = {
+    "load": ("yolo_prune.models", "load_model"),
+    "save_checkpoint": ("yolo_prune.models", "save_checkpoint"),
+    "sparse_train": ("yolo_prune.train", "sparse_train"),
+    "prune": ("yolo_prune.pruning", "prune"),
+    "finetune": ("yolo_prune.train", "finetune"),
+    "validate": ("yolo_prune.evaluate", "evaluate"),
+    "benchmark": ("yolo_prune.bench", "measure_latency"),
+    "export": ("yolo_prune.export", "export_model"),
+    "pipeline": ("yolo_prune.pipeline", "pipeline"),
+    "model_stats": ("yolo_prune.stats", "model_stats"),
+    "make_synthetic": ("yolo_prune.data.synthetic", "make_synthetic"),
+    "SparseTrainer": ("yolo_prune.train", "SparseTrainer"),
+    "FinetuneTrainer": ("yolo_prune.train", "FinetuneTrainer"),
+    "PruneResult": ("yolo_prune.pruning", "PruneResult"),
+    "YoloPruneError": ("yolo_prune.errors", "YoloPruneError"),
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        module, attr = _API[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'yolo_prune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,180 @@
+"""Stage 1 of the pipeline: load a model, and write it back as a normal ultralytics checkpoint.
+
+``load_model`` accepts an ultralytics ``.pt`` checkpoint, a model yaml (``yolov8n.yaml``, random init),
+an ultralytics ``YOLO`` object or a ``DetectionModel``, and always returns a ``YOLO`` object wrapping a
+detection model. Every way this can go wrong is a :class:`~yolo_prune.errors.ModelLoadError` with a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import pickle
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .io import atomic_write
+
+LOGGER = logging.getLogger("yolo_prune")
+
+ModelLike = Any  # str | Path | YOLO | DetectionModel
+
+
+def _yolo_class():
+    from ultralytics import YOLO
+
+    return YOLO
+
+
+def load_model(source: ModelLike) -> Any:
+    """Return an ultralytics ``YOLO`` object for ``source`` (path, yaml, YOLO or DetectionModel).
+
+    An in-memory ``YOLO`` is returned as it is (not copied); a ``DetectionModel`` is wrapped.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    YOLO = _yolo_class()
+    if isinstance(source, YOLO):
+        _check_detection(source.model, repr(source.model_name or "model"))
+        return source
+    if isinstance(source, nn.Module):
+        _check_detection(source, type(source).__name__)
+        return wrap_model(source)
+    if not isinstance(source, (str, Path)):
+        raise ModelLoadError(f"model must be a path, a YOLO object or a DetectionModel, not {type(source).__name__}")
+
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            model = YOLO(str(source))
+        except FileNotFoundError:
+            raise ModelLoadError(f"model yaml not found: {source}") from None
+        except Exception as e:  # ultralytics raises many kinds for a malformed yaml
+            raise ModelLoadError(f"cannot build a model from {source}: {_short(e)}") from None
+    elif suffix == ".pt":
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {source}")
+        model = _load_pt(path)
+    else:
+        raise ModelLoadError(f"unsupported model file {source}: expected an ultralytics .pt checkpoint or a model .yaml")
+    if not isinstance(model.model, DetectionModel) or model.task != "detect":
+        raise ModelLoadError(
+            f"{source} is a {model.task or type(model.model).__name__} model; yolo-prune prunes detection models"
+        )
+    _check_detection(model.model, str(source))
+    return model
+
+
+def _load_pt(path: Path) -> Any:
+    YOLO = _yolo_class()
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty, not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path} is not a PyTorch checkpoint (not a torch zip archive; truncated or another format)")
+    try:
+        return YOLO(str(path))
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, TypeError, KeyError, AttributeError) as e:
+        raise ModelLoadError(f"{path} is not a readable ultralytics checkpoint: {_short(e)}") from None
+    except ModuleNotFoundError as e:
+        raise ModelLoadError(f"{path} needs the Python module {e.name!r}, which is not installed") from None
+
+
+def _check_detection(model: nn.Module, what: str) -> None:
+    from ultralytics.nn.modules import Detect
+    from ultralytics.nn.tasks import DetectionModel
+
+    if not isinstance(model, DetectionModel):
+        raise ModelLoadError(f"{what} is a {type(model).__name__}, not an ultralytics DetectionModel")
+    head = model.model[-1]
+    if type(head) is not Detect:
+        raise ModelLoadError(
+            f"{what} ends in {type(head).__name__}; yolo-prune supports the plain Detect head (YOLOv8 detection)"
+        )
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+def wrap_model(model: nn.Module) -> Any:
+    """Wrap an in-memory ``DetectionModel`` in an ultralytics ``YOLO`` object (no file is written)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    YOLO = _yolo_class()
+    yolo = YOLO.__new__(YOLO)
+    nn.Module.__init__(yolo)
+    from ultralytics.utils import callbacks
+
+    yolo.callbacks = callbacks.get_default_callbacks()
+    yolo.predictor = yolo.trainer = yolo.metrics = None
+    yolo.ckpt, yolo.cfg, yolo.ckpt_path, yolo.model_name = {}, None, None, None
+    yolo.model = model
+    yolo.task = "detect"
+    model.task = "detect"
+    if not isinstance(getattr(model, "args", None), dict):
+        model.args = dict(DEFAULT_CFG_DICT)
+    yolo.overrides = {"task": "detect"}
+    del yolo.training
+    return yolo
+
+
+def detection_model(model: ModelLike) -> nn.Module:
+    """The ``DetectionModel`` inside ``model`` (loading it first if it is a path)."""
+    return load_model(model).model
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    train_args: dict | None = None,
+    metrics: dict | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write ``model`` as an ultralytics checkpoint (fp16, like ultralytics' own), atomically.
+
+    The result loads with ``YOLO(path)``; ``provenance`` is stored under the ``yolo_prune`` key.
+    """
+    from ultralytics import __version__
+
+    m = copy.deepcopy(model).half()
+    if hasattr(m, "criterion"):
+        m.criterion = None
+    for p in m.parameters():
+        p.requires_grad_(False)
+    args = dict(train_args if train_args is not None else getattr(model, "args", {}) or {})
+    ckpt = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "version": __version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": m,
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()},
+        "train_metrics": metrics or {},
+        "train_results": {},
+        "yolo_prune": provenance or {},
+    }
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The ``yolo_prune`` provenance dict stored in a checkpoint written by :func:`save_checkpoint`."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(ckpt.get("yolo_prune") or {})

@@ -1,0 +1,49 @@
+"""Where a result came from: versions, seed and the source checkpoint's hash.
+
+Stored in every report and in every checkpoint yolo-prune writes (under the ``yolo_prune`` key).
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .io import sha256_file
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import torch_pruning
+    import ultralytics
+
+    from . import __version__
+
+    return {
+        "yolo_prune": __version__,
+        "torch": torch.__version__,
+        "ultralytics": ultralytics.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "python": platform.python_version(),
+    }
+
+
+def source_info(source: Any) -> dict[str, Any]:
+    """Path and sha256 of ``source`` when it is a file, else a description of the in-memory object."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        return {"source": str(Path(source).resolve()), "source_sha256": sha256_file(source)}
+    if isinstance(source, (str, Path)):
+        return {"source": str(source), "source_sha256": None}
+    return {"source": f"<in-memory {type(source).__name__}>", "source_sha256": None}
+
+
+def provenance(source: Any, *, seed: int, stage: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        **source_info(source),
+        "seed": seed,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "versions": versions(),
+        "args": args or {},
+    }

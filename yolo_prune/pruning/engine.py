@@ -1,0 +1,162 @@
+"""The pruning pass: trace, rank, plan and remove channels from a DetectionModel in place.
+
+This module only glues the three concerns together: the graph (:mod:`.graph`), the criterion
+(:mod:`.importance`) and the schedule (:mod:`.schedule`). It works on an ``nn.Module`` and writes no
+files; :func:`yolo_prune.pruning.prune` is the user-facing operation around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import PruningError, UsageError
+from .graph import PruneGraph, build_graph, prepare
+from .importance import METHODS, CalibratedActivationImportance, make_importance
+from .schedule import PlanOptions, plan, solve_for_macs
+
+LOGGER = logging.getLogger("yolo_prune")
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one pruning increment did."""
+
+    step: int
+    target_macs: float | None  # fraction of the reference MACs asked for (None in ratio mode)
+    macs_fraction: float  # conv MACs after the step / reference conv MACs
+    channels_removed: int
+
+
+@dataclasses.dataclass
+class Reference:
+    """The model before any pruning: targets of every step are fractions of these."""
+
+    conv_macs: float
+    channels: int
+
+
+@dataclasses.dataclass
+class PruneOutcome:
+    steps: list[StepRecord]
+    layers_before: dict[str, int]
+    layers_after: dict[str, int]
+    reference: Reference
+
+
+def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
+    """Output channels of every prunable conv (the protected Detect outputs excluded), by module name."""
+    ignored = set(map(id, graph.ignored))
+    return {
+        name: m.out_channels
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and id(m) not in ignored
+    }
+
+
+def _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise UsageError(f"ratio={ratio} is out of range: it must be in [0, 1)")
+    if ratio is None and (target_macs is None or not 0 < target_macs <= 1):
+        raise UsageError(f"target_macs={target_macs} is out of range: it must be in (0, 1]")
+    if not 0 < max_layer_ratio < 1:
+        raise UsageError(f"max_layer_ratio={max_layer_ratio} is out of range: it must be in (0, 1)")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"round_to={round_to} must be a positive integer or null")
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps={steps} must be a positive integer")
+
+
+def prune_model(
+    model: nn.Module,
+    *,
+    method: str = "bn",
+    target_macs: float | None = 0.5,
+    ratio: float | None = None,
+    global_pruning: bool = True,
+    max_layer_ratio: float = 0.75,
+    round_to: int | None = 8,
+    steps: int = 1,
+    tolerance: float = 0.03,
+    seed: int = 0,
+    calib_images: torch.Tensor | None = None,
+    reference: Reference | None = None,
+    trace_imgsz: int = 128,
+    progress: bool = False,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> PruneOutcome:
+    """Remove channels of ``model`` (a DetectionModel) in place.
+
+    Either ``ratio`` (fraction of prunable channels to remove) or ``target_macs`` (fraction of the
+    reference MACs to keep) sets the goal, reached in ``steps`` equal increments. ``reference``
+    (default: the model as passed) lets a caller prune an already pruned model toward a goal stated
+    against the original, as the iterative pipeline does.
+    """
+    _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
+    prepare(model)
+    graph = build_graph(model, imgsz=trace_imgsz)
+    importance = make_importance(method, seed=seed, calib_images=calib_images)
+    opts = PlanOptions(global_pruning=global_pruning, max_layer_ratio=max_layer_ratio, round_to=round_to)
+    before = layer_widths(model, graph)
+    if reference is None:
+        reference = Reference(conv_macs=graph.conv_macs(), channels=sum(g.channels for g in graph.groups()))
+
+    records: list[StepRecord] = []
+    bar = tqdm(range(1, steps + 1), desc="pruning", disable=not progress, unit="step")
+    for step in bar:
+        groups = graph.groups()
+        if isinstance(importance, CalibratedActivationImportance):
+            importance.calibrate(model)
+        scored = []
+        for g in groups:
+            s = importance(g.group)
+            if s is not None:
+                scored.append((g, s.detach().float().cpu()))
+        scores = [s for _, s in scored]
+        channels = [g.channels for g, _ in scored]
+
+        def macs_of(counts: list[int]) -> float:
+            delta: dict[tuple[nn.Conv2d, bool], float] = {}
+            for (g, _), n in zip(scored, counts):
+                if n:
+                    for conv, is_out, k in g.convs:
+                        delta[(conv, is_out)] = delta.get((conv, is_out), 0.0) + n * k
+            return graph.conv_macs(delta) / reference.conv_macs
+
+        def plan_of(amount: float) -> list[int]:
+            return plan(scores, channels, amount, opts)
+
+        current = sum(channels)
+        if ratio is not None:
+            goal_removed = ratio * step / steps * reference.channels
+            already = reference.channels - current
+            amount = max(0.0, (goal_removed - already) / max(current, 1))
+            counts, target = plan_of(amount), None
+            reached = macs_of(counts)
+        else:
+            target = 1 - (1 - target_macs) * step / steps
+            counts, reached = solve_for_macs(macs_of, plan_of, target, tolerance=tolerance, max_amount=max_layer_ratio)
+            if reached > target + tolerance:
+                raise PruningError(
+                    f"target_macs={target:.3f} is out of reach: with max_layer_ratio={max_layer_ratio} and "
+                    f"round_to={round_to} the model keeps at least {reached:.3f} of its MACs"
+                )
+        for (g, s), n in zip(scored, counts):
+            if n:
+                graph.prune(g, torch.argsort(s, stable=True)[:n].tolist())
+        record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
+                            channels_removed=int(sum(counts)))
+        records.append(record)
+        bar.set_postfix(macs=f"{record.macs_fraction:.3f}")
+        LOGGER.info("pruning step %d/%d: %d channels removed, MACs %.3f of the original",
+                    step, steps, record.channels_removed, record.macs_fraction)
+        if on_step:
+            on_step(record)
+    return PruneOutcome(steps=records, layers_before=before, layers_after=layer_widths(model, graph), reference=reference)

@@ -1,0 +1,119 @@
+"""What to cut: channel importance criteria, one score per channel of a group (higher = keep).
+
+The criteria are torch-pruning ``Importance`` objects:
+
+- ``bn``: |BN gamma| (Network Slimming), averaged over the BNs of a group, not normalised, so that a
+  global threshold compares raw gammas across layers as in the paper;
+- ``l1`` / ``l2``: filter norms of every conv in the group, normalised by the group mean (filter norms
+  grow with fan-in, so raw values do not compare across layers);
+- ``activation``: mean |activation| of the channel as it enters its consumer convs, measured on a batch
+  of real images (``calibrate`` must run before ranking, and again after every pruning step);
+- ``random``: uniform random scores from a seeded generator (the baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import UsageError
+
+METHODS = ("bn", "l1", "l2", "activation", "random")
+
+
+class SeededRandomImportance(tp.importance.Importance):
+    """Random scores drawn from a private generator, so ranking is reproducible without global seeding."""
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor:
+        return torch.rand(len(group[0].idxs), generator=self.generator)
+
+
+class CalibratedActivationImportance(tp.importance.ActivationImportance):
+    """torch-pruning's activation importance, averaged over every batch of a calibration set."""
+
+    def __init__(self, images: torch.Tensor, *, batch: int = 8):
+        super().__init__(p=1, normalizer="mean")
+        self.images = images
+        self.batch = batch
+
+    @contextlib.contextmanager
+    def compute_importance(self, model: nn.Module) -> Iterator[None]:
+        def hook(module: nn.Conv2d, inputs, output) -> None:
+            x = inputs[0].detach().abs()
+            total = x.sum((0, 2, 3)).double()
+            n = x.shape[0] * x.shape[2] * x.shape[3]
+            if getattr(module, "_imp_sum", None) is None or module._imp_sum.shape != total.shape:
+                module._imp_sum, module._imp_n = total, 0
+            else:
+                module._imp_sum = module._imp_sum + total
+            module._imp_n += n
+
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        for m in convs:
+            m._imp_sum, m._imp_n = None, 0
+        hooks = [m.register_forward_hook(hook) for m in convs]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for m in convs:
+                if m._imp_sum is not None:
+                    m._importance = (m._imp_sum / max(m._imp_n, 1)).float()
+                del m._imp_sum, m._imp_n
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
+        # torch-pruning's version sorts the group's index lists in place and sizes its result after the
+        # first consumer, which is wrong when one channel feeds a consumer several times (SPPF's concat of
+        # x and its max-pools). Here each root channel averages every input slot it feeds.
+        n = len(group[0].root_idxs)
+        total, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for item in group:
+            layer, fn = item.dep.target.module, item.dep.handler
+            if not (isinstance(layer, nn.Conv2d) and fn == tp.pruner.function.prune_conv_in_channels):
+                continue
+            if getattr(layer, "_importance", None) is None or any(r is None for r in item.root_idxs):
+                continue
+            roots = torch.tensor(list(item.root_idxs), dtype=torch.long)
+            total.scatter_add_(0, roots, layer._importance[list(item.idxs)].double().cpu())
+            count.scatter_add_(0, roots, torch.ones(len(roots), dtype=torch.float64))
+        if not count.any():
+            return None
+        return self._normalize((total / count.clamp(min=1)).float(), self.normalizer)
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module) -> None:
+        """Run the calibration images through ``model`` and store each conv's input channel means."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        with self.compute_importance(model):
+            for i in range(0, len(self.images), self.batch):
+                model(self.images[i : i + self.batch].to(device))
+        model.train(was_training)
+
+
+def make_importance(method: str, *, seed: int = 0, calib_images: torch.Tensor | None = None) -> tp.importance.Importance:
+    """The importance criterion for ``method`` (one of :data:`METHODS`)."""
+    if method == "bn":
+        return tp.importance.BNScaleImportance(normalizer=None)
+    if method == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
+    if method == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+    if method == "random":
+        return SeededRandomImportance(seed)
+    if method == "activation":
+        if calib_images is None or len(calib_images) == 0:
+            raise UsageError("method=activation needs calibration images: pass data= with a train split")
+        return CalibratedActivationImportance(calib_images)
+    raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -1,0 +1,234 @@
+"""``prune()``: the user-facing pruning operation (load -> rank -> remove -> measure -> save)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..io import run_dir, write_json, write_text
+from ..models import load_model, save_checkpoint, wrap_model
+from ..provenance import provenance
+from ..results import Result, table
+from ..stats import model_stats
+from .calibration import load_calibration_images
+from .engine import PruneOutcome, StepRecord, prune_model
+
+LOGGER = logging.getLogger("yolo_prune")
+
+
+@dataclasses.dataclass
+class LayerChange:
+    name: str
+    channels_before: int
+    channels_after: int
+
+
+@dataclasses.dataclass
+class PruneResult(Result):
+    """What :func:`prune` did. ``str()`` prints the before/after table."""
+
+    model: Any = dataclasses.field(repr=False)  # the pruned ultralytics YOLO object
+    method: str
+    target_macs: float | None
+    ratio: float | None
+    imgsz: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_mb_before: float
+    size_mb_after: float
+    seconds: float
+    save_dir: Path | None = None
+    checkpoint: Path | None = None
+    map50_95_before: float | None = None
+    map50_95_after: float | None = None
+    map50_before: float | None = None
+    map50_after: float | None = None
+    layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
+    steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
+    provenance: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    def comparison(self) -> list[tuple[str, Any, Any, Any]]:
+        """Rows (metric, before, after, after/before) of the before/after table."""
+
+        def row(label, a, b):
+            return (label, a, b, (b / a) if a and b is not None else None)
+
+        rows = [
+            row("params (M)", self.params_before / 1e6, self.params_after / 1e6),
+            row(f"GMACs @{self.imgsz}", self.macs_before / 1e9, self.macs_after / 1e9),
+            row("size (MB)", self.size_mb_before, self.size_mb_after),
+        ]
+        if self.map50_95_before is not None:
+            rows.append(row("mAP50-95", self.map50_95_before, self.map50_95_after))
+            rows.append(row("mAP50", self.map50_before, self.map50_after))
+        return rows
+
+    def __str__(self) -> str:
+        goal = f"ratio={self.ratio}" if self.ratio is not None else f"target_macs={self.target_macs}"
+        head = f"PruneResult: method={self.method} {goal}, {self.seconds:.2f} s"
+        if self.checkpoint:
+            head += f"\ncheckpoint: {self.checkpoint}"
+        return head + "\n" + table(self.comparison(), header=("", "before", "after", "ratio"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "target_macs": self.target_macs,
+            "ratio": self.ratio,
+            "imgsz": self.imgsz,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_ratio": self.macs_ratio,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_ratio": self.params_ratio,
+            "size_mb_before": self.size_mb_before,
+            "size_mb_after": self.size_mb_after,
+            "map50_95_before": self.map50_95_before,
+            "map50_95_after": self.map50_95_after,
+            "map50_before": self.map50_before,
+            "map50_after": self.map50_after,
+            "prune_seconds": self.seconds,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "provenance": self.provenance,
+        }
+
+
+def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> torch.Tensor | None:
+    if method != "activation":
+        return None
+    if data is None:
+        raise UsageError("method=activation ranks channels on real images: pass data=<dataset yaml>")
+    from ..data import resolve_data
+
+    return load_calibration_images(resolve_data(data).train_images, n=n, imgsz=imgsz, seed=seed)
+
+
+def prune(
+    model: Any,
+    *,
+    method: str = "bn",
+    target_macs: float | None = 0.5,
+    ratio: float | None = None,
+    data: str | Path | None = None,
+    imgsz: int = 640,
+    global_pruning: bool = True,
+    max_layer_ratio: float = 0.75,
+    round_to: int | None = 8,
+    steps: int = 1,
+    tolerance: float = 0.03,
+    calib_images: int = 32,
+    seed: int = 0,
+    validate: bool = False,
+    batch: int = 16,
+    device: str | None = None,
+    project: str | Path = "runs",
+    name: str | None = None,
+    exist_ok: bool = False,
+    save: bool = True,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune ``model`` (path, yaml, YOLO or DetectionModel) and return a :class:`PruneResult`.
+
+    The input is never modified. With ``save`` the run folder ``project/prune/name`` receives
+    ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
+    ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
+    before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation).
+    """
+    source = model
+    yolo = load_model(model)
+    module = copy.deepcopy(yolo.model).float().cpu().eval()
+    for p in module.parameters():
+        p.requires_grad_(True)
+    calib = _calibration(method, data, n=calib_images, imgsz=imgsz, seed=seed)
+    save_dir = run_dir(project, "prune", name, exist_ok=exist_ok) if save else None
+
+    before = model_stats(module, imgsz=imgsz)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    outcome: PruneOutcome = prune_model(
+        module,
+        method=method,
+        target_macs=target_macs,
+        ratio=ratio,
+        global_pruning=global_pruning,
+        max_layer_ratio=max_layer_ratio,
+        round_to=round_to,
+        steps=steps,
+        tolerance=tolerance,
+        seed=seed,
+        calib_images=calib,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    after = model_stats(module, imgsz=imgsz)
+    args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
+                max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images)
+    prov = provenance(source, seed=seed, stage="prune", args=args)
+    result = PruneResult(
+        model=None,
+        method=method,
+        target_macs=None if ratio is not None else target_macs,
+        ratio=ratio,
+        imgsz=imgsz,
+        params_before=before.params,
+        params_after=after.params,
+        macs_before=before.macs,
+        macs_after=after.macs,
+        size_mb_before=before.size_mb,
+        size_mb_after=after.size_mb,
+        seconds=seconds,
+        layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
+        steps=outcome.steps,
+        provenance=prov,
+    )
+    if save_dir is not None:
+        ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
+                               provenance={**prov, "report": {k: v for k, v in result.to_dict().items() if k != "layers"}})
+        result.save_dir, result.checkpoint = save_dir, ckpt
+        result.model = load_model(ckpt)
+    else:
+        result.model = wrap_model(module)
+    if validate and data is not None:
+        from ..evaluate import evaluate
+
+        vb = evaluate(yolo, data, imgsz=imgsz, batch=batch, device=device,
+                      save_dir=save_dir / "val_before" if save_dir else None)
+        va = evaluate(result.model, data, imgsz=imgsz, batch=batch, device=device,
+                      save_dir=save_dir / "val_after" if save_dir else None)
+        result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
+        result.map50_95_after, result.map50_after = va.map50_95, va.map50
+    if save_dir is not None:
+        write_report(result, save_dir)
+    return result
+
+
+def write_report(result: PruneResult, save_dir: Path) -> None:
+    """``report.json``, ``report.md`` and ``layers.csv`` of a pruning run."""
+    write_json(save_dir / "report.json", result.to_dict())
+    lines = ["name,channels_before,channels_after"]
+    lines += [f"{layer.name},{layer.channels_before},{layer.channels_after}" for layer in result.layers]
+    write_text(save_dir / "layers.csv", "\n".join(lines) + "\n")
+    from ..report import plot_layer_channels, prune_report_markdown
+
+    write_text(save_dir / "report.md", prune_report_markdown(result))
+    plot_layer_channels(result.layers, save_dir / "channels.png")

@@ -1,0 +1,100 @@
+"""Run reports: the before/after table as Markdown, and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import atomic_path
+from .results import markdown_table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> str:
+    """Markdown for a :class:`~yolo_prune.pruning.prune.PruneResult`-like object (has ``comparison()``)."""
+    goal = f"ratio={result.ratio}" if result.ratio is not None else f"target_macs={result.target_macs}"
+    prov = result.provenance or {}
+    lines = [
+        f"# {title}",
+        "",
+        f"method={result.method}, {goal}, pruning time {result.seconds:.2f} s",
+        "",
+        markdown_table(result.comparison(), header=("", "before", "after", "ratio")),
+        "",
+        f"source: `{prov.get('source')}` (sha256 {prov.get('source_sha256')}), seed {prov.get('seed')}",
+        f"versions: {', '.join(f'{k} {v}' for k, v in (prov.get('versions') or {}).items())}",
+        "",
+        "Per-layer output channels: `layers.csv`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_layer_channels(layers: Sequence[Any], path: str | Path) -> Path:
+    """Bar chart of channels kept per prunable conv (kept over removed)."""
+    plt = _pyplot()
+    names = [layer.name.replace("model.", "") for layer in layers]
+    before = [layer.channels_before for layer in layers]
+    after = [layer.channels_after for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.18), 4))
+    x = range(len(names))
+    ax.bar(x, before, color="#d9d9d9", label="removed")
+    ax.bar(x, after, color="#1f77b4", label="kept")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=5)
+    ax.set_ylabel("output channels")
+    ax.set_title("channels kept per layer")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gamma_histograms(hists: dict[str, Sequence[float]], path: str | Path, *, threshold: float | None = None) -> Path:
+    """Overlaid histograms of |BN gamma| (e.g. before and after sparsity training), log-scaled counts."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [v for vs in hists.values() for v in vs]
+    hi = max(values) if values else 1.0
+    for label, vs in hists.items():
+        ax.hist(vs, bins=100, range=(0, hi), alpha=0.6, label=label)
+    if threshold:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_yscale("log")
+    ax.set_xlabel("|gamma|")
+    ax.set_ylabel("channels")
+    ax.set_title("BatchNorm gamma")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_map_vs_macs(points: Sequence[tuple[float, float, str]], path: str | Path) -> Path:
+    """mAP50-95 against MACs kept, one point per (macs_fraction, map, label)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    ax.plot(xs, ys, "o-")
+    for x, y, label in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("MACs kept (fraction of the original)")
+    ax.set_ylabel("mAP50-95")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
