@@ -1,0 +1,187 @@
+"""``yolo-prune MODE key=value ...``: a thin shell over the Python API.
+
+Errors a user can cause (:class:`~yolo_prune.errors.YoloPruneError`) print one line and exit with a
+non-zero status (2 for usage errors); ``verbose=True`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .config import build, default_cfg_path, parse_argv
+from .errors import YoloPruneError
+
+LOGGER = logging.getLogger("yolo_prune")
+
+HELP = f"""yolo-prune {__version__}: prune ultralytics YOLOv8 detectors for real (smaller tensors, faster models).
+
+Usage: yolo-prune MODE key=value ...
+
+Modes:
+  demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
+  pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
+  sparse    sparsity training: L1 on BatchNorm gammas                            (model= data= sr= epochs=)
+  prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
+  finetune  train a pruned checkpoint, keeping its architecture                  (model= data= epochs=)
+  val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
+  bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
+  export    export with ultralytics                                              (model= format=onnx)
+  cfg       print the default configuration with every key documented
+  version   print the version
+
+Examples:
+  yolo-prune demo
+  yolo-prune prune model=best.pt method=bn target_macs=0.5
+  yolo-prune pipeline model=best.pt data=coco.yaml cfg=slim.yaml
+  yolo-prune val model=runs/prune/prune/weights/pruned.pt data=data.yaml
+
+Configuration: defaults in {default_cfg_path()}, a recipe with cfg=recipe.yaml, then key=value
+(later wins). Any ultralytics train/val key (lr0, mosaic, amp, ...) passes through.
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _common(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"project": cfg["project"], "name": cfg["name"], "exist_ok": cfg["exist_ok"]}
+
+
+def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .train import sparse_train
+
+    return sparse_train(cfg["model"], _need(cfg, "data"), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
+                        gamma_threshold=cfg["gamma_threshold"], epochs=cfg["epochs"], imgsz=cfg["imgsz"],
+                        batch=cfg["batch"], device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"],
+                        verbose=cfg["verbose"], workers=cfg["workers"], **_common(cfg), **extra)
+
+
+def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .pruning import prune
+
+    return prune(cfg["model"], method=cfg["method"], target_macs=cfg["target_macs"], ratio=cfg["ratio"],
+                 data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
+                 max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
+                 tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], seed=cfg["seed"],
+                 validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
+                 **_common(cfg))
+
+
+def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .train import finetune
+
+    return finetune(cfg["model"], _need(cfg, "data"), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"],
+                    device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"], verbose=cfg["verbose"],
+                    workers=cfg["workers"], **_common(cfg), **extra)
+
+
+def run_val(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .evaluate import evaluate
+    from .io import run_dir
+
+    save_dir = run_dir(cfg["project"], "val", cfg["name"], exist_ok=cfg["exist_ok"])
+    return evaluate(cfg["model"], _need(cfg, "data"), imgsz=cfg["imgsz"], batch=cfg["batch"], device=cfg["device"],
+                    conf=cfg["conf"], iou=cfg["iou"], save_dir=save_dir)
+
+
+def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .bench import measure_latency
+    from .io import run_dir, write_json, write_text
+
+    paths = [p.strip() for p in str(cfg["model"]).split(",") if p.strip()]
+    models = {Path(p).stem if Path(p).stem not in ("best", "last") else str(Path(p)): p for p in paths}
+    save_dir = run_dir(cfg["project"], "bench", cfg["name"], exist_ok=cfg["exist_ok"])
+    backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
+    result = measure_latency(models, imgsz=cfg["imgsz"], backends=backends, runs=cfg["bench_runs"],
+                             warmup=cfg["bench_warmup"], seed=cfg["seed"], progress=True)
+    write_json(save_dir / "latency.json", result.to_dict())
+    write_text(save_dir / "latency.md", result.markdown() + "\n")
+    return result
+
+
+def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .export import export_model
+    from .io import run_dir
+
+    save_dir = run_dir(cfg["project"], "export", cfg["name"], exist_ok=cfg["exist_ok"])
+    return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, **extra)
+
+
+def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .pipeline import pipeline_from_cfg
+
+    _need(cfg, "data")
+    return pipeline_from_cfg(cfg, extra)
+
+
+def run_demo(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .pipeline import demo
+
+    return demo(cfg, extra)
+
+
+def _need(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) in (None, ""):
+        from .errors import UsageError
+
+        raise UsageError(f"mode {cfg['mode']} needs {key}=...")
+    return cfg[key]
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
+    "sparse": run_sparse,
+    "prune": run_prune,
+    "finetune": run_finetune,
+    "val": run_val,
+    "bench": run_bench,
+    "export": run_export,
+    "pipeline": run_pipeline,
+    "demo": run_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = any(a.replace(" ", "").lower() in ("verbose", "verbose=true", "verbose=1") for a in argv)
+    _setup_logging(verbose)
+    try:
+        mode, overrides = parse_argv(argv)
+        if mode == "help":
+            print(HELP)
+            return 0
+        if mode == "version":
+            print(__version__)
+            return 0
+        if mode == "cfg":
+            print(default_cfg_path().read_text(encoding="utf-8"))
+            return 0
+        cfg, extra = build(mode, overrides)
+        if not cfg["verbose"]:
+            warnings.filterwarnings("ignore", category=FutureWarning)
+        result = RUNNERS[mode](cfg, extra)
+        print(result)
+        return 0
+    except YoloPruneError as e:
+        if verbose:
+            raise
+        print(f"yolo-prune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("yolo-prune: interrupted", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()
