@@ -1,0 +1,331 @@
+"""Official COCO mAP of a detection model on any yolo-prune dataset.
+
+:func:`evaluate` runs ultralytics' detection validator over the val split (so its own P/R/mAP come for free), while
+:class:`CocoValidator` collects the predictions in COCO results format with the dataset's ORIGINAL image ids and
+category ids. Those are written to ``predictions.json`` and scored against the val ground truth json with
+pycocotools' COCOeval, or with faster-coco-eval (same numbers, faster) when it is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io as _io
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import ops
+
+from .data.spec import DataSpec, resolve_data
+from .errors import ModelLoadError, OutputError, UsageError
+from .io import write_json, write_text
+from .results import Result
+
+BACKENDS = ("auto", "faster", "faster-coco-eval", "pycocotools")
+
+
+@dataclasses.dataclass
+class ValResult(Result):
+    """COCO metrics (``map*``, from COCOeval) and ultralytics' own metrics (``ul_*``, precision, recall).
+
+    Area-range metrics are None when the ground truth has no object in that range (COCOeval reports -1).
+    """
+
+    map50_95: float
+    map50: float
+    map75: float
+    map_small: float | None
+    map_medium: float | None
+    map_large: float | None
+    ul_map50_95: float
+    ul_map50: float
+    precision: float
+    recall: float
+    backend: str
+    eval_seconds: float
+    val_seconds: float
+    n_images: int
+    n_predictions: int
+    imgsz: int
+    data: str
+    save_dir: Path | None = None
+    predictions_json: Path | None = None
+    metrics_json: Path | None = None
+    val_json: Path | None = None
+    per_class: dict[str, float | None] = dataclasses.field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """All fields, paths as strings (what ``metrics.json`` holds)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# Validator -------------------------------------------------------------------------------------------------------
+
+
+class CocoValidator(DetectionValidator):
+    """ultralytics' DetectionValidator that also collects COCO-format predictions with the dataset's original ids.
+
+    ultralytics' own json path (``save_json``) is kept off: it maps classes with the fixed COCO-80 table, takes image
+    ids from numeric file names and runs its own evaluation. Here class index ``c`` maps to ``spec.category_ids[c]``
+    and each image file to its id in ``spec.val_json``; predictions of classes the dataset does not have are dropped.
+    After a run, ``jdict`` holds the predictions and ``coco_image_ids`` the ids of the images seen.
+    """
+
+    def __init__(self, spec: DataSpec, dataloader=None, save_dir=None, args=None, _callbacks=None) -> None:
+        super().__init__(dataloader, save_dir, args, _callbacks)
+        self.spec = spec
+        self.coco_image_ids: list[Any] = []
+        self.unmatched_images: list[str] = []
+        self._by_name = _unique_names(spec.val_image_ids)
+
+    def init_metrics(self, model: torch.nn.Module) -> None:
+        super().init_metrics(model)
+        self.args.save_json = False
+        self.is_coco = self.is_lvis = self.is_custom_json = self.build_gdict = False
+        self.gdict = None
+        self.class_map = list(self.spec.category_ids)
+        self.coco_image_ids, self.unmatched_images = [], []
+
+    def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
+        super().update_metrics(preds, batch)
+        for si, pred in enumerate(preds):
+            pbatch = self._prepare_batch(si, batch)
+            self.pred_to_json(self.scale_preds(pred, pbatch), pbatch)
+
+    def coco_image_id(self, im_file: str) -> Any:
+        """COCO image id of an image file of the val split (None if unknown)."""
+        image_id = self.spec.image_id(im_file)
+        return image_id if image_id is not None else self._by_name.get(Path(im_file).name)
+
+    def pred_to_json(self, predn: dict[str, torch.Tensor], pbatch: dict[str, Any]) -> None:
+        """Append the predictions of one image (boxes already scaled to the original image) to ``jdict``."""
+        image_id = self.coco_image_id(pbatch["im_file"])
+        if image_id is None:
+            self.unmatched_images.append(pbatch["im_file"])
+            return
+        self.coco_image_ids.append(image_id)
+        if not len(predn["cls"]):
+            return
+        boxes = ops.xyxy2ltwh(predn["bboxes"]).tolist()
+        for box, score, cls in zip(boxes, predn["conf"].tolist(), predn["cls"].tolist()):
+            if int(cls) < len(self.class_map):
+                self.jdict.append({"image_id": image_id, "category_id": self.class_map[int(cls)],
+                                   "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+
+
+def _unique_names(ids: dict[str, Any]) -> dict[str, Any]:
+    """Base name -> image id for names that occur once (fallback when a path key does not match)."""
+    by_name: dict[str, list] = {}
+    for key, image_id in ids.items():
+        by_name.setdefault(Path(key).name, []).append(image_id)
+    return {name: v[0] for name, v in by_name.items() if len(v) == 1}
+
+
+# COCO evaluation -------------------------------------------------------------------------------------------------
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``"faster-coco-eval"`` or ``"pycocotools"`` for a requested backend (auto: faster-coco-eval if installed)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "pycocotools":
+        return "pycocotools"
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        if backend != "auto":
+            raise UsageError("backend='faster' needs faster-coco-eval: pip install faster-coco-eval") from None
+        return "pycocotools"
+    return "faster-coco-eval"
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _coco_api(backend: str, gt_json: Path, predictions: Path) -> Any:
+    """A COCOeval object (not yet run) for the chosen backend."""
+    if backend == "faster-coco-eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        gt = COCO(str(gt_json), print_function=_silent)
+        return COCOeval_faster(gt, gt.loadRes(str(predictions)), iouType="bbox", print_function=_silent)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(gt_json))
+    if json.loads(Path(predictions).read_text(encoding="utf-8")):
+        dt = gt.loadRes(str(predictions))
+    else:  # pycocotools' loadRes cannot take an empty list
+        dt = COCO()
+        dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [], "categories": gt.dataset["categories"]}
+        dt.createIndex()
+    return COCOeval(gt, dt, "bbox")
+
+
+def coco_eval(gt_json: str | Path, predictions: str | Path, *, backend: str = "auto",
+              image_ids: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Score a COCO results json against a COCO instances json (bbox).
+
+    Returns ``map50_95, map50, map75, map_small, map_medium, map_large`` (None for an area range without ground
+    truth), ``per_class`` (category name -> AP50-95) and ``backend``. ``image_ids`` restricts the images scored.
+    """
+    backend = resolve_backend(backend)
+    with contextlib.redirect_stdout(_io.StringIO()):
+        ev = _coco_api(backend, Path(gt_json), Path(predictions))
+        if image_ids is not None:
+            ev.params.imgIds = sorted(set(image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = [float(x) for x in ev.stats[:6]]
+    keys = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large")
+    out: dict[str, Any] = {k: (None if v < 0 else v) for k, v in zip(keys, s)}
+    out["per_class"] = _per_class_ap(ev)
+    out["backend"] = backend
+    return out
+
+
+def _per_class_ap(ev: Any) -> dict[str, float | None]:
+    """AP50-95 of each category (all areas, 100 detections), keyed by category name."""
+    precision = np.asarray(ev.eval["precision"])  # [iou, recall, category, area, max_dets]
+    cats = ev.cocoGt.loadCats(ev.params.catIds)
+    out = {}
+    for k, cat in enumerate(cats):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[str(cat["name"])] = float(p.mean()) if p.size else None
+    return out
+
+
+# evaluate() ------------------------------------------------------------------------------------------------------
+
+
+def _detection_model(model: Any) -> torch.nn.Module:
+    """The ultralytics DetectionModel behind a .pt path / model yaml, a ``YOLO`` object or a DetectionModel."""
+    from ultralytics import YOLO
+    from ultralytics.engine.model import Model
+    from ultralytics.nn.tasks import guess_model_task
+
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix == ".pt" and not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found")
+        try:
+            model = YOLO(str(model))
+        except Exception as e:  # ultralytics raises many types for bad checkpoints
+            raise ModelLoadError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+    net = model.model if isinstance(model, Model) else model
+    if not isinstance(net, torch.nn.Module) or not hasattr(net, "names") or not hasattr(net, "stride"):
+        raise ModelLoadError(f"not an ultralytics detection model: {type(model).__name__}")
+    task = guess_model_task(net)
+    if task != "detect":
+        raise ModelLoadError(f"not a detection model (task={task})")
+    return net
+
+
+@contextlib.contextmanager
+def quiet_ultralytics(verbose: bool = False) -> Iterator[None]:
+    """Silence ultralytics' info logs and progress bars (they follow its logger level) unless ``verbose``."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    if not verbose:
+        LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _out_dir(save_dir: str | Path | None, stack: contextlib.ExitStack) -> Path:
+    if save_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="yolo_prune_val_")))
+    path = Path(save_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {path}: {e.strerror or e}") from None
+    return path
+
+
+def _check_classes(net: torch.nn.Module, spec: DataSpec) -> None:
+    n_model = len(net.names)
+    if n_model < spec.nc:
+        raise UsageError(f"the model predicts {n_model} classes but {spec.source.name} has {spec.nc}")
+    if n_model > spec.nc:
+        warnings.warn(f"the model predicts {n_model} classes but {spec.source.name} has {spec.nc}: predictions of "
+                      f"classes {spec.nc}..{n_model - 1} are left out of the COCO metrics", stacklevel=3)
+
+
+def _stat(stats: dict[str, Any], name: str) -> float:
+    """An ultralytics box metric (``metrics/<name>(B)``) from a validator's stats."""
+    return float(stats.get(f"metrics/{name}(B)", 0.0))
+
+
+def _run_validator(net: torch.nn.Module, spec: DataSpec, args: dict[str, Any], out: Path,
+                   verbose: bool) -> tuple[CocoValidator, dict[str, Any], float]:
+    """Run :class:`CocoValidator` on the val split; return it, ultralytics' stats and the seconds taken."""
+    validator = CocoValidator(spec, save_dir=out, args=args)
+    t0 = time.perf_counter()
+    with quiet_ultralytics(verbose):
+        stats = validator(model=net)
+    seconds = time.perf_counter() - t0
+    if validator.unmatched_images:
+        warnings.warn(f"{len(validator.unmatched_images)} val images are not in {spec.val_json} and were left "
+                      f"out of the COCO metrics (e.g. {validator.unmatched_images[0]})", stacklevel=3)
+    return validator, stats, seconds
+
+
+def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch: int = 16,
+             device: str | int | None = None, conf: float = 0.001, iou: float = 0.7,
+             save_dir: str | Path | None = None, backend: str = "auto", verbose: bool = False) -> ValResult:
+    """Validate ``model`` on the val split of ``data`` and score it with the official COCO protocol.
+
+    Args:
+        model: path to a .pt checkpoint (or model yaml), an ultralytics ``YOLO`` object or a ``DetectionModel``.
+        data: a YOLO- or COCO-format data yaml (see :func:`yolo_prune.data.resolve_data`) or a resolved DataSpec.
+        imgsz, batch, device, conf, iou: as for ``yolo val`` (rectangular batches, no plots).
+        save_dir: folder for ``predictions.json`` and ``metrics.json``; None keeps no files.
+        backend: ``auto`` (faster-coco-eval if installed, else pycocotools), ``faster`` or ``pycocotools``.
+        verbose: show ultralytics' progress bar and logs.
+    """
+    backend = resolve_backend(backend)
+    spec = resolve_data(data)
+    net = _detection_model(model)
+    _check_classes(net, spec)
+    args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": "detect",
+            "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}
+    if device is not None:
+        args["device"] = str(device)
+    keep = save_dir is not None
+    with contextlib.ExitStack() as stack:
+        out = _out_dir(save_dir, stack)
+        validator, stats, val_seconds = _run_validator(net, spec, args, out, verbose)
+        preds_path = write_text(out / "predictions.json", json.dumps(validator.jdict))
+        seen = set(validator.coco_image_ids)  # score only the images ultralytics could load
+        t0 = time.perf_counter()
+        coco = coco_eval(spec.val_json, preds_path, backend=backend,
+                         image_ids=None if seen == set(spec.val_image_ids.values()) else sorted(seen, key=str))
+        eval_seconds = time.perf_counter() - t0
+        result = ValResult(
+            map50_95=coco["map50_95"] or 0.0, map50=coco["map50"] or 0.0, map75=coco["map75"] or 0.0,
+            map_small=coco["map_small"], map_medium=coco["map_medium"], map_large=coco["map_large"],
+            ul_map50_95=_stat(stats, "mAP50-95"), ul_map50=_stat(stats, "mAP50"),
+            precision=_stat(stats, "precision"), recall=_stat(stats, "recall"),
+            backend=coco["backend"], eval_seconds=round(eval_seconds, 4), val_seconds=round(val_seconds, 3),
+            n_images=int(validator.seen), n_predictions=len(validator.jdict), imgsz=int(imgsz),
+            data=str(spec.source), save_dir=out if keep else None, predictions_json=preds_path if keep else None,
+            metrics_json=out / "metrics.json" if keep else None, val_json=spec.val_json, per_class=coco["per_class"],
+        )
+        if keep:
+            write_json(out / "metrics.json", result.to_json())
+    return result
