@@ -11,6 +11,13 @@ import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never try the network in tests
 
+
+def pytest_configure(config):
+    """Keep yolo-prune's dataset cache of this session in a temporary folder, not in ~/.cache."""
+    import tempfile
+
+    os.environ["YOLO_PRUNE_CACHE"] = tempfile.mkdtemp(prefix="yolo_prune_cache_")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
 

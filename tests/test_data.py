@@ -434,3 +434,13 @@ def test_clean_dataset_gives_no_warning(syn):
         warnings.simplefilter("error", DataWarning)
         resolve_data(syn / "coco.yaml")
         resolve_data(syn / "yolo.yaml")
+
+
+def test_png_images_are_readable(tmp_path):
+    from PIL import Image as PILImage
+
+    from yolo_prune.data.coco import image_size
+
+    path = tmp_path / "a.png"
+    PILImage.new("RGB", (30, 20)).save(path)
+    assert image_size(path) == (30, 20)

@@ -94,7 +94,8 @@ def image_size(path: Path) -> tuple[int, int] | None:
     """
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.verify()  # must come first (PNG); leaves the image unusable, so reopen for the header
+        with Image.open(path) as im:
             w, h = im.size
             if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
                 w, h = h, w
