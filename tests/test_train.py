@@ -1,0 +1,467 @@
+"""Sparsity training and fine-tuning through the ultralytics trainer (yolo_prune.train).
+
+The expensive tests train a pruned yolov8n for 2-3 epochs at imgsz=64 on the 16-image synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from yolo_prune.errors import DatasetError, ModelLoadError, UsageError
+from yolo_prune.train import (
+    FinetuneTrainer,
+    KeepArchitectureMixin,
+    SparseTrainer,
+    TrainResult,
+    add_l1_subgradient,
+    bn_layers,
+    finetune,
+    gamma_stats,
+    l1_step,
+    sparse_train,
+    sr_at,
+)
+
+from .conftest import ROOT, randomize_bn
+
+NC = 3  # classes of the synthetic dataset
+# Small and fast: 4 optimizer steps per epoch (nbs=batch), no warmup epoch eaten by the tiny run.
+FAST = dict(imgsz=64, batch=4, workers=0, device="cpu", nbs=4, warmup_epochs=0)
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Keep yolo_prune.data's converted-dataset cache out of the home folder."""
+    old = os.environ.get("YOLO_PRUNE_CACHE")
+    os.environ["YOLO_PRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("YOLO_PRUNE_CACHE", None)
+    else:
+        os.environ["YOLO_PRUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def data(synthetic) -> str:
+    return str(synthetic / "yolo.yaml")
+
+
+def make_pruned_model(nc: int = NC, seed: int = 0) -> nn.Module:
+    """A really pruned yolov8n (torch-pruning via yolo_prune.pruning, 30% of channels)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = randomize_bn(DetectionModel("yolov8n.yaml", nc=nc, verbose=False), seed=seed)
+    try:
+        from yolo_prune.pruning import prune
+    except ImportError:  # pruning engine not there: fake it (see fake_pruned_model)
+        return fake_pruned_model(model)
+    return prune(model, method="l1", ratio=0.3, imgsz=64, save=False).model.model
+
+
+def fake_pruned_model(model: nn.Module) -> nn.Module:
+    """Narrow layer 0 (and layer 1's input) to 8 channels and claim the yolov8s yaml: a yaml rebuild would
+    produce different shapes everywhere, which is exactly what must not happen."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    c0, c1 = model.model[0], model.model[1]
+    keep = slice(0, 8)
+    c0.conv.weight = nn.Parameter(c0.conv.weight.data[keep].clone())
+    c0.conv.out_channels = 8
+    bn = c0.bn
+    bn.weight, bn.bias = nn.Parameter(bn.weight.data[keep].clone()), nn.Parameter(bn.bias.data[keep].clone())
+    bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
+    bn.num_features = 8
+    c1.conv.weight = nn.Parameter(c1.conv.weight.data[:, keep].clone())
+    c1.conv.in_channels = 8
+    model.yaml = {**yaml_model_load("yolov8s.yaml"), "nc": model.nc}
+    return model
+
+
+def save_like_ultralytics(model: nn.Module, path: Path) -> Path:
+    """A checkpoint the way ultralytics writes one: fp16 module under 'model', frozen parameters."""
+    m = copy.deepcopy(model).half()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": m, "train_args": {}, "epoch": -1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> nn.Module:
+    return make_pruned_model()
+
+
+@pytest.fixture(scope="module")
+def pruned_pt(pruned, tmp_path_factory) -> Path:
+    return save_like_ultralytics(pruned, tmp_path_factory.mktemp("pruned") / "pruned.pt")
+
+
+def shapes(model_or_path) -> dict[str, tuple]:
+    if isinstance(model_or_path, (str, Path)):
+        from ultralytics.nn.tasks import load_checkpoint
+
+        model_or_path = load_checkpoint(model_or_path)[0]
+    return {k: tuple(v.shape) for k, v in model_or_path.state_dict().items()}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"subprocess ended early ({proc.returncode}):\n{out[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+def test_sr_schedules():
+    assert [sr_at(0.1, "constant", e, 5) for e in range(5)] == [0.1] * 5
+    assert [round(sr_at(0.1, "linear", e, 5), 6) for e in range(5)] == [0.1, 0.075, 0.05, 0.025, 0.0]
+    cos = [sr_at(0.1, "cosine", e, 5) for e in range(5)]
+    assert cos[0] == pytest.approx(0.1) and cos[2] == pytest.approx(0.05) and cos[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    assert sr_at(0.1, "linear", 0, 1) == 0.1  # a single epoch keeps its penalty
+    with pytest.raises(UsageError):
+        sr_at(0.1, "exp", 0, 3)
+
+
+def _toy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+
+def _one_step(scaler, *, naive: bool = False, sr: float = 0.5) -> dict[str, torch.Tensor]:
+    """One SGD step of the toy model with the L1 term; returns its parameters."""
+    model = _toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss = model(x).square().mean()
+    scaler.scale(loss).backward()
+    gammas = [m.weight for m in bn_layers(model)]
+    if naive:  # what many pruning repos do: add to the still-scaled gradient
+        add_l1_subgradient(gammas, sr)
+        l1_step(opt, scaler, model.parameters(), gammas, 0.0)
+    else:
+        l1_step(opt, scaler, model.parameters(), gammas, sr)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_l1_update_does_not_depend_on_loss_scale():
+    plain = _one_step(torch.amp.GradScaler("cpu", enabled=False))
+    scaled = _one_step(torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True))
+    for k in plain:
+        assert torch.allclose(plain[k], scaled[k], atol=1e-6, rtol=1e-5), k
+    # the trap this guards against: the same term added before unscaling is 1024x weaker
+    naive = _one_step(torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True), naive=True)
+    assert not torch.allclose(naive["1.weight"], plain["1.weight"], atol=1e-4)
+    # and the penalty is really in there
+    no_l1 = _one_step(torch.amp.GradScaler("cpu", enabled=False), sr=0.0)
+    assert (plain["1.weight"] < no_l1["1.weight"]).all()  # gammas are 1 > 0: L1 pulls them down
+
+
+def test_add_l1_subgradient_prescaled_equals_unscaled():
+    """The other AMP-safe form: sr*sign(g)*scale added before ``unscale_``."""
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.0]))
+    p.grad = torch.tensor([0.5, 0.5, 0.5]) * 1024
+    add_l1_subgradient([p], 0.01, scale=1024)
+    assert torch.allclose(p.grad / 1024, torch.tensor([0.51, 0.49, 0.5]))
+
+
+def test_bn_layers_and_gamma_stats(pruned):
+    from ultralytics.nn.modules import Detect
+
+    layers = bn_layers(pruned)
+    assert layers and len(layers) == sum(isinstance(m, nn.BatchNorm2d) for m in pruned.modules())
+    head = pruned.model[-1]
+    assert isinstance(head, Detect)
+    # the box/class output convs and the DFL have no BN, so "every BN" is the right set
+    assert all(not isinstance(m, nn.BatchNorm2d) for s in (head.cv2, head.cv3) for seq in s for m in seq[-1:])
+    bn = nn.BatchNorm2d(4)
+    bn.weight.data = torch.tensor([0.005, -0.002, 0.5, -1.5])
+    s = gamma_stats([bn], threshold=0.01)
+    assert s["channels"] == 4
+    assert s["gamma_mean"] == pytest.approx((0.005 + 0.002 + 0.5 + 1.5) / 4)
+    assert s["gamma_near_zero"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- model setup
+def test_trainer_keeps_pruned_architecture(pruned, pruned_pt, data, tmp_path):
+    """setup_model() returns the checkpoint's own module; plain ultralytics would rebuild from the yaml."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    for cls, extra in ((FinetuneTrainer, {}), (SparseTrainer, {"sr": 0.02, "sr_schedule": "cosine"})):
+        trainer = cls(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / cls.__name__),
+                                 "plots": False, **FAST, **extra})
+        trainer.setup_model()
+        model = trainer.model
+        assert shapes(model) == shapes(pruned)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.requires_grad for p in model.parameters())
+        assert model.yaml == pruned.yaml
+    assert trainer.args.sr == 0.02 and trainer.args.sr_schedule == "cosine" and trainer.args.gamma_threshold == 0.01
+    assert "sr: 0.02" in (tmp_path / "SparseTrainer" / "args.yaml").read_text()
+
+    # the trap: ultralytics' own get_model rebuilds the unpruned yaml and drops the pruned weights
+    plain = DetectionTrainer(overrides={"model": str(pruned_pt), "data": data, "plots": False,
+                                        "save_dir": str(tmp_path / "plain"), **FAST})
+    plain.setup_model()
+    assert shapes(plain.model) != shapes(pruned)
+
+
+def test_sparse_trainer_step_is_loss_scale_invariant(pruned_pt, data, tmp_path):
+    """SparseTrainer.optimizer_step itself: same update with a 1024 GradScaler as without AMP, and the gammas move
+    by exactly lr * sr more than without the penalty (plain SGD, no momentum)."""
+    from torch.utils._pytree import tree_leaves
+
+    trainer = SparseTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "s"),
+                                       "plots": False, "sr": 0.05, **FAST})
+    trainer.setup_model()
+    start = copy.deepcopy(trainer.model.state_dict())
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def step(scaler, sr):
+        trainer.model.load_state_dict(start)
+        trainer.model.train()
+        trainer.args.sr = sr
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1, momentum=0.0)
+        trainer.scaler, trainer.ema, trainer.epoch = scaler, None, 0
+        outputs = [o for o in tree_leaves(trainer.model(x)) if torch.is_tensor(o)]
+        loss = sum(o.float().square().mean() for o in outputs) * 1e-3  # small: the clip stays inactive
+        scaler.scale(loss).backward()
+        trainer.optimizer_step()
+        return [b.weight.detach().clone() for b in bn_layers(trainer.model)]
+
+    plain = step(torch.amp.GradScaler("cpu", enabled=False), 0.05)
+    scaled = step(torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True), 0.05)
+    without = step(torch.amp.GradScaler("cpu", enabled=False), 0.0)
+    for a, b, c in zip(plain, scaled, without):
+        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(c - a, 0.1 * 0.05 * torch.sign(c), atol=1e-5)
+
+
+def test_bad_options_are_usage_errors(pruned_pt, data, tmp_path):
+    with pytest.raises(UsageError, match="sr_schedule"):
+        sparse_train(pruned_pt, data, sr_schedule="exp", project=tmp_path, **FAST)
+    with pytest.raises(UsageError):
+        sparse_train(pruned_pt, data, sr=-1, project=tmp_path, **FAST)
+    with pytest.raises(UsageError, match="not_a_key"):
+        finetune(pruned_pt, data, project=tmp_path, not_a_key=1, **FAST)
+    with pytest.raises(UsageError, match="save_dir"):
+        finetune(pruned_pt, data, project=tmp_path, save_dir=str(tmp_path), **FAST)
+    with pytest.raises(UsageError, match="pretrained"):
+        finetune(pruned_pt, data, project=tmp_path, pretrained=False, **FAST)
+    with pytest.raises(ModelLoadError):
+        finetune(tmp_path / "missing.pt", data, project=tmp_path, **FAST)
+    with pytest.raises(ModelLoadError):
+        finetune(object(), data, project=tmp_path, **FAST)
+    with pytest.raises(DatasetError):
+        finetune(pruned_pt, tmp_path / "missing.yaml", project=tmp_path, **FAST)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        finetune(pruned_pt, data, project=tmp_path, name="never", resume=True, **FAST)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(UsageError, match="pretrained"):  # the trainer itself refuses too
+        FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "pretrained": False, "plots": False,
+                                   "save_dir": str(tmp_path / "t"), **FAST})
+
+
+def test_unpruned_model_with_other_classes_gets_a_new_head(data, tmp_path):
+    """Like ultralytics: an *unpruned* checkpoint on data with other classes keeps everything but the class convs."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    coco_like = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
+    path = save_like_ultralytics(coco_like, tmp_path / "v8n80.pt")
+    trainer = FinetuneTrainer(overrides={"model": str(path), "data": data, "save_dir": str(tmp_path / "ft"),
+                                         "plots": False, **FAST})
+    trainer.setup_model()
+    assert trainer.model.model[-1].nc == NC
+    before, after = shapes(coco_like), shapes(trainer.model)
+    differ = {k for k in before if before[k] != after.get(k)}
+    assert differ and all(k.startswith("model.22.cv3.") for k in differ)  # only the class outputs changed
+
+
+def test_class_count_mismatch_of_pruned_model_is_refused(data, tmp_path):
+    wrong = save_like_ultralytics(make_pruned_model(nc=5), tmp_path / "nc5.pt")
+    with pytest.raises(DatasetError, match="5 classes"):
+        finetune(wrong, data, project=tmp_path, epochs=1, **FAST)
+
+
+def test_ddp_launcher_wipe_keeps_input_checkpoint(tmp_path, pruned_pt):
+    """ultralytics' DDP launcher deletes the run folder before starting workers; an input checkpoint kept in
+    the run folder (in-memory models) must survive that and be what the workers load."""
+    import shutil
+
+    from ultralytics.nn.tasks import load_checkpoint
+
+    seen = {}
+
+    class FakeLauncher:  # stands for BaseTrainer.train's DDP branch
+        def train(self):
+            shutil.rmtree(self.save_dir)  # what generate_ddp_command does
+            seen["model"] = self.args.model
+            seen["shapes"] = shapes(load_checkpoint(self.args.model)[0])
+
+    class T(KeepArchitectureMixin, FakeLauncher):
+        def __init__(self):  # no BaseTrainer.__init__ here
+            pass
+
+    save_dir = tmp_path / "finetune" / "run"
+    src = save_dir / "weights" / "input.pt"
+    src.parent.mkdir(parents=True)
+    shutil.copy2(pruned_pt, src)
+    t = T()
+    t.ddp, t.resume, t.save_dir = True, False, save_dir
+    t.args = SimpleNamespace(model=str(src))
+    t.model = str(src)
+    t.train()
+    assert seen["shapes"] == shapes(pruned_pt) and Path(seen["model"]) != src
+    assert src.is_file() and t.args.model == str(src.resolve()) == t.model
+    assert not list(tmp_path.glob("finetune/.*"))  # the parked copy is gone
+
+
+# ----------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
+def test_sparse_training_shrinks_gammas_and_keeps_shapes(pruned_pt, data, tmp_path):
+    common = dict(epochs=3, seed=0, optimizer="SGD", lr0=0.1, project=tmp_path, **FAST)
+    base = sparse_train(pruned_pt, data, sr=0.0, name="sr0", **common)
+    sparse = sparse_train(pruned_pt, data, sr=1.0, name="sr1", **common)
+    assert isinstance(sparse, TrainResult) and sparse.save_dir == (tmp_path / "sparse" / "sr1").resolve()
+    assert sparse.gamma_mean_before == pytest.approx(base.gamma_mean_before)  # same start
+    assert sparse.gamma_mean_after < 0.5 * base.gamma_mean_after
+    assert sparse.gamma_near_zero_after > base.gamma_near_zero_after
+    assert sparse.gamma_near_zero_after > sparse.gamma_near_zero_before
+    assert sparse.sr == 1.0 and sparse.sr_schedule == "constant" and sparse.epochs == 3
+    # an already-pruned model stays pruned
+    assert shapes(sparse.best) == shapes(pruned_pt) == shapes(sparse.last)
+    # per-epoch statistics in ultralytics' results.csv, histograms in the run folder
+    rows = read_csv(sparse.save_dir / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"sparsity/sr", "sparsity/gamma_mean", "sparsity/gamma_near_zero", "metrics/mAP50-95(B)"} <= set(rows[0])
+    means = [float(r["sparsity/gamma_mean"]) for r in rows]
+    assert means == sorted(means, reverse=True) and means[-1] == pytest.approx(sparse.gamma_mean_after, rel=1e-3)
+    for name in ("gamma_hist_start.png", "gamma_hist_end.png"):
+        assert (sparse.save_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gamma_mean_after" in str(sparse) and "gamma_mean_after" not in str(
+        TrainResult(mode="finetune", save_dir=tmp_path, best=None, last=None, epochs=1))
+
+
+@pytest.mark.slow
+def test_finetune_in_memory_pruned_model(pruned, data, tmp_path):
+    """Every parameter keeps its shape; the input is saved in the run folder; best.pt validates to the
+    trainer's final mAP."""
+    from ultralytics import YOLO
+
+    user_file = save_like_ultralytics(pruned, tmp_path / "user" / "p.pt")
+    res = finetune(YOLO(user_file), data, epochs=2, project=tmp_path / "runs", name="ft", **FAST)
+    assert res.save_dir == (tmp_path / "runs" / "finetune" / "ft").resolve()
+    assert (res.save_dir / "weights" / "input.pt").is_file()
+    assert sorted(p.name for p in user_file.parent.iterdir()) == ["p.pt"]  # nothing beside the user's file
+    assert res.best and res.last and res.epochs == 2
+    ref = shapes(pruned)
+    assert shapes(res.best) == ref and shapes(res.last) == ref
+    from ultralytics.nn.tasks import load_checkpoint
+
+    trained, start = load_checkpoint(res.last)[0].state_dict(), pruned.state_dict()
+    assert any(not torch.allclose(trained[k].float(), start[k].float(), atol=1e-3) for k in start)  # it trained
+    ckpt = torch.load(res.best, map_location="cpu", weights_only=False)
+    assert next(ckpt["model"].parameters()).dtype == torch.float16  # ultralytics' own checkpoint format
+    metrics = YOLO(res.best).val(data=data, imgsz=FAST["imgsz"], batch=2 * FAST["batch"], device="cpu",
+                                 plots=False, project=str(tmp_path / "val"), name="v", verbose=False)
+    assert res.map50_95 is not None
+    assert abs(metrics.box.map - res.map50_95) < 0.005
+    assert abs(metrics.box.map50 - res.map50) < 0.005
+
+
+def _spawn_training(script: str, tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,sig", [("finetune", signal.SIGTERM), ("sparse", signal.SIGINT)])
+def test_kill_then_resume(mode, sig, pruned_pt, data, tmp_path):
+    """Kill a running training after it saved epoch 1, then resume=True finishes it from epoch 2 with the pruned
+    architecture (and, for sparsity training, the run's own sr, even if another one is passed)."""
+    fn = "finetune" if mode == "finetune" else "sparse_train"
+    extra = "" if mode == "finetune" else "sr=0.5, sr_schedule='linear', "
+    proc = _spawn_training(f"""
+        from yolo_prune.train import {fn}
+        {fn}({str(pruned_pt)!r}, {data!r}, {extra}epochs=4, project={str(tmp_path)!r}, name="run", **{FAST!r})
+        """, tmp_path)
+    run = tmp_path / mode / "run"
+    try:
+        wait_for(lambda: (run / "weights" / "last.pt").is_file(), timeout=120, proc=proc)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, out[-2000:]
+    assert "Traceback" not in out or "KeyboardInterrupt" in out, out[-2000:]
+    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    saved_epoch = ckpt["epoch"]
+    assert 0 <= saved_epoch < 3 and ckpt["optimizer"] is not None  # an unfinished run
+    assert not list((run / "weights").glob(".*.tmp"))
+
+    kwargs = dict(project=tmp_path, name="run", resume=True, **FAST)
+    res = finetune(pruned_pt, data, **kwargs) if mode == "finetune" else sparse_train(pruned_pt, data, sr=0.123,
+                                                                                      **kwargs)
+    assert res.save_dir == run.resolve() and res.epochs == 4
+    rows = read_csv(run / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # continued after the saved epoch, nothing redone
+    assert shapes(res.last) == shapes(pruned_pt) == shapes(res.best)
+    if mode == "sparse":
+        assert res.sr == 0.5 and res.sr_schedule == "linear"
+        assert [round(float(r["sparsity/sr"]), 6) for r in rows] == [0.5, round(0.5 * 2 / 3, 6),
+                                                                    round(0.5 / 3, 6), 0.0]
+        assert res.gamma_mean_before is not None and res.gamma_mean_after < res.gamma_mean_before
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_finetune_real_pruned_model_validates_like_trainer(shared_fixtures, tmp_path):
+    """With real COCO weights (non-trivial mAP): prune 5%, fine-tune 1 epoch, best.pt re-validates to the trainer's
+    final mAP and keeps the pruned shapes."""
+    from ultralytics import YOLO
+
+    from yolo_prune.pruning import prune
+
+    pruned = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="l1", ratio=0.05, imgsz=160,
+                   project=tmp_path, name="p")
+    import shutil
+
+    # a copy: ultralytics writes labels/*.cache beside the labels, and ../shared must stay untouched
+    copy_root = Path(shutil.copytree(shared_fixtures / "coco8", tmp_path / "coco8", copy_function=shutil.copyfile))
+    for d in [copy_root, *(p for p in copy_root.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)  # the fixtures are read-only, the copy must not be
+    data = str(copy_root / "coco8.yaml")
+    res = finetune(pruned.checkpoint, data, epochs=1, imgsz=160, batch=4, workers=0, device="cpu",
+                   project=tmp_path, name="ft")
+    assert shapes(res.best) == shapes(pruned.checkpoint)
+    assert res.map50_95 > 0.02
+    metrics = YOLO(res.best).val(data=data, imgsz=160, batch=8, device="cpu", plots=False,
+                                 project=str(tmp_path / "val"), name="v", verbose=False)
+    assert abs(metrics.box.map - res.map50_95) < 0.005

@@ -1,0 +1,38 @@
+"""Sparsity training on BN gammas and fine-tuning of pruned models through the ultralytics trainer.
+
+* :func:`sparse_train` / :class:`SparseTrainer`: Network Slimming L1 penalty on every BatchNorm gamma,
+  AMP-safe, with per-epoch gamma statistics in ``results.csv`` and gamma histograms.
+* :func:`finetune` / :class:`FinetuneTrainer`: train a pruned checkpoint without the yaml rebuild that
+  would silently restore the unpruned architecture.
+
+Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
+``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.
+"""
+
+from .common import KeepArchitectureMixin, TrainResult
+from .finetune import FinetuneTrainer, finetune
+from .sparse import (
+    SparseTrainer,
+    add_l1_subgradient,
+    bn_layers,
+    gamma_stats,
+    l1_step,
+    save_gamma_histogram,
+    sparse_train,
+    sr_at,
+)
+
+__all__ = [
+    "FinetuneTrainer",
+    "KeepArchitectureMixin",
+    "SparseTrainer",
+    "TrainResult",
+    "add_l1_subgradient",
+    "bn_layers",
+    "finetune",
+    "gamma_stats",
+    "l1_step",
+    "save_gamma_histogram",
+    "sparse_train",
+    "sr_at",
+]

@@ -1,0 +1,85 @@
+"""Fine-tuning of a pruned detector through the ultralytics trainer, keeping the pruned architecture.
+
+``YOLO(pruned.pt).train()`` would rebuild the *unpruned* network from the checkpoint's yaml and drop every
+weight whose shape changed; :class:`FinetuneTrainer` trains the checkpoint's own module instead (see
+:class:`~yolo_prune.train.common.KeepArchitectureMixin`). Everything else - EMA, AMP, warmup, LR schedule,
+``resume``, ``weights/best.pt`` and ``weights/last.pt`` (fp16, as ultralytics writes them), DDP - is
+ultralytics' own code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG
+
+from .common import KeepArchitectureMixin, TrainResult, run_training
+
+__all__ = ["FinetuneTrainer", "finetune"]
+
+
+class FinetuneTrainer(KeepArchitectureMixin, DetectionTrainer):
+    """ultralytics ``DetectionTrainer`` that trains the (pruned) checkpoint in ``args.model`` as it is.
+
+    Use like any ultralytics trainer: ``FinetuneTrainer(overrides={"model": "pruned.pt", "data": ...}).train()``.
+    ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it).
+    """
+
+    def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):
+        super().__init__(cfg, overrides, _callbacks)
+
+
+def finetune(
+    model: Any,
+    data: Any,
+    *,
+    epochs: int = 10,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str | int | None = None,
+    project: str | Path = "runs",
+    name: str | None = None,
+    exist_ok: bool = False,
+    seed: int = 0,
+    resume: bool | str | Path = False,
+    verbose: bool = False,
+    **train_args: Any,
+) -> TrainResult:
+    """Fine-tune a (pruned) detector on ``data``, keeping every layer's channel count.
+
+    Args:
+        model: a ``.pt`` checkpoint path, or an in-memory ultralytics ``YOLO`` / ``DetectionModel``
+            (saved first as ``weights/input.pt`` in the run folder; nothing is written beside user files).
+        data: a YOLO-format dataset yaml.
+        epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
+            ``"0,1"`` trains with ultralytics DDP).
+        project, name, exist_ok: the run folder is ``<project>/finetune/<name>`` (name defaults to
+            ``finetune``, incremented unless ``exist_ok``).
+        resume: continue an interrupted run: ``True`` (the run folder given by ``project``/``name``, or
+            ``model=.../last.pt``) or a path to ``last.pt`` / a run folder. Checkpoint settings win.
+        verbose: show ultralytics' logs and progress bars.
+        **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, close_mosaic, ...).
+
+    Returns:
+        :class:`~yolo_prune.train.TrainResult` with ``best``/``last`` checkpoints and the final mAP of ``best.pt``.
+    """
+    _, result = run_training(
+        FinetuneTrainer,
+        "finetune",
+        model,
+        data,
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=batch,
+        device=device,
+        project=project,
+        name=name,
+        exist_ok=exist_ok,
+        seed=seed,
+        resume=resume,
+        verbose=verbose,
+        train_args=train_args,
+    )
+    return result
