@@ -1,0 +1,241 @@
+"""CPU latency benchmark of several models in torch eager and onnxruntime.
+
+What is timed
+    * ``torch``: the model as ultralytics runs it for inference (a deep copy, FP32, eval mode,
+      Conv+BN fused with ``model.fuse()``), called under ``torch.inference_mode()``. Only the network
+      forward (including the Detect head's box decoding) is timed: no pre-processing or NMS.
+    * ``onnx``: the same model exported with :func:`yolo_prune.export.export_onnx` (the ultralytics
+      ONNX exporter, static shape, onnxslim) and run by onnxruntime's CPUExecutionProvider.
+
+How
+    All sessions are built first, then every (model, backend) gets ``warmup`` untimed passes and
+    ``runs`` timed passes in *interleaved rounds*: each round times every pair once, with the
+    starting pair rotated from round to round, so thermal/frequency drift and background load hit
+    all models alike. Medians and 90th percentiles are reported, and each model's ratio to the first
+    model (the reference) in the same backend: ``ratio_vs_reference = median / reference median``
+    (below 1 means faster than the reference).
+
+``threads`` sets torch's intra-op threads (restored afterwards) and onnxruntime's
+``intra_op_num_threads``; ``None`` keeps each runtime's default. onnxruntime's thread spinning is
+turned off so that an idle session does not slow down the pass timed after it. Latency on a shared
+machine is noisy: compare models through ``ratio_vs_reference`` of one run, and prefer ``threads=1``
+when other processes compete for the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .results import Result, markdown_table, table
+from .stats import ModelLike, as_module, inference_copy, input_channels
+
+BACKENDS = ("torch", "onnx")
+Runner = Callable[[], Any]
+
+
+@dataclasses.dataclass
+class LatencyRow:
+    """Latency of one model in one backend."""
+
+    model: str
+    backend: str
+    imgsz: int
+    median_ms: float
+    p90_ms: float
+    ratio_vs_reference: float
+
+
+@dataclasses.dataclass
+class LatencyResult(Result):
+    """All rows of one benchmark run; ``str()`` prints them as a table."""
+
+    entries: list[LatencyRow]
+    reference: str
+    imgsz: int
+    batch: int
+    runs: int
+    warmup: int
+    threads: int | None
+
+    HEADER = ("model", "backend", "imgsz", "median_ms", "p90_ms", "ratio_vs_reference")
+
+    def get(self, model: str, backend: str) -> LatencyRow:
+        """The row of ``model`` in ``backend`` (KeyError if it was not measured)."""
+        for r in self.entries:
+            if r.model == model and r.backend == backend:
+                return r
+        raise KeyError((model, backend))
+
+    def table_rows(self) -> list[tuple[Any, ...]]:
+        """One tuple per (model, backend), in :attr:`HEADER` order."""
+        return [dataclasses.astuple(r) for r in self.entries]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the run settings plus ``entries``, a list of row dicts."""
+        out: dict[str, Any] = {k: v for k, v in super().rows()}
+        out["entries"] = [dataclasses.asdict(r) for r in self.entries]
+        return out
+
+    def markdown(self) -> str:
+        """The rows as a markdown table (for reports)."""
+        return markdown_table(self.table_rows(), self.HEADER)
+
+    def __str__(self) -> str:
+        threads = "default" if self.threads is None else self.threads
+        head = (
+            f"{type(self).__name__} (batch {self.batch}, {self.runs} runs, {self.warmup} warmup, "
+            f"threads {threads}, reference {self.reference})"
+        )
+        return head + "\n" + table(self.table_rows(), self.HEADER)
+
+
+def _check_args(models: dict[str, ModelLike], backends: Sequence[str], runs: int, warmup: int, batch: int) -> None:
+    if not models:
+        raise UsageError("measure_latency needs at least one model")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    if runs < 1 or warmup < 0 or batch < 1:
+        raise UsageError(f"need runs >= 1, warmup >= 0, batch >= 1 (got runs={runs}, warmup={warmup}, batch={batch})")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the duration (no-op for ``None``)."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def torch_runner(model: ModelLike, x: torch.Tensor) -> Runner:
+    """A no-argument callable running one inference forward of the fused copy of ``model`` on ``x``."""
+    module = inference_copy(model)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` with ``intra_op_num_threads`` = ``threads`` (or default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    # Idle onnxruntime workers otherwise busy-wait after each run and steal the CPU from the next
+    # interleaved pass (seen on 2 cores: passes timed right after a spinning session up to 3x slower).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
+    """Export ``model`` to ONNX under ``folder`` and return a callable running one onnxruntime pass on ``x``."""
+    from .export import export_onnx
+
+    path = export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0])
+    session = onnx_session(path, threads)
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar (ultralytics' tqdm-compatible TQDM when the tqdm package is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        from ultralytics.utils import TQDM as tqdm
+    return tqdm(total=total, desc="latency rounds", disable=not enabled, leave=False)
+
+
+def interleaved_times(
+    runners: dict[tuple[str, str], Runner], *, runs: int, warmup: int, progress: bool = True
+) -> dict[tuple[str, str], list[float]]:
+    """Milliseconds of ``runs`` timed calls of every runner, in rotating interleaved rounds after ``warmup`` rounds."""
+    keys = list(runners)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    with _progress_bar(warmup + runs, progress) as bar:
+        for i in range(warmup + runs):
+            start = i % len(keys)
+            for key in keys[start:] + keys[:start]:
+                t0 = time.perf_counter()
+                runners[key]()
+                dt = (time.perf_counter() - t0) * 1e3
+                if i >= warmup:
+                    times[key].append(dt)
+            bar.update()
+    return times
+
+
+def summarise(
+    times: dict[tuple[str, str], list[float]], names: Sequence[str], backends: Sequence[str], imgsz: int
+) -> list[LatencyRow]:
+    """Rows with median, p90 and ratio to the first model's median in the same backend."""
+    rows = []
+    for backend in backends:
+        ref = float(np.median(times[(names[0], backend)]))
+        for name in names:
+            t = np.asarray(times[(name, backend)])
+            med = float(np.median(t))
+            rows.append(LatencyRow(name, backend, imgsz, med, float(np.percentile(t, 90)), med / ref))
+    return rows
+
+
+def measure_latency(
+    models: dict[str, ModelLike],
+    *,
+    imgsz: int = 640,
+    backends: Sequence[str] = BACKENDS,
+    runs: int = 50,
+    warmup: int = 10,
+    batch: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> LatencyResult:
+    """CPU latency of each model (name -> DetectionModel / YOLO / path) in each backend; see the module docstring.
+
+    The first model of ``models`` is the reference of ``ratio_vs_reference``. ``backends`` is a
+    sequence or a comma-separated string of ``torch`` and ``onnx``. Input: one fixed
+    uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``.
+    """
+    if isinstance(backends, str):  # "torch,onnx" as in cfg/default.yaml
+        backends = backends.split(",")
+    backends = list(dict.fromkeys(b.strip().lower() for b in backends if b.strip()))
+    _check_args(models, backends, runs, warmup, batch)
+    names = list(models)
+    modules = {name: as_module(m) for name, m in models.items()}
+    channels = input_channels(modules[names[0]])
+    x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp:
+        runners: dict[tuple[str, str], Runner] = {}
+        for i, name in enumerate(names):
+            if "torch" in backends:
+                runners[(name, "torch")] = torch_runner(modules[name], x)
+            if "onnx" in backends:
+                runners[(name, "onnx")] = onnx_runner(modules[name], x.numpy(), Path(tmp) / str(i), threads)
+        times = interleaved_times(runners, runs=runs, warmup=warmup, progress=progress)
+    return LatencyResult(
+        entries=summarise(times, names, backends, imgsz),
+        reference=names[0],
+        imgsz=imgsz,
+        batch=batch,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+    )
