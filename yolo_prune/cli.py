@@ -45,9 +45,13 @@ Configuration: defaults in {default_cfg_path()}, a recipe with cfg=recipe.yaml, 
 """
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(format="%(message)s", level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
-    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+def _setup_logging() -> None:
+    """yolo-prune's own progress messages go to stderr; the library alone stays quiet (no handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
 
 
 def _common(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     verbose = any(a.replace(" ", "").lower() in ("verbose", "verbose=true", "verbose=1") for a in argv)
-    _setup_logging(verbose)
+    _setup_logging()
     try:
         mode, overrides = parse_argv(argv)
         if mode == "help":

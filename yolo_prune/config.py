@@ -101,6 +101,8 @@ def build(mode: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str,
     cfg = defaults()
     ours = set(cfg)
     recipe_path = overrides.pop("cfg", None)
+    if recipe_path is None and mode == "demo":
+        recipe_path = default_cfg_path().with_name("demo.yaml")
     recipe = load_yaml(recipe_path) if recipe_path else {}
     ultra = ultralytics_keys()
     passthrough: dict[str, Any] = {}

@@ -51,7 +51,7 @@ class PruneOutcome:
 
 def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
     """Output channels of every prunable conv (the protected Detect outputs excluded), by module name."""
-    ignored = set(map(id, graph.ignored))
+    ignored = {id(m) for layer in graph.ignored for m in layer.modules()}
     return {
         name: m.out_channels
         for name, m in model.named_modules()

@@ -1,0 +1,96 @@
+"""The whole job: pipeline run folder and report, resume from the last finished stage, inputs untouched,
+the demo in a shortened form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yolo_prune import cli
+from yolo_prune.io import sha256_file
+from yolo_prune.pipeline import pipeline
+
+TINY = dict(imgsz=64, batch=4, workers=0, sparse_epochs=1, finetune_epochs=1, bench_runs=2, bench_warmup=1,
+            backends=("torch",), train_args={"mosaic": 0.0, "warmup_epochs": 0})
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory, synthetic):
+    """A dense checkpoint to prune (random init saved as an ultralytics checkpoint)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_prune.models import save_checkpoint
+
+    from .conftest import randomize_bn
+
+    path = tmp_path_factory.mktemp("dense") / "dense.pt"
+    return save_checkpoint(randomize_bn(DetectionModel("yolov8n.yaml", nc=3, verbose=False)), path)
+
+
+def _hash_tree(root):
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synthetic, dense_ckpt):
+    project = tmp_path_factory.mktemp("runs")
+    before = (sha256_file(dense_ckpt), _hash_tree(synthetic))
+    result = pipeline(dense_ckpt, synthetic / "coco.yaml", target_macs=0.5, project=project, name="p", **TINY)
+    after = (sha256_file(dense_ckpt), _hash_tree(synthetic))
+    return result, before, after
+
+
+def test_pipeline_writes_the_report(run):
+    result, _, _ = run
+    d = result.save_dir
+    for f in ("pipeline.json", "report.json", "report.md", "layers.csv", "channels.png", "map_vs_macs.png",
+              "gamma_hist.png", "prune/step1/weights/pruned.pt", "finetune/final/weights/best.pt"):
+        assert (d / f).is_file(), f
+    report = json.loads((d / "report.json").read_text())
+    metrics = {row["metric"]: row for row in report["table"]}
+    for key in ("params (M)", "size (MB)", "mAP50-95", "mAP50", "CPU latency torch (ms)"):
+        assert key in metrics
+    gmacs = next(v for k, v in metrics.items() if k.startswith("GMACs"))
+    assert abs(gmacs["ratio"] - 0.5) <= 0.03
+    assert "| mAP50-95 |" in (d / "report.md").read_text()
+    assert "PipelineResult" in str(result)
+
+
+def test_pipeline_never_touches_its_inputs(run):
+    _, before, after = run
+    assert before == after
+
+
+def test_pipeline_resumes_from_the_last_finished_stage(run):
+    result, _, _ = run
+    d = result.save_dir
+    state = json.loads((d / "pipeline.json").read_text())
+    pruned = d / "prune" / "step1" / "weights" / "pruned.pt"
+    stamp = pruned.stat().st_mtime_ns
+    for stage in ("finetune", "val", "bench"):  # as if killed during fine-tuning
+        state["stages"].pop(stage)
+    (d / "pipeline.json").write_text(json.dumps(state))
+    args = state["args"]
+    resumed = pipeline(args["model"], args["data"], target_macs=0.5, project=d.parent.parent, name=d.name,
+                       resume=True, **TINY)
+    after = json.loads((d / "pipeline.json").read_text())["stages"]
+    assert set(after) == {"baseline", "sparse", "prune", "finetune", "val", "bench"}
+    assert pruned.stat().st_mtime_ns == stamp  # pruning was not redone
+    assert resumed.final.is_file()
+
+
+def test_resume_without_a_run_is_an_error(tmp_path, synthetic, dense_ckpt):
+    from yolo_prune.errors import UsageError
+
+    with pytest.raises(UsageError, match="nothing to resume|no pipeline.json"):
+        pipeline(dense_ckpt, synthetic / "yolo.yaml", project=tmp_path, name="none", resume=True, **TINY)
+
+
+def test_demo_short(tmp_path, capsys, monkeypatch):
+    code = cli.main(["demo", f"project={tmp_path}", "epochs=1", "sparse_epochs=1", "finetune_epochs=1", "imgsz=64",
+                     "bench_runs=2", "bench_warmup=1", "backends=torch", "workers=0", "batch=8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "PipelineResult" in out and "mAP50-95" in out
+    assert (tmp_path / "demo" / "demo" / "report.md").is_file()

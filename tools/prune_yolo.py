@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Prune a YOLOv8 checkpoint end to end (sparse -> prune -> finetune -> val -> bench), as a script.
+
+The same job as `yolo-prune pipeline`, with --flags for people who prefer scripts; each flag maps to the
+key of the same name in cfg/default.yaml. Example:
+
+    python tools/prune_yolo.py --model best.pt --data data.yaml --target-macs 0.5 --sparse-epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from yolo_prune.config import defaults
+
+
+def parser() -> argparse.ArgumentParser:
+    d = defaults()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="ultralytics .pt checkpoint (or model yaml) to prune")
+    p.add_argument("--data", required=True, help="dataset yaml: YOLO format or COCO format (train/val + *_json)")
+    p.add_argument("--method", default=d["method"], choices=["bn", "l1", "l2", "activation", "random"],
+                   help="channel ranking (default: %(default)s)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--target-macs", type=float, default=d["target_macs"],
+                      help="fraction of the original MACs to keep, in (0, 1] (default: %(default)s)")
+    goal.add_argument("--ratio", type=float, default=None, help="fraction of prunable channels to remove instead")
+    p.add_argument("--sparse-epochs", type=int, default=d["sparse_epochs"],
+                   help="sparsity-training epochs before pruning, 0 to skip (default: %(default)s)")
+    p.add_argument("--sr", type=float, default=d["sr"], help="L1 strength on BN gammas (default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"],
+                   help="fine-tuning epochs after pruning (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help="pruning increments, each followed by --step-epochs of fine-tuning (default: %(default)s)")
+    p.add_argument("--step-epochs", type=int, default=d["step_epochs"], help="fine-tuning epochs between steps")
+    p.add_argument("--max-map-drop", type=float, default=None,
+                   help="with --steps > 1: stop and keep the last model within this mAP50-95 drop")
+    p.add_argument("--round-to", type=int, default=d["round_to"], help="channel multiple (default: %(default)s)")
+    p.add_argument("--max-layer-ratio", type=float, default=d["max_layer_ratio"],
+                   help="largest fraction of a layer's channels that may go (default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=d["imgsz"], help="image size (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d["batch"], help="batch size (default: %(default)s)")
+    p.add_argument("--device", default=d["device"], help="cpu, 0, 0,1 ... (default: a GPU if any)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: %(default)s)")
+    p.add_argument("--project", default=d["project"], help="parent of run folders (default: %(default)s)")
+    p.add_argument("--name", default=None, help="run folder name (default: pipeline, incremented)")
+    p.add_argument("--exist-ok", action="store_true", help="reuse an existing run folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished stage")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
+    p.add_argument("--verbose", action="store_true", help="ultralytics logs and full tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from yolo_prune.cli import main as cli_main
+
+    keys = ("model", "data", "method", "target_macs", "ratio", "sparse_epochs", "sr", "finetune_epochs", "steps",
+            "step_epochs", "max_map_drop", "round_to", "max_layer_ratio", "imgsz", "batch", "device", "seed",
+            "project", "name", "exist_ok", "resume", "verbose")
+    tokens = ["pipeline"] + [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
+    if args.no_bench:
+        tokens.append("backends=")
+    return cli_main(tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

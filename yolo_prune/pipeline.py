@@ -1,0 +1,365 @@
+"""The whole job in one run folder: baseline -> sparse -> prune (-> short fine-tunes) -> finetune -> val -> bench.
+
+Every finished stage is recorded in ``pipeline.json`` (written atomically), so ``resume=True`` continues an
+interrupted pipeline from the last finished stage; an interrupted training stage continues from its own
+``last.pt``. The run folder ends with ``report.md`` / ``report.json`` (before/after table), ``layers.csv``
+and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .io import run_dir, write_json, write_text
+from .results import Result, markdown_table, table
+
+LOGGER = logging.getLogger("yolo_prune")
+
+STAGES = ("baseline", "sparse", "prune", "finetune", "val", "bench")
+
+
+@dataclasses.dataclass
+class PipelineResult(Result):
+    """The before/after table of a pipeline run; ``model`` is the final ultralytics ``YOLO``."""
+
+    save_dir: Path
+    final: Path
+    rows_: list[tuple[str, Any, Any, Any]] = dataclasses.field(repr=False)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> Any:
+        from .models import load_model
+
+        return load_model(self.final)
+
+    def rows(self) -> list[tuple[str, Any]]:
+        return [(r[0], r[2]) for r in self.rows_]
+
+    def __str__(self) -> str:
+        return (f"PipelineResult: {self.save_dir} ({self.seconds / 60:.1f} min)\nfinal model: {self.final}\n"
+                + table(self.rows_, header=("", "before", "after", "ratio")))
+
+
+class _State:
+    """``pipeline.json``: the outputs of every finished stage."""
+
+    def __init__(self, path: Path, args: dict[str, Any]):
+        self.path = path
+        self.data: dict[str, Any] = {"args": args, "stages": {}}
+        if path.is_file():
+            self.data = json.loads(path.read_text(encoding="utf-8"))
+
+    def done(self, stage: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(stage)
+
+    def finish(self, stage: str, outputs: dict[str, Any]) -> dict[str, Any]:
+        self.data["stages"][stage] = outputs
+        write_json(self.path, self.data)
+        return outputs
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+
+
+def pipeline(
+    model: Any,
+    data: str | Path,
+    *,
+    sparse_epochs: int = 10,
+    sr: float = 1e-3,
+    sr_schedule: str = "constant",
+    gamma_threshold: float = 0.01,
+    method: str = "bn",
+    target_macs: float | None = 0.5,
+    ratio: float | None = None,
+    steps: int = 1,
+    step_epochs: int = 1,
+    max_map_drop: float | None = None,
+    finetune_epochs: int = 10,
+    global_pruning: bool = True,
+    max_layer_ratio: float = 0.75,
+    round_to: int | None = 8,
+    tolerance: float = 0.03,
+    calib_images: int = 32,
+    imgsz: int = 640,
+    batch: int = 16,
+    workers: int = 2,
+    device: str | None = None,
+    seed: int = 0,
+    bench: bool = True,
+    bench_runs: int = 30,
+    bench_warmup: int = 5,
+    backends: tuple[str, ...] = ("torch", "onnx"),
+    project: str | Path = "runs",
+    name: str | None = None,
+    exist_ok: bool = False,
+    resume: bool = False,
+    verbose: bool = False,
+    train_args: dict[str, Any] | None = None,
+    save_dir: str | Path | None = None,
+) -> PipelineResult:
+    """Sparsity-train, prune, fine-tune, validate and benchmark ``model`` on ``data`` in one run folder.
+
+    The run folder is ``project/pipeline/name`` (or ``save_dir`` when given); see the module docstring
+    for its contents. ``train_args`` are extra ultralytics train keys for every training stage.
+    """
+    from .data import resolve_data
+    from .evaluate import evaluate
+    from .models import load_model
+    from .pruning import prune
+    from .stats import model_stats
+    from .train import finetune, sparse_train
+
+    t_start = time.perf_counter()
+    if resume:
+        save_dir = Path(save_dir or Path(project) / "pipeline" / (name or "pipeline"))
+        if not (save_dir / "pipeline.json").is_file():
+            raise UsageError(f"resume=True but {save_dir} holds no pipeline.json to resume from")
+    elif save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
+    args = dict(model=str(model), data=str(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
+                method=method, target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs,
+                max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed)
+    state = _State(save_dir / "pipeline.json", args)
+    resolve_data(data)  # fail early on a bad dataset, before any training
+    train_kw = dict(imgsz=imgsz, batch=batch, device=device, seed=seed, verbose=verbose, workers=workers,
+                    **(train_args or {}))
+    val_kw = dict(imgsz=imgsz, batch=batch, device=device)
+
+    def stage_training(mode: str, run: str, fn, source, epochs: int, **kw) -> dict[str, Any]:
+        """Train into ``save_dir/mode/run``; on resume continue from its last.pt if it has one."""
+        folder = save_dir / mode / run
+        last = folder / "weights" / "last.pt"
+        if resume and last.is_file() and _training_finished(last):  # finished, but not yet recorded
+            best = folder / "weights" / "best.pt"
+            return {"mode": mode, "save_dir": str(folder), "best": str(best if best.is_file() else last),
+                    "last": str(last), "epochs": epochs}
+        if resume and last.is_file():
+            result = fn(last, data, resume=last, project=save_dir, name=run, **train_kw, **kw)
+        else:
+            result = fn(source, data, epochs=epochs, project=save_dir, name=run, exist_ok=True, **train_kw, **kw)
+        return dataclasses.asdict(result)
+
+    # 1. baseline -------------------------------------------------------------------------------------
+    LOGGER.info("pipeline: run folder %s", save_dir)
+    base = state.done("baseline")
+    if base is None:
+        LOGGER.info("[1/6] baseline: measuring and validating the dense model")
+        dense = load_model(model)
+        stats = model_stats(dense.model, imgsz=imgsz)
+        val = evaluate(dense, data, save_dir=save_dir / "baseline", **val_kw)
+        base = state.finish("baseline", {"params": stats.params, "macs": stats.macs, "size_mb": stats.size_mb,
+                                         "map50_95": val.map50_95, "map50": val.map50, "source": str(model)})
+
+    # 2. sparse ---------------------------------------------------------------------------------------
+    current: Any = model
+    sp = state.done("sparse")
+    if sp is None and sparse_epochs > 0:
+        LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr=%s)", sparse_epochs, sr)
+        sp = state.finish("sparse", stage_training("sparse", "train", sparse_train, model, sparse_epochs, sr=sr,
+                                                   sr_schedule=sr_schedule, gamma_threshold=gamma_threshold))
+    if sp is not None and sp.get("best"):
+        current = sp["best"]
+
+    # 3. prune (in steps, with short fine-tunes in between) ----------------------------------------------
+    pr = state.done("prune")
+    if pr is None:
+        LOGGER.info("[3/6] prune: method=%s %s in %d step(s)", method,
+                    f"ratio={ratio}" if ratio is not None else f"target_macs={target_macs}", steps)
+        records = []
+        prev_ckpt, prev_macs = current, base["macs"]
+        for step in range(1, steps + 1):
+            if ratio is not None:
+                step_kw = {"ratio": 1 - (1 - ratio) ** (1 / steps), "target_macs": None}
+            else:
+                goal = 1 - (1 - target_macs) * step / steps
+                step_kw = {"target_macs": min(1.0, goal * base["macs"] / prev_macs), "ratio": None}
+            res = prune(prev_ckpt, method=method, data=data, global_pruning=global_pruning,
+                        max_layer_ratio=max_layer_ratio, round_to=round_to, tolerance=tolerance,
+                        calib_images=calib_images, seed=seed, project=save_dir, name=f"step{step}",
+                        exist_ok=True, imgsz=imgsz, **step_kw)
+            record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after,
+                      "params": res.params_after, "size_mb": res.size_mb_after,
+                      "macs_fraction": res.macs_after / base["macs"], "prune_seconds": res.seconds,
+                      "layers": [dataclasses.asdict(x) for x in res.layers]}
+            v = evaluate(res.model, data, save_dir=res.save_dir / "val", **val_kw)
+            record.update(map50_95_pruned=v.map50_95, map50_pruned=v.map50)
+            ckpt = res.checkpoint
+            if steps > 1 and step_epochs > 0:
+                tuned = finetune(res.checkpoint, data, epochs=step_epochs, project=save_dir, name=f"step{step}",
+                                 exist_ok=True, **train_kw)
+                ckpt = tuned.best or tuned.last
+                v = evaluate(ckpt, data, save_dir=tuned.save_dir / "val", **val_kw)
+                record.update(finetuned=str(ckpt), map50_95=v.map50_95, map50=v.map50)
+            else:
+                record.update(map50_95=v.map50_95, map50=v.map50)
+            if max_map_drop is not None and base["map50_95"] - record["map50_95"] > max_map_drop and records:
+                LOGGER.warning("step %d dropped mAP50-95 by %.3f > max_map_drop=%s: keeping step %d",
+                               step, base["map50_95"] - record["map50_95"], max_map_drop, step - 1)
+                record["rejected"] = True
+                records.append(record)
+                break
+            records.append(record)
+            prev_ckpt, prev_macs = ckpt, res.macs_after
+        kept = [r for r in records if not r.get("rejected")][-1]
+        pr = state.finish("prune", {"steps": records, "kept_step": kept["step"],
+                                    "checkpoint": kept.get("finetuned") or kept["checkpoint"],
+                                    "pruned_checkpoint": kept["checkpoint"]})
+    kept = next(r for r in pr["steps"] if r["step"] == pr["kept_step"])
+
+    # 4. finetune -------------------------------------------------------------------------------------
+    ft = state.done("finetune")
+    if ft is None and finetune_epochs > 0:
+        LOGGER.info("[4/6] finetune: %d epochs", finetune_epochs)
+        ft = state.finish("finetune", stage_training("finetune", "final", finetune, pr["checkpoint"], finetune_epochs))
+    final = Path((ft or {}).get("best") or (ft or {}).get("last") or pr["checkpoint"])
+
+    # 5. val ------------------------------------------------------------------------------------------
+    va = state.done("val")
+    if va is None:
+        LOGGER.info("[5/6] val: COCO evaluation of %s", final)
+        v = evaluate(final, data, save_dir=save_dir / "val", **val_kw)
+        st = model_stats(final, imgsz=imgsz)
+        va = state.finish("val", {"map50_95": v.map50_95, "map50": v.map50, "params": st.params, "macs": st.macs,
+                                  "size_mb": st.size_mb, "checkpoint": str(final)})
+
+    # 6. bench ----------------------------------------------------------------------------------------
+    be = state.done("bench")
+    if be is None and bench and backends:
+        LOGGER.info("[6/6] bench: CPU latency, dense vs pruned (%s)", ", ".join(backends))
+        from .bench import measure_latency
+
+        lat = measure_latency({"dense": model, "pruned": final}, imgsz=imgsz, backends=tuple(backends),
+                              runs=bench_runs, warmup=bench_warmup, seed=seed, progress=verbose)
+        be = state.finish("bench", lat.to_dict())
+
+    result = _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, time.perf_counter() - t_start)
+    return result
+
+
+def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) -> PipelineResult:
+    from .report import plot_gamma_histograms, plot_layer_channels, plot_map_vs_macs
+    from .pruning import LayerChange
+
+    def lat(model: str, backend: str) -> float | None:
+        for e in (be or {}).get("entries", []):
+            if e["model"] == model and e["backend"] == backend:
+                return e["median_ms"]
+        return None
+
+    rows = [
+        ("params (M)", base["params"] / 1e6, va["params"] / 1e6),
+        (f"GMACs @{imgsz}", base["macs"] / 1e9, va["macs"] / 1e9),
+        ("size (MB)", base["size_mb"], va["size_mb"]),
+        ("mAP50-95", base["map50_95"], va["map50_95"]),
+        ("mAP50", base["map50"], va["map50"]),
+    ]
+    for backend in ("torch", "onnx"):
+        if lat("dense", backend) is not None:
+            rows.append((f"CPU latency {backend} (ms)", lat("dense", backend), lat("pruned", backend)))
+    rows = [(k, a, b, _ratio(a, b)) for k, a, b in rows]
+
+    layers = [LayerChange(**x) for x in kept["layers"]]
+    plot_layer_channels(layers, save_dir / "channels.png")
+    lines = ["name,channels_before,channels_after"] + [f"{x.name},{x.channels_before},{x.channels_after}" for x in layers]
+    write_text(save_dir / "layers.csv", "\n".join(lines) + "\n")
+    points = [(1.0, base["map50_95"], "dense")]
+    for r in pr["steps"]:
+        points.append((r["macs_fraction"], r["map50_95_pruned"], f"step {r['step']} pruned"))
+        if r.get("finetuned"):
+            points.append((r["macs_fraction"], r["map50_95"], f"step {r['step']} tuned"))
+    points.append((va["macs"] / base["macs"], va["map50_95"], "final"))
+    plot_map_vs_macs(points, save_dir / "map_vs_macs.png")
+    if sp and sp.get("best"):
+        hists = {"before sparsity training": _abs_gammas(base["source"]), "after": _abs_gammas(sp["best"])}
+        plot_gamma_histograms(hists, save_dir / "gamma_hist.png", threshold=sp.get("gamma_threshold"))
+
+    report = {"save_dir": str(save_dir), "final_checkpoint": str(final), "seconds": seconds,
+              "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows],
+              "stages": state.data["stages"], "args": state.data["args"]}
+    write_json(save_dir / "report.json", report)
+    md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", "",
+          markdown_table(rows, header=("", "before", "after", "ratio")), "",
+          "![channels kept per layer](channels.png)", "", "![mAP vs MACs](map_vs_macs.png)", ""]
+    if (save_dir / "gamma_hist.png").is_file():
+        md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]
+    write_text(save_dir / "report.md", "\n".join(md))
+    return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=pr["steps"], seconds=seconds)
+
+
+def _training_finished(last: Path) -> bool:
+    """ultralytics strips the optimizer from last.pt (and sets epoch -1) when a run completes."""
+    import torch
+
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    return ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None
+
+
+def _abs_gammas(model: Any) -> list[float]:
+    import torch
+
+    from .models import load_model
+
+    net = load_model(model).model
+    return torch.cat([m.weight.detach().abs().flatten().float() for m in net.modules()
+                      if isinstance(m, torch.nn.BatchNorm2d)]).tolist()
+
+
+# configuration keys that map one to one onto pipeline() arguments
+_PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "method", "target_macs", "ratio", "steps",
+                  "step_epochs", "max_map_drop", "finetune_epochs", "global_pruning", "max_layer_ratio", "round_to",
+                  "tolerance", "calib_images", "imgsz", "batch", "workers", "device", "seed", "bench_runs",
+                  "bench_warmup", "resume", "verbose")
+
+
+def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
+    return {"backends": backends, "train_args": extra, **{k: cfg[k] for k in _PIPELINE_KEYS}}
+
+
+def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
+    """Run :func:`pipeline` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
+    return pipeline(cfg["model"], cfg["data"], project=cfg["project"], name=cfg["name"], exist_ok=cfg["exist_ok"],
+                    **_pipeline_kwargs(cfg, extra))
+
+
+def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
+    """``yolo-prune demo``: generate the synthetic dataset, train a small dense model, then run the pipeline.
+
+    Settings come from ``cfg/demo.yaml`` (merged by :func:`yolo_prune.config.build`), so any of them can
+    be overridden on the command line. Nothing is downloaded.
+    """
+    import os
+
+    from .data.synthetic import make_synthetic
+    from .train.common import quiet_logs
+
+    cache = Path(os.environ.get("YOLO_PRUNE_CACHE") or Path.home() / ".cache" / "yolo_prune")
+    data = cfg["data"] or make_synthetic(cache / "demo_data", n_train=128, n_val=32, imgsz=256, seed=cfg["seed"]) / "yolo.yaml"
+    if cfg["resume"]:
+        save_dir = Path(cfg["project"]) / "demo" / (cfg["name"] or "demo")
+    else:
+        save_dir = run_dir(cfg["project"], "demo", cfg["name"], exist_ok=cfg["exist_ok"])
+    dense = save_dir / "dense" / "weights" / "best.pt"
+    if not dense.is_file():
+        from ultralytics import YOLO
+
+        LOGGER.warning("demo: training a dense %s for %d epochs on %s", cfg["model"], cfg["epochs"], data)
+        with quiet_logs(cfg["verbose"]):
+            YOLO(str(cfg["model"])).train(
+                data=str(data), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], workers=cfg["workers"],
+                device=cfg["device"] or None, seed=cfg["seed"], project=str(save_dir), name="dense", exist_ok=True,
+                plots=False, val=False, verbose=cfg["verbose"], **extra)
+    return pipeline(dense, data, save_dir=save_dir, **_pipeline_kwargs(cfg, extra))
