@@ -101,3 +101,19 @@ def test_console_script_prunes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "prune" / "cli" / "weights" / "pruned.pt").is_file()
     assert "GMACs" in proc.stdout
+
+
+def test_tools_script_help_documents_flags():
+    proc = subprocess.run([sys.executable, "tools/prune_yolo.py", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0
+    for flag in ("--model", "--data", "--target-macs", "--ratio", "--sparse-epochs", "--finetune-epochs", "--resume"):
+        assert flag in proc.stdout
+
+
+def test_tools_script_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/prune_yolo.py", "--model", str(tmp_path / "no.pt"), "--data",
+                           str(tmp_path / "no.yaml"), "--project", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr

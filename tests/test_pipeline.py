@@ -44,7 +44,7 @@ def run(tmp_path_factory, synthetic, dense_ckpt):
 def test_pipeline_writes_the_report(run):
     result, _, _ = run
     d = result.save_dir
-    for f in ("pipeline.json", "report.json", "report.md", "layers.csv", "channels.png", "map_vs_macs.png",
+    for f in ("args.yaml", "pipeline.json", "report.json", "report.md", "layers.csv", "channels.png", "map_vs_macs.png",
               "gamma_hist.png", "prune/step1/weights/pruned.pt", "finetune/final/weights/best.pt"):
         assert (d / f).is_file(), f
     report = json.loads((d / "report.json").read_text())

@@ -47,8 +47,11 @@ Configuration: defaults in {default_cfg_path()}, a recipe with cfg=recipe.yaml, 
 
 def _setup_logging() -> None:
     """yolo-prune's own progress messages go to stderr; the library alone stays quiet (no handler)."""
+    for h in [h for h in LOGGER.handlers if getattr(h, "_yolo_prune_cli", False)]:
+        LOGGER.removeHandler(h)  # main() may run more than once in a process (tests, notebooks)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._yolo_prune_cli = True
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
@@ -88,20 +91,20 @@ def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 def run_val(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .evaluate import evaluate
-    from .io import run_dir
 
-    save_dir = run_dir(cfg["project"], "val", cfg["name"], exist_ok=cfg["exist_ok"])
+    save_dir = _run_folder(cfg, "val")
     return evaluate(cfg["model"], _need(cfg, "data"), imgsz=cfg["imgsz"], batch=cfg["batch"], device=cfg["device"],
                     conf=cfg["conf"], iou=cfg["iou"], save_dir=save_dir)
 
 
 def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .bench import measure_latency
-    from .io import run_dir, write_json, write_text
+    from .io import write_json, write_text
 
     paths = [p.strip() for p in str(cfg["model"]).split(",") if p.strip()]
-    models = {Path(p).stem if Path(p).stem not in ("best", "last") else str(Path(p)): p for p in paths}
-    save_dir = run_dir(cfg["project"], "bench", cfg["name"], exist_ok=cfg["exist_ok"])
+    stems = [Path(p).stem for p in paths]
+    models = {(stem if stems.count(stem) == 1 else p): p for stem, p in zip(stems, paths)}  # unique names
+    save_dir = _run_folder(cfg, "bench")
     backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
     result = measure_latency(models, imgsz=cfg["imgsz"], backends=backends, runs=cfg["bench_runs"],
                              warmup=cfg["bench_warmup"], seed=cfg["seed"], progress=True)
@@ -112,9 +115,8 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .export import export_model
-    from .io import run_dir
 
-    save_dir = run_dir(cfg["project"], "export", cfg["name"], exist_ok=cfg["exist_ok"])
+    save_dir = _run_folder(cfg, "export")
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, **extra)
 
 
@@ -129,6 +131,15 @@ def run_demo(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .pipeline import demo
 
     return demo(cfg, extra)
+
+
+def _run_folder(cfg: dict[str, Any], mode: str) -> Path:
+    """A new run folder holding the run's full configuration as args.yaml."""
+    from .io import run_dir, write_yaml
+
+    save_dir = run_dir(cfg["project"], mode, cfg["name"], exist_ok=cfg["exist_ok"])
+    write_yaml(save_dir / "args.yaml", cfg)
+    return save_dir
 
 
 def _need(cfg: dict[str, Any], key: str) -> Any:

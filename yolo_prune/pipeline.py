@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .io import run_dir, write_json, write_text
+from .io import run_dir, write_json, write_text, write_yaml
 from .results import Result, markdown_table, table
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -133,6 +133,8 @@ def pipeline(
                 method=method, target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs,
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed)
     state = _State(save_dir / "pipeline.json", args)
+    if not resume:
+        write_yaml(save_dir / "args.yaml", args)
     resolve_data(data)  # fail early on a bad dataset, before any training
     train_kw = dict(imgsz=imgsz, batch=batch, device=device, seed=seed, verbose=verbose, workers=workers,
                     **(train_args or {}))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..io import run_dir, write_json, write_text
+from ..io import run_dir, write_json, write_text, write_yaml
 from ..models import load_model, save_checkpoint, wrap_model
 from ..provenance import provenance
 from ..results import Result, table
@@ -202,6 +202,7 @@ def prune(
         provenance=prov,
     )
     if save_dir is not None:
+        write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})
         ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
                                provenance={**prov, "report": {k: v for k, v in result.to_dict().items() if k != "layers"}})
         result.save_dir, result.checkpoint = save_dir, ckpt
