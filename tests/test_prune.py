@@ -102,6 +102,32 @@ def test_zeroed_channels_are_removed_losslessly(v8n):
         assert (bn.weight.abs() > 0).all(), "a zeroed channel survived"
 
 
+def test_mean_compensation_absorbs_constant_channels(v8n):
+    """Zero only gamma: the chosen channels output the constant act(beta). Removing them shifts every
+    consumer; folding the measured means into the consumers' BN / bias must remove most of that shift
+    (what remains is the zero padding at image borders)."""
+    prepare(v8n)
+    graph = build_graph(v8n)
+    g = torch.Generator().manual_seed(4)
+    zeroed = 0
+    for group in graph.groups():
+        chosen = torch.randperm(group.channels, generator=g)[: group.channels // 4].tolist()
+        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen):
+            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
+                dep.target.module.weight.data[idxs] = 0.0
+        zeroed += len(chosen)
+    total = sum(grp.channels for grp in graph.groups())
+    ref = outputs(v8n)
+    calib = torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    errors = {}
+    for comp in (False, True):
+        m = copy.deepcopy(v8n)
+        prune_model(m, method="bn", ratio=zeroed / total, round_to=None, calib_images=calib, compensate=comp)
+        errors[comp] = (outputs(m) - ref).abs().mean().item()
+    assert errors[False] > 0.001
+    assert errors[True] < 0.2 * errors[False], errors
+
+
 def test_detect_outputs_protected_and_widths_rounded(v8n):
     head = v8n.model[-1]
     protected = {id(m): m.out_channels for m in protected_layers(v8n) if isinstance(m, nn.Conv2d)}

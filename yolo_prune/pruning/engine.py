@@ -16,6 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, UsageError
+from .compensate import compensate as compensate_means
+from .compensate import input_means
 from .graph import PruneGraph, build_graph, prepare
 from .importance import METHODS, CalibratedActivationImportance, make_importance
 from .schedule import PlanOptions, plan, solve_for_macs
@@ -87,6 +89,7 @@ def prune_model(
     tolerance: float = 0.03,
     seed: int = 0,
     calib_images: torch.Tensor | None = None,
+    compensate: bool = True,
     reference: Reference | None = None,
     trace_imgsz: int = 128,
     progress: bool = False,
@@ -97,7 +100,8 @@ def prune_model(
     Either ``ratio`` (fraction of prunable channels to remove) or ``target_macs`` (fraction of the
     reference MACs to keep) sets the goal, reached in ``steps`` equal increments. ``reference``
     (default: the model as passed) lets a caller prune an already pruned model toward a goal stated
-    against the original, as the iterative pipeline does.
+    against the original, as the iterative pipeline does. With ``calib_images`` and ``compensate``,
+    the mean contribution of every removed channel is folded into its consumers (see :mod:`.compensate`).
     """
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
     prepare(model)
@@ -142,15 +146,17 @@ def prune_model(
             reached = macs_of(counts)
         else:
             target = 1 - (1 - target_macs) * step / steps
-            counts, reached = solve_for_macs(macs_of, plan_of, target, tolerance=tolerance, max_amount=max_layer_ratio)
+            counts, reached = solve_for_macs(macs_of, plan_of, target, tolerance=tolerance, max_amount=1.0)
             if reached > target + tolerance:
                 raise PruningError(
                     f"target_macs={target:.3f} is out of reach: with max_layer_ratio={max_layer_ratio} and "
                     f"round_to={round_to} the model keeps at least {reached:.3f} of its MACs"
                 )
-        for (g, s), n in zip(scored, counts):
-            if n:
-                graph.prune(g, torch.argsort(s, stable=True)[:n].tolist())
+        plans = [(g, torch.argsort(s, stable=True)[:n].tolist()) for (g, s), n in zip(scored, counts) if n]
+        if compensate and calib_images is not None and plans:
+            compensate_means(graph, plans, input_means(model, calib_images))
+        for g, idxs in plans:
+            graph.prune(g, idxs)
         record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
                             channels_removed=int(sum(counts)))
         records.append(record)

@@ -114,10 +114,15 @@ class PruneResult(Result):
 
 
 def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> torch.Tensor | None:
-    if method != "activation":
-        return None
+    """Calibration images from the data's train split: needed by method=activation, used by compensation."""
     if data is None:
-        raise UsageError("method=activation ranks channels on real images: pass data=<dataset yaml>")
+        if method == "activation":
+            raise UsageError("method=activation ranks channels on real images: pass data=<dataset yaml>")
+        return None
+    if n <= 0:
+        if method == "activation":
+            raise UsageError("method=activation needs calib_images > 0")
+        return None
     from ..data import resolve_data
 
     return load_calibration_images(resolve_data(data).train_images, n=n, imgsz=imgsz, seed=seed)
@@ -137,6 +142,7 @@ def prune(
     steps: int = 1,
     tolerance: float = 0.03,
     calib_images: int = 32,
+    compensate: bool = True,
     seed: int = 0,
     validate: bool = False,
     batch: int = 16,
@@ -152,7 +158,9 @@ def prune(
     The input is never modified. With ``save`` the run folder ``project/prune/name`` receives
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
-    before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation).
+    before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,
+    ``calib_images`` train images are used by ``method=activation`` and, with ``compensate``, to fold the
+    mean contribution of removed channels into the layers that consumed them.
     """
     source = model
     yolo = load_model(model)
@@ -177,12 +185,14 @@ def prune(
         tolerance=tolerance,
         seed=seed,
         calib_images=calib,
+        compensate=compensate,
         progress=progress,
     )
     seconds = time.perf_counter() - t0
     after = model_stats(module, imgsz=imgsz)
     args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
-                max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images)
+                max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
+                compensate=compensate and calib is not None)
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
