@@ -76,7 +76,8 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     return prune(cfg["model"], method=cfg["method"], target_macs=cfg["target_macs"], ratio=cfg["ratio"],
                  data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
                  max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
-                 tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], seed=cfg["seed"],
+                 tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
+                 seed=cfg["seed"],
                  validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
                  **_common(cfg))
 

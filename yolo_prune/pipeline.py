@@ -90,6 +90,7 @@ def pipeline(
     round_to: int | None = 8,
     tolerance: float = 0.03,
     calib_images: int = 32,
+    compensate: bool = True,
     imgsz: int = 640,
     batch: int = 16,
     workers: int = 2,
@@ -190,7 +191,8 @@ def pipeline(
                 step_kw = {"target_macs": min(1.0, goal * base["macs"] / prev_macs), "ratio": None}
             res = prune(prev_ckpt, method=method, data=data, global_pruning=global_pruning,
                         max_layer_ratio=max_layer_ratio, round_to=round_to, tolerance=tolerance,
-                        calib_images=calib_images, seed=seed, project=save_dir, name=f"step{step}",
+                        calib_images=calib_images, compensate=compensate, seed=seed, project=save_dir,
+                        name=f"step{step}",
                         exist_ok=True, imgsz=imgsz, **step_kw)
             record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after,
                       "params": res.params_after, "size_mb": res.size_mb_after,
@@ -322,8 +324,8 @@ def _abs_gammas(model: Any) -> list[float]:
 # configuration keys that map one to one onto pipeline() arguments
 _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "method", "target_macs", "ratio", "steps",
                   "step_epochs", "max_map_drop", "finetune_epochs", "global_pruning", "max_layer_ratio", "round_to",
-                  "tolerance", "calib_images", "imgsz", "batch", "workers", "device", "seed", "bench_runs",
-                  "bench_warmup", "resume", "verbose")
+                  "tolerance", "calib_images", "compensate", "imgsz", "batch", "workers", "device", "seed",
+                  "bench_runs", "bench_warmup", "resume", "verbose")
 
 
 def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
