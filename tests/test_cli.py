@@ -117,3 +117,55 @@ def test_tools_script_bad_input_is_one_line(tmp_path):
                           timeout=120, cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error:" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    """A pruned 3-class yolov8n checkpoint (the generated dataset has 3 classes)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_prune.pruning import prune
+
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    return prune(model, ratio=0.3, imgsz=64, project=tmp_path_factory.mktemp("c"), name="p").checkpoint
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    return captured.out
+
+
+def test_mode_val(small_ckpt, synthetic, tmp_path, capsys):
+    out = _run(["val", f"model={small_ckpt}", f"data={synthetic / 'coco.yaml'}", "imgsz=64", "batch=4",
+                f"project={tmp_path}"], capsys)
+    assert "map50_95" in out
+    metrics = __import__("json").loads((tmp_path / "val" / "val" / "metrics.json").read_text())
+    assert {"map50_95", "map50", "map75", "map_small", "map_medium", "map_large"} <= set(metrics)
+    assert (tmp_path / "val" / "val" / "predictions.json").is_file()
+    assert (tmp_path / "val" / "val" / "args.yaml").is_file()
+
+
+def test_mode_bench(small_ckpt, tmp_path, capsys):
+    out = _run(["bench", f"model=yolov8n.yaml,{small_ckpt}", "imgsz=64", "bench_runs=2", "bench_warmup=1",
+                "backends=torch", f"project={tmp_path}"], capsys)
+    assert "pruned" in out and "yolov8n" in out
+    assert (tmp_path / "bench" / "bench" / "latency.json").is_file()
+
+
+def test_mode_export(small_ckpt, tmp_path, capsys):
+    _run(["export", f"model={small_ckpt}", "format=onnx", "imgsz=64", f"project={tmp_path}"], capsys)
+    assert list((tmp_path / "export" / "export").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "finetune"])
+def test_mode_training(mode, small_ckpt, synthetic, tmp_path, capsys):
+    import torch
+
+    _run([mode, f"model={small_ckpt}", f"data={synthetic / 'yolo.yaml'}", "epochs=1", "imgsz=64", "batch=4",
+          "workers=0", f"project={tmp_path}", "mosaic=0.0"], capsys)
+    last = tmp_path / mode / mode / "weights" / "last.pt"
+    shapes = {k: v.shape for k, v in torch.load(small_ckpt, weights_only=False)["model"].state_dict().items()}
+    trained = torch.load(last, weights_only=False)
+    assert {k: v.shape for k, v in (trained["ema"] or trained["model"]).state_dict().items()} == shapes
