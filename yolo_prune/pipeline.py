@@ -366,4 +366,8 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
                 data=str(data), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], workers=cfg["workers"],
                 device=cfg["device"] or None, seed=cfg["seed"], project=str(save_dir), name="dense", exist_ok=True,
                 plots=False, val=False, verbose=cfg["verbose"], **extra)
-    return pipeline(dense, data, save_dir=save_dir, **_pipeline_kwargs(cfg, extra))
+    result = pipeline(dense, data, save_dir=save_dir, **_pipeline_kwargs(cfg, extra))
+    LOGGER.info("demo: the pruned model trained %d epochs more than the dense one (sparse + finetune), which is "
+                "part of its mAP; BENCHMARKS.md compares at equal training budget", cfg["sparse_epochs"] +
+                cfg["finetune_epochs"])
+    return result
