@@ -94,3 +94,27 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "PipelineResult" in out and "mAP50-95" in out
     assert (tmp_path / "demo" / "demo" / "report.md").is_file()
+
+
+def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt, monkeypatch):
+    """steps=3 with max_map_drop: the step whose mAP falls out of budget is rejected, the one before is kept."""
+    import dataclasses
+
+    import yolo_prune.evaluate as ev
+
+    real = ev.evaluate
+    maps = iter([0.50, 0.48, 0.47, 0.45, 0.44, 0.30, 0.29, 0.6, 0.6])  # baseline, then (pruned, tuned) per step
+
+    def fake(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.4, steps=3, step_epochs=1,
+                      max_map_drop=0.1, project=tmp_path, name="it", **{**TINY, "finetune_epochs": 0})
+    state = json.loads((result.save_dir / "pipeline.json").read_text())["stages"]["prune"]
+    assert [s["step"] for s in state["steps"]] == [1, 2, 3]
+    assert state["steps"][-1].get("rejected") and state["kept_step"] == 2
+    fractions = [s["macs_fraction"] for s in state["steps"]]
+    assert fractions[0] > fractions[1] > fractions[2] and abs(fractions[2] - 0.4) <= 0.03
+    assert "step2" in state["checkpoint"]
+    assert (result.save_dir / "map_vs_macs.png").is_file()

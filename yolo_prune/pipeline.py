@@ -78,19 +78,12 @@ def pipeline(
     sr: float = 1e-3,
     sr_schedule: str = "constant",
     gamma_threshold: float = 0.01,
-    method: str = "bn",
     target_macs: float | None = 0.5,
     ratio: float | None = None,
     steps: int = 1,
     step_epochs: int = 1,
     max_map_drop: float | None = None,
     finetune_epochs: int = 10,
-    global_pruning: bool = True,
-    max_layer_ratio: float = 0.75,
-    round_to: int | None = 8,
-    tolerance: float = 0.03,
-    calib_images: int = 32,
-    compensate: bool = True,
     imgsz: int = 640,
     batch: int = 16,
     workers: int = 2,
@@ -107,12 +100,20 @@ def pipeline(
     verbose: bool = False,
     train_args: dict[str, Any] | None = None,
     save_dir: str | Path | None = None,
+    **prune_options: Any,
 ) -> PipelineResult:
     """Sparsity-train, prune, fine-tune, validate and benchmark ``model`` on ``data`` in one run folder.
 
     The run folder is ``project/pipeline/name`` (or ``save_dir`` when given); see the module docstring
-    for its contents. ``train_args`` are extra ultralytics train keys for every training stage.
+    for its contents. ``target_macs`` (or ``ratio``) is reached in ``steps`` increments, each but the last
+    followed by ``step_epochs`` of fine-tuning; ``prune_options`` go to :func:`yolo_prune.pruning.prune`
+    (``method``, ``global_pruning``, ``max_layer_ratio``, ``round_to``, ``tolerance``, ``calib_images``,
+    ``compensate``). ``train_args`` are extra ultralytics train keys for every training stage.
     """
+    bad = set(prune_options) - _PRUNE_OPTIONS
+    if bad:
+        raise UsageError(f"unknown pipeline option(s): {', '.join(sorted(bad))}")
+    method = prune_options.get("method", "bn")
     from .data import resolve_data
     from .evaluate import evaluate
     from .models import load_model
@@ -131,7 +132,7 @@ def pipeline(
     else:
         save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
     args = dict(model=str(model), data=str(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
-                method=method, target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs,
+                target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs, **prune_options,
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed)
     state = _State(save_dir / "pipeline.json", args)
     if not resume:
@@ -189,11 +190,8 @@ def pipeline(
             else:
                 goal = 1 - (1 - target_macs) * step / steps
                 step_kw = {"target_macs": min(1.0, goal * base["macs"] / prev_macs), "ratio": None}
-            res = prune(prev_ckpt, method=method, data=data, global_pruning=global_pruning,
-                        max_layer_ratio=max_layer_ratio, round_to=round_to, tolerance=tolerance,
-                        calib_images=calib_images, compensate=compensate, seed=seed, project=save_dir,
-                        name=f"step{step}",
-                        exist_ok=True, imgsz=imgsz, **step_kw)
+            res = prune(prev_ckpt, data=data, seed=seed, project=save_dir, name=f"step{step}",
+                        exist_ok=True, imgsz=imgsz, **prune_options, **step_kw)
             record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after,
                       "params": res.params_after, "size_mb": res.size_mb_after,
                       "macs_fraction": res.macs_after / base["macs"], "prune_seconds": res.seconds,
@@ -321,11 +319,11 @@ def _abs_gammas(model: Any) -> list[float]:
                       if isinstance(m, torch.nn.BatchNorm2d)]).tolist()
 
 
-# configuration keys that map one to one onto pipeline() arguments
-_PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "method", "target_macs", "ratio", "steps",
-                  "step_epochs", "max_map_drop", "finetune_epochs", "global_pruning", "max_layer_ratio", "round_to",
-                  "tolerance", "calib_images", "compensate", "imgsz", "batch", "workers", "device", "seed",
-                  "bench_runs", "bench_warmup", "resume", "verbose")
+# options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
+_PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
+_PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
+                  "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "workers", "device", "seed",
+                  "bench_runs", "bench_warmup", "resume", "verbose", *sorted(_PRUNE_OPTIONS))
 
 
 def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
