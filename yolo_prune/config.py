@@ -163,7 +163,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                          f"choose one of {', '.join(METHODS)}")
     if cfg.get("sr_schedule") not in ("constant", "linear", "cosine"):
         raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
-    for key in ("global_pruning", "exist_ok", "verbose", "resume", "compensate"):
+    if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
+        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
+    for key in ("global_pruning", "exist_ok", "verbose", "resume"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")
     check_device(cfg.get("device"))

@@ -46,7 +46,7 @@ def input_means(model: nn.Module, images: torch.Tensor, *, batch: int = 8) -> di
     return {m: (sums[m] / counts[m]).float() for m in sums}
 
 
-def _bn_after(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
+def bn_after(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
     """The BatchNorm applied right after each conv (ultralytics ``Conv`` blocks: conv -> bn -> act)."""
     return {m.conv: m.bn for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d)
             and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
@@ -76,9 +76,9 @@ def compensate(graph: PruneGraph, plans: Sequence[tuple[ChannelGroup, list[int]]
             cols = list(item.idxs)
             w = conv.weight[:, cols].sum((2, 3))  # (out, removed): each kernel sums over a constant input
             deltas[conv] = deltas.get(conv, 0) + w @ means[conv][cols].to(w)
-    bn_after = _bn_after(graph.model)
+    bns = bn_after(graph.model)
     for conv, delta in deltas.items():
-        bn = bn_after.get(conv)
+        bn = bns.get(conv)
         if bn is not None:
             bn.running_mean -= delta.to(bn.running_mean)
         elif conv.bias is not None:

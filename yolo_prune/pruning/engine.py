@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import PruningError, UsageError
 from .compensate import compensate as compensate_means
 from .compensate import input_means
+from .reconstruct import reconstruct
 from .graph import PruneGraph, build_graph, prepare
 from .importance import METHODS, CalibratedActivationImportance, make_importance
 from .schedule import PlanOptions, plan, solve_for_macs
@@ -61,6 +62,20 @@ def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
     }
 
 
+COMPENSATIONS = ("lstsq", "mean", "none")
+
+
+def _compensation(value: str | bool | None) -> str:
+    """Normalise ``compensate``: True -> lstsq, False/None -> none."""
+    if value is True:
+        return "lstsq"
+    if value in (False, None):
+        return "none"
+    if value not in COMPENSATIONS:
+        raise UsageError(f"compensate={value!r} must be one of {', '.join(COMPENSATIONS)}")
+    return value
+
+
 def _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps) -> None:
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -89,7 +104,7 @@ def prune_model(
     tolerance: float = 0.03,
     seed: int = 0,
     calib_images: torch.Tensor | None = None,
-    compensate: bool = True,
+    compensate: str | bool = "lstsq",
     reference: Reference | None = None,
     trace_imgsz: int = 128,
     progress: bool = False,
@@ -100,9 +115,12 @@ def prune_model(
     Either ``ratio`` (fraction of prunable channels to remove) or ``target_macs`` (fraction of the
     reference MACs to keep) sets the goal, reached in ``steps`` equal increments. ``reference``
     (default: the model as passed) lets a caller prune an already pruned model toward a goal stated
-    against the original, as the iterative pipeline does. With ``calib_images`` and ``compensate``,
-    the mean contribution of every removed channel is folded into its consumers (see :mod:`.compensate`).
+    against the original, as the iterative pipeline does. With ``calib_images``, the layers that consume
+    removed channels make up for them: ``compensate="lstsq"`` refits their kept weights and bias by least
+    squares (:mod:`.reconstruct`), ``"mean"`` folds the removed channels' mean into the bias only
+    (:mod:`.compensate`), ``"none"`` does nothing.
     """
+    compensate = _compensation(compensate)
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
     prepare(model)
     graph = build_graph(model, imgsz=trace_imgsz)
@@ -153,8 +171,11 @@ def prune_model(
                     f"round_to={round_to} the model keeps at least {reached:.3f} of its MACs"
                 )
         plans = [(g, torch.argsort(s, stable=True)[:n].tolist()) for (g, s), n in zip(scored, counts) if n]
-        if compensate and calib_images is not None and plans:
-            compensate_means(graph, plans, input_means(model, calib_images))
+        if calib_images is not None and plans:
+            if compensate == "lstsq":
+                reconstruct(graph, plans, calib_images, seed=seed)
+            elif compensate == "mean":
+                compensate_means(graph, plans, input_means(model, calib_images))
         for g, idxs in plans:
             graph.prune(g, idxs)
         record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,

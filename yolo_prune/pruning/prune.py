@@ -142,7 +142,7 @@ def prune(
     steps: int = 1,
     tolerance: float = 0.03,
     calib_images: int = 32,
-    compensate: bool = True,
+    compensate: str | bool = "lstsq",
     seed: int = 0,
     validate: bool = False,
     batch: int = 16,
@@ -159,8 +159,9 @@ def prune(
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
     before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,
-    ``calib_images`` train images are used by ``method=activation`` and, with ``compensate``, to fold the
-    mean contribution of removed channels into the layers that consumed them.
+    ``calib_images`` train images are used by ``method=activation`` and by ``compensate`` (``lstsq``:
+    the layers that consumed removed channels refit their kept weights by least squares; ``mean``: bias
+    only; ``none``).
     """
     source = model
     yolo = load_model(model)
@@ -192,7 +193,7 @@ def prune(
     after = model_stats(module, imgsz=imgsz)
     args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
-                compensate=compensate and calib is not None)
+                compensate=compensate if calib is not None else "none")
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
