@@ -106,7 +106,7 @@ def prune_model(
     calib_images: torch.Tensor | None = None,
     compensate: str | bool = "lstsq",
     reference: Reference | None = None,
-    trace_imgsz: int = 128,
+    trace_imgsz: int = 64,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> PruneOutcome:

@@ -136,7 +136,7 @@ def _output(out):
     return out
 
 
-def build_graph(model: nn.Module, *, imgsz: int = 128) -> PruneGraph:
+def build_graph(model: nn.Module, *, imgsz: int = 64) -> PruneGraph:
     """Trace the (already prepared) model at ``imgsz`` and return its :class:`PruneGraph`."""
     was_training = model.training
     model.eval()
@@ -149,15 +149,13 @@ def build_graph(model: nn.Module, *, imgsz: int = 128) -> PruneGraph:
         for m in model.modules()
         if isinstance(m, nn.Conv2d)
     ]
-    try:
-        with torch.no_grad():
-            model(example)
+    try:  # one traced forward records both the graph and every conv's output size
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, output_transform=_output, verbose=False
+        )
     finally:
         for h in hooks:
             h.remove()
-    dg = tp.DependencyGraph().build_dependency(
-        model, example_inputs=example, output_transform=_output, verbose=False
-    )
     names = {m: n for n, m in model.named_modules()}
     model.train(was_training)
     return PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names)
