@@ -1,0 +1,180 @@
+"""Shared helpers of the benchmark scripts: environment, work folder, datasets, JSON results.
+
+Everything a benchmark writes goes under ``bench/work/`` (git-ignored) except the small result JSONs and
+plots in ``bench/results/``. ``../shared`` is never written: the coco128 split links its images and writes
+its own jsons; yolo-prune's dataset cache is pointed at ``bench/work/cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # no network on these machines
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORK = BENCH / "work"
+RESULTS = BENCH / "results"
+SHARED = ROOT.parent / "shared" / "fixtures"
+WEIGHTS = SHARED / "weights" / "yolov8n_coco_int8rebuild.pt"
+COCO128 = SHARED / "coco128"
+
+os.environ.setdefault("YOLO_PRUNE_CACHE", str(WORK / "cache"))
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, library versions and the load average when the run started."""
+    cpu = platform.processor() or ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+    import torch_pruning
+    import ultralytics
+
+    try:
+        import faster_coco_eval
+
+        fce = faster_coco_eval.__version__
+    except ImportError:
+        fce = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ultralytics": ultralytics.__version__,
+        "torch_pruning": torch_pruning.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "faster_coco_eval": fce,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def command_line() -> str:
+    """The command that is running, as it would be typed from the project root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
+
+
+def busy_processes(threshold: float = 20.0) -> list[str]:
+    """Other processes using more than ``threshold`` % CPU right now (the machine is shared)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[1:]
+    except OSError:
+        return []
+    me = os.getpid()
+    rows = []
+    for line in out:
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        pid, pcpu, args = parts
+        if int(pid) == me or float(pcpu) < threshold:
+            continue
+        rows.append(f"{pcpu}% {args[:100]}")
+    return rows
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` atomically (indent 1, small)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+# Datasets --------------------------------------------------------------------------------------------------------
+
+
+def coco128_split(n_train: int = 96, root: Path | None = None) -> Path:
+    """COCO-format dataset of coco128: the first ``n_train`` images (sorted by file name) train, the rest val.
+
+    Images are symlinked from ``../shared``; the two instances jsons are filtered copies of coco128's json
+    (original image ids and category ids, all 80 categories declared). Returns the data yaml.
+    """
+    root = root or WORK / "data" / f"coco128_split{n_train}"
+    yaml = root / "coco.yaml"
+    if yaml.is_file():
+        return yaml
+    src = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text(encoding="utf-8"))
+    images = sorted(src["images"], key=lambda im: im["file_name"])
+    splits = {"train": images[:n_train], "val": images[n_train:]}
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, imgs in splits.items():
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = {im["id"] for im in imgs}
+        for im in imgs:
+            link = folder / im["file_name"]
+            if not link.exists():
+                link.symlink_to((COCO128 / "images" / "train2017" / im["file_name"]).resolve())
+        doc = {k: v for k, v in src.items() if k not in ("images", "annotations")}
+        doc["images"] = imgs
+        doc["annotations"] = [a for a in src["annotations"] if a["image_id"] in ids]
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc), encoding="utf-8")
+    yaml.write_text("# coco128 split for yolo-prune benchmarks (bench/common.py)\n"
+                    "train: images/train\nval: images/val\n"
+                    "train_json: annotations/instances_train.json\nval_json: annotations/instances_val.json\n",
+                    encoding="utf-8")
+    return yaml
+
+
+def coco128_full() -> Path:
+    """COCO-format coco128 (all 128 images as val, as the fixture's yaml does): for evaluation timing."""
+    root = WORK / "data" / "coco128_all"
+    yaml = root / "coco.yaml"
+    if yaml.is_file():
+        return yaml
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").symlink_to((COCO128 / "images" / "train2017").resolve())
+    yaml.write_text("train: images\nval: images\n"
+                    f"train_json: {(COCO128 / 'annotations' / 'instances_train2017.json').resolve()}\n"
+                    f"val_json: {(COCO128 / 'annotations' / 'instances_train2017.json').resolve()}\n",
+                    encoding="utf-8")
+    return yaml
+
+
+def synthetic(n_train: int = 128, n_val: int = 32, imgsz: int = 256) -> Path:
+    """The generated dataset (yolo_prune.data.synthetic); returns its YOLO-format yaml."""
+    from yolo_prune.data.synthetic import make_synthetic
+
+    root = make_synthetic(WORK / "data" / f"synthetic_{n_train}_{n_val}_{imgsz}", n_train=n_train, n_val=n_val,
+                          imgsz=imgsz, seed=0)
+    return Path(root) / "yolo.yaml"
