@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -35,3 +35,23 @@ def load_calibration_images(paths: Sequence[str | Path], *, n: int = 32, imgsz: 
     if not images:
         raise DatasetError("no readable calibration images found in the data's train split")
     return torch.from_numpy(np.stack(images)).float() / 255.0
+
+
+@torch.no_grad()
+def run_with_hooks(model: torch.nn.Module, images: torch.Tensor, modules: Sequence[torch.nn.Module],
+                   hook: Callable, *, batch: int = 8) -> None:
+    """Run ``images`` through ``model`` (eval mode, in batches) with ``hook`` as forward hook on ``modules``.
+
+    The hooks are removed and the model's train/eval mode restored afterwards, whatever happens.
+    """
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

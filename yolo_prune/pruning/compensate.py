@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .calibration import run_with_hooks
 from .graph import ChannelGroup, PruneGraph
 
 
@@ -32,17 +33,7 @@ def input_means(model: nn.Module, images: torch.Tensor, *, batch: int = 8) -> di
         counts[conv] = counts.get(conv, 0) + x.shape[0] * x.shape[2] * x.shape[3]
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    hooks = [m.register_forward_hook(hook) for m in convs]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(images), batch):
-            model(images[i : i + batch].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, images, convs, hook, batch=batch)
     return {m: (sums[m] / counts[m]).float() for m in sums}
 
 

@@ -13,14 +13,13 @@ The criteria are torch-pruning ``Importance`` objects:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import UsageError
+from .calibration import run_with_hooks
 
 METHODS = ("bn", "l1", "l2", "activation", "random")
 
@@ -44,32 +43,6 @@ class CalibratedActivationImportance(tp.importance.ActivationImportance):
         self.images = images
         self.batch = batch
 
-    @contextlib.contextmanager
-    def compute_importance(self, model: nn.Module) -> Iterator[None]:
-        def hook(module: nn.Conv2d, inputs, output) -> None:
-            x = inputs[0].detach().abs()
-            total = x.sum((0, 2, 3)).double()
-            n = x.shape[0] * x.shape[2] * x.shape[3]
-            if getattr(module, "_imp_sum", None) is None or module._imp_sum.shape != total.shape:
-                module._imp_sum, module._imp_n = total, 0
-            else:
-                module._imp_sum = module._imp_sum + total
-            module._imp_n += n
-
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        for m in convs:
-            m._imp_sum, m._imp_n = None, 0
-        hooks = [m.register_forward_hook(hook) for m in convs]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            for m in convs:
-                if m._imp_sum is not None:
-                    m._importance = (m._imp_sum / max(m._imp_n, 1)).float()
-                del m._imp_sum, m._imp_n
-
     @torch.no_grad()
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
         # torch-pruning's version sorts the group's index lists in place and sizes its result after the
@@ -92,15 +65,19 @@ class CalibratedActivationImportance(tp.importance.ActivationImportance):
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module) -> None:
-        """Run the calibration images through ``model`` and store each conv's input channel means."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        with self.compute_importance(model):
-            for i in range(0, len(self.images), self.batch):
-                model(self.images[i : i + self.batch].to(device))
-        model.train(was_training)
+        """Run the calibration images through ``model``; store each conv's mean |input| per channel."""
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        sums: dict[nn.Conv2d, torch.Tensor] = {}
+        counts: dict[nn.Conv2d, int] = {}
 
+        def hook(conv: nn.Conv2d, inputs, output) -> None:
+            x = inputs[0].detach().abs()
+            sums[conv] = sums.get(conv, 0) + x.double().sum((0, 2, 3))
+            counts[conv] = counts.get(conv, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+
+        run_with_hooks(model, self.images, convs, hook, batch=self.batch)
+        for conv in convs:
+            conv._importance = (sums[conv] / counts[conv]).float() if conv in sums else None
 
 def make_importance(method: str, *, seed: int = 0, calib_images: torch.Tensor | None = None) -> tp.importance.Importance:
     """The importance criterion for ``method`` (one of :data:`METHODS`)."""

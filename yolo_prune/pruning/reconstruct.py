@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from .calibration import run_with_hooks
 from .compensate import bn_after
 from .graph import ChannelGroup, PruneGraph
 
@@ -50,17 +51,7 @@ def sample_patches(model: nn.Module, convs: Sequence[nn.Conv2d], images: torch.T
         picked = torch.gather(cols, 2, pick.unsqueeze(1).expand(-1, cols.shape[1], -1))
         rows[conv].append(picked.permute(0, 2, 1).reshape(-1, cols.shape[1]).cpu())
 
-    hooks = [c.register_forward_hook(hook) for c in convs]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(images), batch):
-            model(images[i : i + batch].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, images, convs, hook, batch=batch)
     return {c: torch.cat(r) for c, r in rows.items() if r}
 
 
