@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no network on these machines
 
 BENCH = Path(__file__).resolve().parent
@@ -112,11 +114,11 @@ def read_result(name: str) -> dict[str, Any] | None:
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Self:
         self.t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 
 def log(msg: str) -> None:
@@ -138,8 +138,8 @@ def bench_sparse(epochs: int, pairs: int, sr: float, imgsz: int) -> dict[str, An
     from yolo_prune.train import add_l1_subgradient, bn_layers, finetune, sparse_train
 
     data = common.coco128_split(96)
-    train = dict(batch=16, nbs=16, mosaic=0.0, workers=2, val=False, optimizer="AdamW", lr0=1e-4,
-                 warmup_epochs=0, warmup_bias_lr=0.0)
+    train = {"batch": 16, "nbs": 16, "mosaic": 0.0, "workers": 2, "val": False, "optimizer": "AdamW", "lr0": 1e-4,
+                 "warmup_epochs": 0, "warmup_bias_lr": 0.0}
     work = common.WORK / "cost_sparse"
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "sparse": []}
     for i in range(pairs):
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-imgsz", type=int, default=640)
     parser.add_argument("--name", help="result name (default cost / cost_quick)")
     args = parser.parse_args(argv)
-    defaults = dict(scales=["n", "s", "m"], repeats=3, epochs=4, pairs=2)
+    defaults = {"scales": ["n", "s", "m"], "repeats": 3, "epochs": 4, "pairs": 2}
     if args.quick:
         defaults.update(scales=["n"], repeats=1, epochs=2, pairs=1)
     for key, value in defaults.items():  # explicit options win over --quick

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (sets YOLO_OFFLINE and the yolo-prune cache before ultralytics is imported)
+import common
 
 ARMS = {
     "a_sparse_bn": "yolo-prune: sparse_train + prune(bn)",
@@ -54,32 +54,34 @@ ARMS = {
 # Training settings shared by every run of a dataset (ultralytics train keys).
 #   nbs=16: one optimizer step per batch of 16 (ultralytics' nominal 64 would mean 1-2 steps per epoch here);
 #   mosaic off, val off during training (the final model is evaluated with yolo-prune's COCO evaluation).
-COMMON_TRAIN = dict(batch=16, nbs=16, mosaic=0.0, workers=2, val=False, seed=0)
+COMMON_TRAIN = {"batch": 16, "nbs": 16, "mosaic": 0.0, "workers": 2, "val": False, "seed": 0}
 DATASETS: dict[str, dict[str, Any]] = {
-    "fixture": dict(
-        imgsz=320,
-        sparse_epochs=5,
-        finetune_epochs=10,
-        sr=0.01,
+    "fixture": {
+        "imgsz": 320,
+        "sparse_epochs": 5,
+        "finetune_epochs": 10,
+        "sr": 0.01,
         # Fine-tuning a pretrained COCO model on 96 images: AdamW at a low lr and no warmup. Measured on this
         # split (2 epochs of the dense model, mAP50-95 0.454 before): AdamW lr0=1e-4 0.454, SGD lr0=1e-3 0.423,
         # AdamW lr0=1e-3 0.130; SGD lr0=0.01 for 5 epochs 0.155; warmup_bias_lr=0.1 wrecks it in one epoch.
         # (lr0=3e-4 already cost the dense model 0.11 mAP in 2 epochs: a fine-tune must not degrade the reference.)
-        train=dict(optimizer="AdamW", lr0=0.0001, warmup_epochs=0, warmup_bias_lr=0.0),
+        "train": {"optimizer": "AdamW", "lr0": 0.0001, "warmup_epochs": 0, "warmup_bias_lr": 0.0},
         # Training from random init (d_narrow): the recipe the synthetic dense model is trained with.
-        scratch=dict(optimizer="AdamW", lr0=0.003, warmup_epochs=1),
-    ),
-    "synthetic": dict(
-        imgsz=160,
-        sparse_epochs=5,
-        finetune_epochs=10,
-        sr=0.01,
-        train=dict(optimizer="AdamW", lr0=0.003, warmup_epochs=1),  # cfg/demo.yaml's recipe
-        scratch=dict(optimizer="AdamW", lr0=0.003, warmup_epochs=1),
-        dense_epochs=30,
-    ),
+        "scratch": {"optimizer": "AdamW", "lr0": 0.003, "warmup_epochs": 1},
+    },
+    "synthetic": {
+        "imgsz": 160,
+        "sparse_epochs": 5,
+        "finetune_epochs": 10,
+        "sr": 0.01,
+        "train": {"optimizer": "AdamW", "lr0": 0.003, "warmup_epochs": 1},  # cfg/demo.yaml's recipe
+        "scratch": {"optimizer": "AdamW", "lr0": 0.003, "warmup_epochs": 1},
+        "dense_epochs": 30,
+    },
 }
-QUICK = dict(datasets=["fixture"], targets=[0.5], sparse_epochs=1, finetune_epochs=1)
+# Quick: the generated data first (its right-after-pruning mAP separates the methods even with a 1-epoch budget;
+# its dense model is trained once, 2-3 min, and cached), then the fixture (checks the real-checkpoint path runs).
+QUICK = {"datasets": ["synthetic", "fixture"], "targets": [0.5], "sparse_epochs": 1, "finetune_epochs": 1}
 
 LOG = logging.getLogger("bench.frontier")
 
@@ -87,6 +89,19 @@ LOG = logging.getLogger("bench.frontier")
 # --------------------------------------------------------------------------------------------- helpers
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr0=0.001", "optimizer=SGD"]`` -> ``{"lr0": 0.001, "optimizer": "SGD"}`` (values parsed as YAML scalars)."""
+    import yaml as pyyaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = pyyaml.safe_load(value)
+    return out
 
 
 def evaluate_map(model: Any, data: Path, imgsz: int) -> dict[str, float]:
@@ -118,7 +133,7 @@ def narrow_yaml(target: float, dense_macs: int, nc: int, imgsz: int, folder: Pat
     cfg = {k: v for k, v in base.items() if k not in ("scales", "scale", "yaml_file")}
     cfg.update(nc=nc, depth_multiple=0.33, max_channels=1024)
     best = None
-    for i in range(0, 41):  # width 0.05 .. 0.25 in steps of 0.005
+    for i in range(41):  # width 0.05 .. 0.25 in steps of 0.005
         w = round(0.05 + 0.005 * i, 3)
         cfg["width_multiple"] = w
         with warnings.catch_warnings():
@@ -188,7 +203,7 @@ def run_dataset(name: str, args: argparse.Namespace, store: Store) -> None:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    train = {**COMMON_TRAIN, **cfg["train"]}
+    train = {**COMMON_TRAIN, **cfg["train"], **overrides(args.set)}
     scratch = {**COMMON_TRAIN, **cfg["scratch"]}
     ds = store.ds(name)
     t_ds = time.perf_counter()
@@ -365,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke-test size (a few minutes): fixture only, target 0.5, S=1, F=1; writes frontier_quick.json")
+                        help="smoke-test size (about 4 min, +2 min the first time for the cached synthetic dense model): both "
+                             "datasets, target 0.5, S=1, F=1; writes frontier_quick.json")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: fixture synthetic")
     parser.add_argument("--targets", nargs="+", type=float, help="MACs fractions to keep (default 0.7 0.5 0.35)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
@@ -373,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, help="F (default: per dataset, 10)")
     parser.add_argument("--sr", type=float, help="sparsity strength of sparse_train (default: per dataset)")
     parser.add_argument("--imgsz", type=int, help="override the per-dataset image size (fixture 320, synthetic 160)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override ultralytics train keys of the training recipe of every arm except the from-scratch "
+                             "ones, e.g. --set warmup_bias_lr=0.0 lr0=0.001")
     parser.add_argument("--name", help="result name (default frontier / frontier_quick)")
     parser.add_argument("--prune-only", action="store_true",
                         help="only mAP right after pruning the dense model (bn, l1, random; no training) at --targets;"

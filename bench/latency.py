@@ -7,12 +7,18 @@ The fixture's COCO yolov8n (``../shared/fixtures/weights``) is pruned with ``yol
 ``median(pruned) / median(dense)`` compares passes taken under the same machine load. Each (imgsz, threads) pair
 is one such run. Next to the latency ratio: the MACs ratio and the params ratio.
 
+Workaround for a yolo-prune bug: ``measure_latency(threads=N)`` sets torch's threads BEFORE it exports the ONNX
+models, and every ultralytics export calls ``select_device("cpu")``, which resets ``torch.set_num_threads`` to
+ultralytics' ``NUM_THREADS`` (cpu_count - 1 = 1 on this machine); so torch eager was always timed with ONE thread.
+This script sets ``ultralytics.utils.torch_utils.NUM_THREADS`` to N for the duration of each run so the reset keeps N.
+
 Result: ``bench/results/latency[_quick].json``; tables with ``python bench/render.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -20,11 +26,25 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def ultralytics_threads(n: int):
+    """Make ultralytics' ``select_device`` (called by every export) set torch to ``n`` threads instead of its own
+    ``NUM_THREADS`` (cpu_count - 1), so ``measure_latency(threads=n)`` really times torch with ``n`` threads."""
+    import ultralytics.utils.torch_utils as tu
+
+    old = tu.NUM_THREADS
+    tu.NUM_THREADS = n
+    try:
+        yield
+    finally:
+        tu.NUM_THREADS = old
 
 
 def build_models(targets: list[float], round_tos: list[int | None], method: str) -> dict[str, dict]:
@@ -61,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 10; quick: 3)")
     parser.add_argument("--name", help="result name (default latency / latency_quick)")
     args = parser.parse_args(argv)
-    defaults = dict(imgsz=[640, 320], targets=[0.7, 0.5, 0.35], runs=50, warmup=10, threads=[2, 1])
+    defaults = {"imgsz": [640, 320], "targets": [0.7, 0.5, 0.35], "runs": 50, "warmup": 10, "threads": [2, 1]}
     if args.quick:
         defaults.update(imgsz=[320], targets=[0.5], runs=15, warmup=3, threads=[2])
     for key, value in defaults.items():  # explicit options win over --quick
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from yolo_prune.bench import measure_latency
     from yolo_prune.stats import model_stats
 
-    payload = {"benchmark": "latency", "command": common.command_line(), "machine": common.machine(),
+    payload = {"benchmark": "latency", "torch_threads_workaround": True, "command": common.command_line(), "machine": common.machine(),
                "busy_processes_at_start": common.busy_processes(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "method": args.method, "runs": args.runs, "warmup": args.warmup, "batch": 1, "models": {},
                "runs_by_setting": []}
@@ -93,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             busy = common.busy_processes()
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), ultralytics_threads(threads):
                 warnings.simplefilter("ignore")
                 res = measure_latency({n: m["model"] for n, m in models.items()}, imgsz=imgsz,
                                       backends=args.backends, runs=args.runs, warmup=args.warmup, threads=threads,

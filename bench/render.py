@@ -2,7 +2,7 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``pruneonly``, ``latency``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 DOC = common.ROOT / "BENCHMARKS.md"
 ARM_LABEL = {
@@ -94,8 +95,8 @@ def block_frontier(name: str = "frontier") -> str:
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/frontier.py`._"
-    out = [f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. "
-           f"{load_note(res)}."]
+    out = [(f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. "
+           f"{load_note(res)}.")]
     for dsname, ds in res["datasets"].items():
         out.append(f"\n**{dsname}** - data `{ds['data']}` ({ds['n_train']} train / {ds['n_val']} val images), "
                    f"imgsz {ds['imgsz']}, S = {ds['sparse_epochs']} sparse epochs, F = {ds['finetune_epochs']} "
@@ -126,9 +127,9 @@ def block_latency(name: str = "latency") -> str:
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py`._"
-    out = [f"Command: {cmd(res)}. Pruning method `{res['method']}` on the fixture's COCO yolov8n, no fine-tune. "
+    out = [(f"Command: {cmd(res)}. Pruning method `{res['method']}` on the fixture's COCO yolov8n, no fine-tune. "
            f"batch 1, {res['runs']} timed runs after {res['warmup']} warm-up runs per model and backend, medians; "
-           f"ratio = pruned median / dense median of the same interleaved run."]
+           f"ratio = pruned median / dense median of the same interleaved run.")]
     for run in res["runs_by_setting"]:
         imgsz, threads = run["imgsz"], run["threads"]
         by = {(r["model"], r["backend"]): r for r in run["rows"]}
@@ -182,7 +183,7 @@ def block_cost(name: str = "cost") -> str:
                    f"imgsz {s['imgsz']}, {s['epochs']} epochs per run, {s['pairs']} alternating pairs; epoch 1 of each "
                    f"run excluded from the per-epoch median)\n")
         out.append(md_table(rows, ("trainer", "median s / epoch", "median wall s / run", "epoch times per run (s)")))
-        out.append(f"\nOverhead: **{s['overhead_pct_epoch']:+.1f}%** per epoch ({s['overhead_pct_wall']:+.1f}% per "
+        out.append(f"\nOverhead: **{round(s['overhead_pct_epoch'], 1) + 0.0:+.1f}%** per epoch ({s['overhead_pct_wall']:+.1f}% per "
                    f"whole run). The penalty itself (`add_l1_subgradient` over {s['bn_gamma_tensors']} BN gamma tensors, "
                    f"{s['bn_gamma_values']} values) takes {s['l1_subgradient_ms']:.2f} ms per optimizer step, against "
                    f"{s['forward_backward_b16_ms']:.0f} ms for one forward+backward of yolov8n at batch 16.")
@@ -224,8 +225,8 @@ def block_targets() -> str:
                 info = lat["models"][r["model"]]
                 if r["backend"] == "onnx" and info["target_macs"] == 0.5:
                     ok = r["ratio_vs_reference"] <= 0.6
-                    rows.append((f"onnxruntime latency ratio <= 0.6 at 50% MACs (imgsz {run['imgsz']}, "
-                                 f"{run['threads']} thr, round_to {info['round_to']})",
+                    rows.append(((f"onnxruntime latency ratio <= 0.6 at 50% MACs (imgsz {run['imgsz']}, "
+                                 f"{run['threads']} thr, round_to {info['round_to']})"),
                                  f"{r['ratio_vs_reference']:.3f} (MACs ratio {r['macs_ratio']:.3f})",
                                  "met" if ok else "**missed**"))
     cost = common.read_result("cost")
@@ -239,6 +240,7 @@ def block_targets() -> str:
                              "met" if v["median_s"] < 3 else "**missed**"))
     if cost and cost.get("sparse"):
         o = cost["sparse"]["overhead_pct_epoch"]
+        o = 0.0 if abs(o) < 0.05 else o
         rows.append(("sparsity-training overhead under 5%", f"{o:+.1f}% per epoch", "met" if o < 5 else "**missed**"))
     if not rows:
         return "_No results yet._"
@@ -278,11 +280,14 @@ BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_
 
 
 def render(text: str) -> str:
+    # parameterised frontier blocks: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
+    pattern = re.compile(r"(<!-- BEGIN frontier:(\w+) -->\n).*?(<!-- END frontier:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):
             body = fn()
-            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+            text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 
