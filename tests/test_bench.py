@@ -100,3 +100,16 @@ def test_bad_arguments_raise_usage_error(models, kwargs):
 def test_no_models_raises_usage_error():
     with pytest.raises(UsageError):
         measure_latency({}, progress=False)
+
+
+def test_latency_keeps_the_thread_count():
+    """The ONNX export inside the benchmark must not change how many threads torch uses afterwards."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_prune.bench import measure_latency
+
+    before = torch.get_num_threads()
+    measure_latency({"n": DetectionModel("yolov8n.yaml", verbose=False)}, imgsz=64, backends=("torch", "onnx"),
+                    runs=1, warmup=0, progress=False)
+    assert torch.get_num_threads() == before

@@ -222,14 +222,22 @@ def measure_latency(
     modules = {name: as_module(m) for name, m in models.items()}
     channels = input_channels(modules[names[0]])
     x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
-    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp:
-        runners: dict[tuple[str, str], Runner] = {}
-        for i, name in enumerate(names):
-            if "torch" in backends:
-                runners[(name, "torch")] = torch_runner(modules[name], x)
-            if "onnx" in backends:
-                runners[(name, "onnx")] = onnx_runner(modules[name], x.numpy(), Path(tmp) / str(i), threads)
-        times = interleaved_times(runners, runs=runs, warmup=warmup, progress=progress)
+    # ultralytics' exporter (inside onnx_runner) resets torch's thread count: remember what to time with,
+    # build every runner first, then time under that count and give the process its count back.
+    before = torch.get_num_threads()
+    want = threads or before
+    try:
+        with tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp:
+            runners: dict[tuple[str, str], Runner] = {}
+            for i, name in enumerate(names):
+                if "torch" in backends:
+                    runners[(name, "torch")] = torch_runner(modules[name], x)
+                if "onnx" in backends:
+                    runners[(name, "onnx")] = onnx_runner(modules[name], x.numpy(), Path(tmp) / str(i), threads)
+            with torch_threads(want):
+                times = interleaved_times(runners, runs=runs, warmup=warmup, progress=progress)
+    finally:
+        torch.set_num_threads(before)
     return LatencyResult(
         entries=summarise(times, names, backends, imgsz),
         reference=names[0],
