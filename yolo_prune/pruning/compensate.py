@@ -44,6 +44,16 @@ def bn_after(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
 
 
 @torch.no_grad()
+def shift_output(conv: nn.Conv2d, delta: torch.Tensor, bn: nn.BatchNorm2d | None) -> None:
+    """Add ``delta`` (one value per output channel) to ``conv``'s output: through the BN after it
+    (BN(y + d) equals BN with running_mean - d), or through the conv's own bias when it has no BN."""
+    if bn is not None:
+        bn.running_mean -= delta.to(bn.running_mean)
+    elif conv.bias is not None:
+        conv.bias += delta.to(conv.bias)
+
+
+@torch.no_grad()
 def compensate(graph: PruneGraph, plans: Sequence[tuple[ChannelGroup, list[int]]],
                means: dict[nn.Conv2d, torch.Tensor]) -> int:
     """Fold the mean contribution of the channels about to be removed into their consumers.
@@ -69,9 +79,5 @@ def compensate(graph: PruneGraph, plans: Sequence[tuple[ChannelGroup, list[int]]
             deltas[conv] = deltas.get(conv, 0) + w @ means[conv][cols].to(w)
     bns = bn_after(graph.model)
     for conv, delta in deltas.items():
-        bn = bns.get(conv)
-        if bn is not None:
-            bn.running_mean -= delta.to(bn.running_mean)
-        elif conv.bias is not None:
-            conv.bias += delta.to(conv.bias)
+        shift_output(conv, delta, bns.get(conv))
     return len(deltas)

@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .calibration import run_with_hooks
-from .compensate import bn_after
+from .compensate import bn_after, shift_output
 from .graph import ChannelGroup, PruneGraph
 
 
@@ -89,10 +89,5 @@ def reconstruct(graph: PruneGraph, plans: Sequence[tuple[ChannelGroup, list[int]
         if kept:
             dw = delta[:-1].T.reshape(conv.out_channels, len(kept), *conv.kernel_size)
             conv.weight[:, kept] += dw.to(conv.weight.dtype).to(dev)
-        bias = delta[-1]
-        bn = bns.get(conv)
-        if bn is not None:
-            bn.running_mean -= bias.to(bn.running_mean)
-        elif conv.bias is not None:
-            conv.bias += bias.to(conv.bias)
+        shift_output(conv, delta[-1], bns.get(conv))
     return len(lost)
