@@ -99,7 +99,7 @@ def test_console_script_prunes(tmp_path):
         [sys.executable, "-m", "yolo_prune.cli", "prune", "model=yolov8n.yaml", "method=l1", "target_macs=0.5",
          "imgsz=128", f"project={tmp_path}", "name=cli"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "prune" / "cli" / "weights" / "pruned.pt").is_file()
+    assert (tmp_path / "cli" / "weights" / "pruned.pt").is_file()
     assert "GMACs" in proc.stdout
 
 
@@ -141,22 +141,22 @@ def test_mode_val(small_ckpt, synthetic, tmp_path, capsys):
     out = _run(["val", f"model={small_ckpt}", f"data={synthetic / 'coco.yaml'}", "imgsz=64", "batch=4",
                 f"project={tmp_path}"], capsys)
     assert "map50_95" in out
-    metrics = __import__("json").loads((tmp_path / "val" / "val" / "metrics.json").read_text())
+    metrics = __import__("json").loads((tmp_path / "val" / "metrics.json").read_text())
     assert {"map50_95", "map50", "map75", "map_small", "map_medium", "map_large"} <= set(metrics)
-    assert (tmp_path / "val" / "val" / "predictions.json").is_file()
-    assert (tmp_path / "val" / "val" / "args.yaml").is_file()
+    assert (tmp_path / "val" / "predictions.json").is_file()
+    assert (tmp_path / "val" / "args.yaml").is_file()
 
 
 def test_mode_bench(small_ckpt, tmp_path, capsys):
     out = _run(["bench", f"model=yolov8n.yaml,{small_ckpt}", "imgsz=64", "bench_runs=2", "bench_warmup=1",
                 "backends=torch", f"project={tmp_path}"], capsys)
     assert "pruned" in out and "yolov8n" in out
-    assert (tmp_path / "bench" / "bench" / "latency.json").is_file()
+    assert (tmp_path / "bench" / "latency.json").is_file()
 
 
 def test_mode_export(small_ckpt, tmp_path, capsys):
     _run(["export", f"model={small_ckpt}", "format=onnx", "imgsz=64", f"project={tmp_path}"], capsys)
-    assert list((tmp_path / "export" / "export").glob("*.onnx"))
+    assert list((tmp_path / "export").glob("*.onnx"))
 
 
 @pytest.mark.parametrize("mode", ["sparse", "finetune"])
@@ -165,7 +165,7 @@ def test_mode_training(mode, small_ckpt, synthetic, tmp_path, capsys):
 
     _run([mode, f"model={small_ckpt}", f"data={synthetic / 'yolo.yaml'}", "epochs=1", "imgsz=64", "batch=4",
           "workers=0", f"project={tmp_path}", "mosaic=0.0"], capsys)
-    last = tmp_path / mode / mode / "weights" / "last.pt"
+    last = tmp_path / mode / "weights" / "last.pt"
     shapes = {k: v.shape for k, v in torch.load(small_ckpt, weights_only=False)["model"].state_dict().items()}
     trained = torch.load(last, weights_only=False)
     assert {k: v.shape for k, v in (trained["ema"] or trained["model"]).state_dict().items()} == shapes

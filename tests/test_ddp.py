@@ -119,7 +119,7 @@ def test_ddp_worker_script_rebuilds_sparse_trainer(pruned_pt, synthetic, tmp_pat
 
     from yolo_prune.train import SparseTrainer
 
-    save_dir = tmp_path / "sparse" / "ddp"
+    save_dir = tmp_path / "ddp"
     trainer = SparseTrainer(overrides={
         "model": str(pruned_pt), "data": str(synthetic / "yolo.yaml"), "save_dir": str(save_dir), "plots": False,
         "epochs": 2, "sr": 0.02, "sr_schedule": "linear", "gamma_threshold": 0.05, **FAST,

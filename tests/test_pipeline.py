@@ -72,7 +72,7 @@ def test_pipeline_resumes_from_the_last_finished_stage(run):
         state["stages"].pop(stage)
     (d / "pipeline.json").write_text(json.dumps(state))
     args = state["args"]
-    resumed = pipeline(args["model"], args["data"], target_macs=0.5, project=d.parent.parent, name=d.name,
+    resumed = pipeline(args["model"], args["data"], target_macs=0.5, project=d.parent, name=d.name,
                        resume=True, **TINY)
     after = json.loads((d / "pipeline.json").read_text())["stages"]
     assert set(after) == {"baseline", "sparse", "prune", "finetune", "val", "bench"}
@@ -93,7 +93,7 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
     assert code == 0
     out = capsys.readouterr().out
     assert "PipelineResult" in out and "mAP50-95" in out
-    assert (tmp_path / "demo" / "demo" / "report.md").is_file()
+    assert (tmp_path / "demo" / "report.md").is_file()
 
 
 def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt, monkeypatch):

@@ -203,12 +203,12 @@ def test_prune_api_saves_a_normal_checkpoint(v8n, tmp_path):
     from ultralytics import YOLO
 
     result = prune(v8n, method="bn", target_macs=0.5, imgsz=160, project=tmp_path, name="run")
-    ckpt = tmp_path / "prune" / "run" / "weights" / "pruned.pt"
+    ckpt = tmp_path / "run" / "weights" / "pruned.pt"
     assert result.checkpoint == ckpt and ckpt.is_file()
     assert result.macs_after < 0.55 * result.macs_before and result.params_after < result.params_before
     assert result.size_mb_after < result.size_mb_before
-    assert "target_macs: 0.5" in (tmp_path / "prune" / "run" / "args.yaml").read_text()
-    report = (tmp_path / "prune" / "run" / "report.json").read_text()
+    assert "target_macs: 0.5" in (tmp_path / "run" / "args.yaml").read_text()
+    report = (tmp_path / "run" / "report.json").read_text()
     for key in ("macs_before", "macs_after", "params_before", "params_after", "size_mb_before", "size_mb_after",
                 "method", "layers", "channels_before", "channels_after"):
         assert f'"{key}"' in report

@@ -168,3 +168,17 @@ def test_dataset_error_is_a_yolo_prune_error():
     from yolo_prune.errors import YoloPruneError
 
     assert issubclass(DatasetError, YoloPruneError)
+
+
+def test_run_folders_follow_ultralytics_convention(tmp_path, monkeypatch):
+    """project=P name=N is exactly P/N (relative to the working folder or absolute); no project: runs/<mode>/<name>."""
+    from yolo_prune.io import run_path
+
+    monkeypatch.chdir(tmp_path)
+    assert run_path("rel", "prune", "x") == tmp_path / "rel" / "x"
+    assert run_path(tmp_path / "abs", "prune", None) == tmp_path / "abs" / "prune"
+    assert run_path(None, "prune", None) == tmp_path / "runs" / "prune" / "prune"
+    first = run_dir("rel", "prune", "x")
+    second = run_dir("rel", "prune", "x")
+    assert first == tmp_path / "rel" / "x" and second == tmp_path / "rel" / "x2"
+    assert run_dir("rel", "prune", "x", exist_ok=True) == first

@@ -328,7 +328,7 @@ def test_ddp_launcher_wipe_keeps_input_checkpoint(tmp_path, pruned_pt):
         def __init__(self):  # no BaseTrainer.__init__ here
             pass
 
-    save_dir = tmp_path / "finetune" / "run"
+    save_dir = tmp_path / "run"
     src = save_dir / "weights" / "input.pt"
     src.parent.mkdir(parents=True)
     shutil.copy2(pruned_pt, src)
@@ -348,7 +348,7 @@ def test_sparse_training_shrinks_gammas_and_keeps_shapes(pruned_pt, data, tmp_pa
     common = dict(epochs=3, seed=0, optimizer="SGD", lr0=0.1, project=tmp_path, **FAST)
     base = sparse_train(pruned_pt, data, sr=0.0, name="sr0", **common)
     sparse = sparse_train(pruned_pt, data, sr=1.0, name="sr1", **common)
-    assert isinstance(sparse, TrainResult) and sparse.save_dir == (tmp_path / "sparse" / "sr1").resolve()
+    assert isinstance(sparse, TrainResult) and sparse.save_dir == (tmp_path / "sr1").resolve()
     assert sparse.gamma_mean_before == pytest.approx(base.gamma_mean_before)  # same start
     assert sparse.gamma_mean_after < 0.5 * base.gamma_mean_after
     assert sparse.gamma_near_zero_after > base.gamma_near_zero_after
@@ -376,7 +376,7 @@ def test_finetune_in_memory_pruned_model(pruned, data, tmp_path):
 
     user_file = save_like_ultralytics(pruned, tmp_path / "user" / "p.pt")
     res = finetune(YOLO(user_file), data, epochs=2, project=tmp_path / "runs", name="ft", **FAST)
-    assert res.save_dir == (tmp_path / "runs" / "finetune" / "ft").resolve()
+    assert res.save_dir == (tmp_path / "runs" / "ft").resolve()
     assert (res.save_dir / "weights" / "input.pt").is_file()
     assert sorted(p.name for p in user_file.parent.iterdir()) == ["p.pt"]  # nothing beside the user's file
     assert res.best and res.last and res.epochs == 2
@@ -412,7 +412,7 @@ def test_kill_then_resume(mode, sig, pruned_pt, data, tmp_path):
         from yolo_prune.train import {fn}
         {fn}({str(pruned_pt)!r}, {data!r}, {extra}epochs=4, project={str(tmp_path)!r}, name="run", **{FAST!r})
         """, tmp_path)
-    run = tmp_path / mode / "run"
+    run = tmp_path / "run"
     try:
         wait_for(lambda: (run / "weights" / "last.pt").is_file(), timeout=120, proc=proc)
         proc.send_signal(sig)

@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d["batch"], help="batch size (default: %(default)s)")
     p.add_argument("--device", default=d["device"], help="cpu, 0, 0,1 ... (default: a GPU if any)")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: %(default)s)")
-    p.add_argument("--project", default=d["project"], help="parent of run folders (default: %(default)s)")
+    p.add_argument("--project", default=d["project"], help="parent of the run folder: --project P --name N writes to P/N "
+                   "(default: runs/pipeline)")
     p.add_argument("--name", default=None, help="run folder name (default: pipeline, incremented)")
     p.add_argument("--exist-ok", action="store_true", help="reuse an existing run folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished stage")

@@ -98,13 +98,23 @@ def file_size_mb(path: str | Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
-def run_dir(project: str | Path, mode: str, name: str | None = None, *, exist_ok: bool = False) -> Path:
-    """Create and return the run folder ``project/mode/name``.
+def run_path(project: str | Path | None, mode: str, name: str | None = None) -> Path:
+    """The run folder for ``project``/``name`` as ultralytics users expect it (absolute, not created).
+
+    ``project=P name=N`` is exactly ``P/N`` (P relative to the working folder, or absolute); without a
+    project it is ``runs/<mode>/<name>``. ``name`` defaults to ``mode``.
+    """
+    parent = Path("runs") / mode if project in (None, "") else Path(project).expanduser()
+    return Path(os.path.abspath(parent / (name or mode)))
+
+
+def run_dir(project: str | Path | None, mode: str, name: str | None = None, *, exist_ok: bool = False) -> Path:
+    """Create and return the run folder :func:`run_path` names (absolute).
 
     Like ultralytics, an existing folder is never reused unless ``exist_ok``: ``name2``, ``name3``...
     are tried instead.
     """
-    base = Path(project) / mode / (name or mode)
+    base = run_path(project, mode, name)
     path = base
     if not exist_ok:
         n = 2

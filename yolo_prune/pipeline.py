@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .io import run_dir, write_json, write_text, write_yaml
+from .io import run_dir, run_path, write_json, write_text, write_yaml
 from .results import Result, markdown_table, table
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -93,7 +93,7 @@ def pipeline(
     bench_runs: int = 30,
     bench_warmup: int = 5,
     backends: tuple[str, ...] = ("torch", "onnx"),
-    project: str | Path = "runs",
+    project: str | Path | None = None,
     name: str | None = None,
     exist_ok: bool = False,
     resume: bool = False,
@@ -104,7 +104,7 @@ def pipeline(
 ) -> PipelineResult:
     """Sparsity-train, prune, fine-tune, validate and benchmark ``model`` on ``data`` in one run folder.
 
-    The run folder is ``project/pipeline/name`` (or ``save_dir`` when given); see the module docstring
+    The run folder is ``project/name`` (default ``runs/pipeline/pipeline``; or ``save_dir`` when given); see the module docstring
     for its contents. ``target_macs`` (or ``ratio``) is reached in ``steps`` increments, each but the last
     followed by ``step_epochs`` of fine-tuning; ``prune_options`` go to :func:`yolo_prune.pruning.prune`
     (``method``, ``global_pruning``, ``max_layer_ratio``, ``round_to``, ``tolerance``, ``calib_images``,
@@ -123,11 +123,11 @@ def pipeline(
 
     t_start = time.perf_counter()
     if resume:
-        save_dir = Path(save_dir or Path(project) / "pipeline" / (name or "pipeline"))
+        save_dir = Path(save_dir).absolute() if save_dir else run_path(project, "pipeline", name)
         if not (save_dir / "pipeline.json").is_file():
             raise UsageError(f"resume=True but {save_dir} holds no pipeline.json to resume from")
     elif save_dir is not None:
-        save_dir = Path(save_dir)
+        save_dir = Path(save_dir).absolute()
         save_dir.mkdir(parents=True, exist_ok=True)
     else:
         save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
@@ -151,9 +151,9 @@ def pipeline(
             return {"mode": mode, "save_dir": str(folder), "best": str(best if best.is_file() else last),
                     "last": str(last), "epochs": epochs}
         if resume and last.is_file():
-            result = fn(last, data, resume=last, project=save_dir, name=run, **train_kw, **kw)
+            result = fn(last, data, resume=last, project=save_dir / mode, name=run, **train_kw, **kw)
         else:
-            result = fn(source, data, epochs=epochs, project=save_dir, name=run, exist_ok=True, **train_kw, **kw)
+            result = fn(source, data, epochs=epochs, project=save_dir / mode, name=run, exist_ok=True, **train_kw, **kw)
         return dataclasses.asdict(result)
 
     # 1. baseline -------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def pipeline(
             else:
                 goal = 1 - (1 - target_macs) * step / steps
                 step_kw = {"target_macs": min(1.0, goal * base["macs"] / prev_macs), "ratio": None}
-            res = prune(prev_ckpt, data=data, seed=seed, project=save_dir, name=f"step{step}",
+            res = prune(prev_ckpt, data=data, seed=seed, project=save_dir / "prune", name=f"step{step}",
                         exist_ok=True, imgsz=imgsz, **prune_options, **step_kw)
             record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after,
                       "params": res.params_after, "size_mb": res.size_mb_after,
@@ -200,7 +200,7 @@ def pipeline(
             record.update(map50_95_pruned=v.map50_95, map50_pruned=v.map50)
             ckpt = res.checkpoint
             if steps > 1 and step_epochs > 0:
-                tuned = finetune(res.checkpoint, data, epochs=step_epochs, project=save_dir, name=f"step{step}",
+                tuned = finetune(res.checkpoint, data, epochs=step_epochs, project=save_dir / "finetune", name=f"step{step}",
                                  exist_ok=True, **train_kw)
                 ckpt = tuned.best or tuned.last
                 v = evaluate(ckpt, data, save_dir=tuned.save_dir / "val", **val_kw)
@@ -351,7 +351,7 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     cache = Path(os.environ.get("YOLO_PRUNE_CACHE") or Path.home() / ".cache" / "yolo_prune")
     data = cfg["data"] or make_synthetic(cache / "demo_data", n_train=128, n_val=32, imgsz=256, seed=cfg["seed"]) / "yolo.yaml"
     if cfg["resume"]:
-        save_dir = Path(cfg["project"]) / "demo" / (cfg["name"] or "demo")
+        save_dir = run_path(cfg["project"], "demo", cfg["name"])
     else:
         save_dir = run_dir(cfg["project"], "demo", cfg["name"], exist_ok=cfg["exist_ok"])
     dense = save_dir / "dense" / "weights" / "best.pt"
@@ -363,6 +363,7 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
             YOLO(str(cfg["model"])).train(
                 data=str(data), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], workers=cfg["workers"],
                 device=cfg["device"] or None, seed=cfg["seed"], project=str(save_dir), name="dense", exist_ok=True,
+                save_dir=str(save_dir / "dense"),
                 plots=False, val=False, verbose=cfg["verbose"], **extra)
     result = pipeline(dense, data, save_dir=save_dir, **_pipeline_kwargs(cfg, extra))
     LOGGER.info("demo: the pruned model trained %d epochs more than the dense one (sparse + finetune), which is "

@@ -147,7 +147,7 @@ def prune(
     validate: bool = False,
     batch: int = 16,
     device: str | None = None,
-    project: str | Path = "runs",
+    project: str | Path | None = None,
     name: str | None = None,
     exist_ok: bool = False,
     save: bool = True,
@@ -155,7 +155,7 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (path, yaml, YOLO or DetectionModel) and return a :class:`PruneResult`.
 
-    The input is never modified. With ``save`` the run folder ``project/prune/name`` receives
+    The input is never modified. With ``save`` the run folder ``project/name`` (default ``runs/prune/prune``) receives
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
     before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,

@@ -36,7 +36,7 @@ from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 from ultralytics.utils import LOGGER, RANK, IterableSimpleNamespace
 
 from ..errors import DatasetError, ModelLoadError, UsageError
-from ..io import atomic_write, run_dir, write_text
+from ..io import atomic_write, run_dir, run_path, write_text
 from ..results import Result
 
 __all__ = [
@@ -337,7 +337,7 @@ def _check_model_path(model: str | Path) -> str:
     return str(path)
 
 
-def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path, mode: str, name: str | None) -> Path:
+def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path | None, mode: str, name: str | None) -> Path:
     """Locate ``last.pt`` for ``resume``: a path given as ``resume``, ``model=.../last.pt``, or the run folder."""
     candidates = []
     if isinstance(resume, (str, Path)):
@@ -346,7 +346,7 @@ def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path, mode: 
     elif isinstance(model, (str, Path)) and Path(model).name == "last.pt":
         candidates.append(Path(model))
     else:
-        candidates.append(Path(project) / mode / (name or mode) / "weights" / "last.pt")
+        candidates.append(run_path(project, mode, name) / "weights" / "last.pt")
     for c in candidates:
         if c.is_file():
             from ultralytics.utils.patches import torch_load
@@ -419,7 +419,7 @@ def run_training(
     imgsz: int,
     batch: int,
     device: str | int | None,
-    project: str | Path,
+    project: str | Path | None,
     name: str | None,
     exist_ok: bool,
     seed: int,
@@ -428,7 +428,7 @@ def run_training(
     extra: dict[str, Any] | None = None,
     train_args: dict[str, Any] | None = None,
 ) -> tuple[Any, TrainResult]:
-    """Build ``trainer_cls`` for a run folder ``<project>/<mode>/<name>``, train, and summarise.
+    """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
 
     ``extra`` are trainer-specific options (e.g. ``sr``) that the trainer itself pops from its overrides.
     Returns the trainer and a :class:`TrainResult` (sparsity fields left to the caller).
@@ -457,7 +457,7 @@ def run_training(
             "imgsz": imgsz,
             "batch": batch,
             "seed": seed,
-            "project": str(project),
+            "project": str(save_dir.parent),
             "name": save_dir.name,
             "exist_ok": True,
             "save_dir": str(save_dir),

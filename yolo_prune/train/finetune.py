@@ -39,7 +39,7 @@ def finetune(
     imgsz: int = 640,
     batch: int = 16,
     device: str | int | None = None,
-    project: str | Path = "runs",
+    project: str | Path | None = None,
     name: str | None = None,
     exist_ok: bool = False,
     seed: int = 0,
@@ -55,7 +55,7 @@ def finetune(
         data: a YOLO-format dataset yaml.
         epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
             ``"0,1"`` trains with ultralytics DDP).
-        project, name, exist_ok: the run folder is ``<project>/finetune/<name>`` (name defaults to
+        project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/finetune/finetune`` (name defaults to
             ``finetune``, incremented unless ``exist_ok``).
         resume: continue an interrupted run: ``True`` (the run folder given by ``project``/``name``, or
             ``model=.../last.pt``) or a path to ``last.pt`` / a run folder. Checkpoint settings win.

@@ -306,7 +306,7 @@ def sparse_train(
     imgsz: int = 640,
     batch: int = 16,
     device: str | int | None = None,
-    project: str | Path = "runs",
+    project: str | Path | None = None,
     name: str | None = None,
     exist_ok: bool = False,
     seed: int = 0,
@@ -325,7 +325,7 @@ def sparse_train(
         sr_schedule: ``constant``, ``linear`` (to 0 at the last epoch) or ``cosine``.
         epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
             ``"0,1"`` trains with ultralytics DDP).
-        project, name, exist_ok: the run folder is ``<project>/sparse/<name>`` (name defaults to ``sparse``,
+        project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/sparse/sparse`` (name defaults to ``sparse``,
             incremented unless ``exist_ok``).
         resume: continue an interrupted run: ``True`` (the run folder given by ``project``/``name``, or
             ``model=.../last.pt``) or a path to ``last.pt`` / a run folder. Checkpoint settings win.
