@@ -180,3 +180,30 @@ def synthetic(n_train: int = 128, n_val: int = 32, imgsz: int = 256) -> Path:
     root = make_synthetic(WORK / "data" / f"synthetic_{n_train}_{n_val}_{imgsz}", n_train=n_train, n_val=n_val,
                           imgsz=imgsz, seed=0)
     return Path(root) / "yolo.yaml"
+
+
+BCCD = SHARED / "bccd"
+
+
+def bccd() -> Path:
+    """The bccd dataset in COCO format (``../shared/fixtures/bccd/bccd_coco.yaml``): yolo-prune converts it into
+    its own cache (``bench/work/cache``), so nothing is ever written beside the read-only fixture."""
+    return BCCD / "bccd_coco.yaml"
+
+
+def bccd_dense(epochs: int = 12, imgsz: int = 416) -> Path:
+    """The realistic custom-data model: the fixture COCO yolov8n fine-tuned on bccd train (ultralytics defaults,
+    ``optimizer=auto``, batch 16, ``epochs`` at ``imgsz``), trained once and cached in ``bench/work``.
+
+    The class head is rebuilt for bccd's 3 classes; every other weight starts from the COCO checkpoint.
+    Returns ``best.pt`` (selected on bccd val, as a user's own training would).
+    """
+    from yolo_prune.train import finetune
+
+    folder = WORK / "dense" / f"bccd_e{epochs}_{imgsz}"
+    best = folder / "weights" / "best.pt"
+    if best.is_file():
+        return best
+    finetune(str(WEIGHTS), str(bccd()), epochs=epochs, imgsz=imgsz, batch=16, seed=0, project=folder.parent,
+             name=folder.name, exist_ok=True, workers=2)
+    return best
