@@ -42,6 +42,13 @@ Examples:
 
 Configuration: defaults in {default_cfg_path()}, a recipe with cfg=recipe.yaml, then key=value
 (later wins). Any ultralytics train/val key (lr0, mosaic, amp, ...) passes through.
+
+Run folders, as in ultralytics: project=P name=N writes to P/N (P relative to the working folder, or absolute);
+without project=, runs/MODE/NAME (NAME defaults to the mode); an existing folder gets NAME2, NAME3... unless
+exist_ok=True. Training prints one line per epoch; verbose=True shows ultralytics' full output instead.
+Resume an interrupted run with its own settings (no data= needed):
+  yolo-prune finetune model=runs/finetune/finetune/weights/last.pt resume=True     (sparse alike)
+  yolo-prune pipeline model=runs/pipeline/pipeline resume=True
 """
 
 
