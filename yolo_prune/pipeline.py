@@ -143,7 +143,7 @@ def pipeline(
         save_dir.mkdir(parents=True, exist_ok=True)
     else:
         save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
-    args = dict(model=str(model), data=str(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
+    args = dict(model=_absolute(model), data=_absolute(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
                 target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs, **prune_options,
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed,
                 gamma_threshold=gamma_threshold, train_args=dict(train_args or {}))
@@ -312,6 +312,11 @@ def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) 
         md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]
     write_text(save_dir / "report.md", "\n".join(md))
     return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=pr["steps"], seconds=seconds)
+
+
+def _absolute(path: Any) -> str:
+    """An existing file as an absolute path (pipeline.json must resume from any working folder), else ``str``."""
+    return str(Path(path).absolute()) if isinstance(path, (str, Path)) and Path(path).is_file() else str(path)
 
 
 def _training_finished(last: Path) -> bool:

@@ -11,7 +11,7 @@ object and logs, at INFO level on the ``yolo_prune`` logger::
 
 The CLI attaches a stderr handler to that logger, so these lines show there; library users see nothing
 unless they configure the logger. The callbacks run where the trainer runs: under ultralytics DDP the
-workers are fresh processes and the parent prints only the start line.
+training happens in fresh worker processes, which print ultralytics' own output instead.
 """
 
 from __future__ import annotations
