@@ -159,12 +159,31 @@ def test_mode_export(small_ckpt, tmp_path, capsys):
     assert list((tmp_path / "export").glob("*.onnx"))
 
 
-@pytest.mark.parametrize("mode", ["sparse", "finetune"])
-def test_mode_training(mode, small_ckpt, synthetic, tmp_path, capsys):
-    import torch
+@pytest.mark.parametrize("mode, verbose", [("sparse", False), ("finetune", True)])
+def test_mode_training(mode, verbose, small_ckpt, synthetic, tmp_path, capfd):
+    """Trains and keeps the pruned shapes; shows one progress line per epoch, or ultralytics' own output if verbose."""
+    import logging
 
-    _run([mode, f"model={small_ckpt}", f"data={synthetic / 'yolo.yaml'}", "epochs=1", "imgsz=64", "batch=4",
-          "workers=0", f"project={tmp_path}", "mosaic=0.0"], capsys)
+    import torch
+    from ultralytics.utils import LOGGER as ULTRALYTICS
+
+    class Seen(logging.Handler):  # ultralytics' own log records (its handler's stream is not capfd's)
+        text = ""
+
+        def emit(self, record):
+            self.text += record.getMessage() + "\n"
+
+    seen = Seen()
+    ULTRALYTICS.addHandler(seen)
+    try:
+        code = cli.main([mode, f"model={small_ckpt}", f"data={synthetic / 'yolo.yaml'}", "epochs=1", "imgsz=64",
+                         "batch=4", "workers=0", f"project={tmp_path}", "mosaic=0.0", f"verbose={verbose}"])
+    finally:
+        ULTRALYTICS.removeHandler(seen)
+    err = capfd.readouterr().err
+    assert code == 0, err[-2000:]
+    assert (f"{mode}: epoch 1/1  box" in err) is not verbose
+    assert ("Starting training for 1 epochs" in seen.text) is verbose
     last = tmp_path / mode / "weights" / "last.pt"
     shapes = {k: v.shape for k, v in torch.load(small_ckpt, weights_only=False)["model"].state_dict().items()}
     trained = torch.load(last, weights_only=False)

@@ -254,10 +254,22 @@ def test_coco128_fixture_matches_pycocotools_and_ultralytics(tmp_path):
     assert r.map50_95 == pytest.approx(e.stats[0], abs=1e-4)
     assert r.map50 == pytest.approx(e.stats[1], abs=1e-4)
 
-    # ultralytics' own val on the YOLO labels. ../shared is read-only, so resolve_data mirrors it into the cache
-    # (ultralytics writes labels/*.cache beside the labels, and as root it could)
-    yolo_spec = resolve_data(coco128 / "coco128.yaml", cache_dir=tmp_path / "cache")
+    # ultralytics' own val on the YOLO labels. ultralytics writes labels/*.cache beside the labels (as root, even
+    # into read-only folders), so resolve_data mirrors a dataset without write permission into its cache and uses a
+    # writable one in place. Both situations are made here on copies, whatever the permissions of ../shared: the
+    # check reads the permission bits, so a chmod-ed copy is read-only for this test even when run as root.
+    copies = {}
+    for kind, mode in (("ro", 0o555), ("rw", 0o755)):
+        root = Path(shutil.copytree(coco128, tmp_path / kind, copy_function=shutil.copyfile,
+                                    ignore=shutil.ignore_patterns("annotations", "*.cache")))
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True) + [root]:
+            d.chmod(mode)
+        copies[kind] = root
+    in_place = resolve_data(copies["rw"] / "coco128.yaml", cache_dir=tmp_path / "cache")
+    assert in_place.yaml == copies["rw"] / "coco128.yaml"
+    yolo_spec = resolve_data(copies["ro"] / "coco128.yaml", cache_dir=tmp_path / "cache")
     assert yolo_spec.yaml.parent == yolo_spec.cache and yolo_spec.cache.parent == tmp_path / "cache"
+    assert not list(copies["ro"].rglob("*.cache"))
     ul = YOLO(str(weights)).val(data=str(yolo_spec.yaml), imgsz=320, batch=16, plots=False, verbose=False,
                                 project=str(tmp_path), name="ul")
     assert abs(r.map50_95 - ul.box.map) < 0.02

@@ -80,6 +80,26 @@ def test_pipeline_resumes_from_the_last_finished_stage(run):
     assert resumed.final.is_file()
 
 
+def test_cli_pipeline_resume_needs_only_the_run_folder(run, capsys):
+    """`yolo-prune pipeline model=<run folder> resume=True`: no data=; imgsz, epochs, pruning settings and
+    ultralytics train keys come from pipeline.json (the CLI defaults, e.g. imgsz=640, do not apply)."""
+    result, _, _ = run
+    d = result.save_dir
+    state = json.loads((d / "pipeline.json").read_text())
+    assert state["args"]["imgsz"] == TINY["imgsz"] and state["args"]["train_args"] == TINY["train_args"]
+    for stage in ("finetune", "val", "bench"):  # as if killed during fine-tuning
+        state["stages"].pop(stage)
+    (d / "pipeline.json").write_text(json.dumps(state))
+    code = cli.main(["pipeline", f"model={d}", "resume=True", "backends=torch", "bench_runs=2", "bench_warmup=1",
+                     "workers=0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "[4/6] finetune: 1 epochs" in captured.err and "[2/6]" not in captured.err
+    assert f"GMACs @{TINY['imgsz']}" in captured.out
+    ft_args = (d / "finetune" / "final" / "args.yaml").read_text()
+    assert f"imgsz: {TINY['imgsz']}" in ft_args and "mosaic: 0.0" in ft_args and "warmup_epochs: 0" in ft_args
+
+
 def test_resume_without_a_run_is_an_error(tmp_path, synthetic, dense_ckpt):
     from yolo_prune.errors import UsageError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -395,9 +396,10 @@ def test_finetune_in_memory_pruned_model(pruned, data, tmp_path):
     assert abs(metrics.box.map50 - res.map50) < 0.005
 
 
-def _spawn_training(script: str, tmp_path: Path) -> subprocess.Popen:
+def _spawn_training(script: str, tmp_path: Path, argv: list[str] | None = None) -> subprocess.Popen:
+    """``python -c script`` (or ``python argv...``) in ``tmp_path``, stdout and stderr together."""
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
+    return subprocess.Popen([sys.executable, *(argv or ["-c", textwrap.dedent(script)])], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -421,6 +423,7 @@ def test_kill_then_resume(mode, sig, pruned_pt, data, tmp_path):
         proc.kill()
     assert proc.returncode != 0, out[-2000:]
     assert "Traceback" not in out or "KeyboardInterrupt" in out, out[-2000:]
+    assert "epoch 1/4" not in out  # the library prints no progress (no handler on the yolo_prune logger)
     ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
     saved_epoch = ckpt["epoch"]
     assert 0 <= saved_epoch < 3 and ckpt["optimizer"] is not None  # an unfinished run
@@ -438,6 +441,70 @@ def test_kill_then_resume(mode, sig, pruned_pt, data, tmp_path):
         assert [round(float(r["sparsity/sr"]), 6) for r in rows] == [0.5, round(0.5 * 2 / 3, 6),
                                                                     round(0.5 / 3, 6), 0.0]
         assert res.gamma_mean_before is not None and res.gamma_mean_after < res.gamma_mean_before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["finetune", "sparse"])
+def test_cli_resume_needs_only_last_pt(mode, pruned_pt, data, tmp_path, monkeypatch, capsys):
+    """`yolo-prune MODE model=.../last.pt resume=True`, as `yolo train resume model=last.pt`: data, imgsz and the
+    rest come from the checkpoint; the run folder was moved after the kill, and the run continues where it is now."""
+    from yolo_prune import cli
+
+    args = [f"{k}={v}" for k, v in FAST.items()] + (["sr=0.5"] if mode == "sparse" else [])
+    proc = _spawn_training("", tmp_path, ["-m", "yolo_prune.cli", mode, f"model={pruned_pt}", f"data={data}",
+                                          "epochs=3", "project=before", "name=run", *args])
+    try:
+        wait_for(lambda: (tmp_path / "before" / "run" / "weights" / "last.pt").is_file(), timeout=120, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "yolo-prune: interrupted" in out, out[-2000:]
+    assert f"{mode}: epoch 1/3" in out  # the CLI shows progress
+    (tmp_path / "after").mkdir()
+    os.replace(tmp_path / "before" / "run", tmp_path / "after" / "run")
+    run = tmp_path / "after" / "run"
+    saved_epoch = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["epoch"]
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([mode, "model=after/run/weights/last.pt", "resume=True"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert f"resuming at epoch {saved_epoch + 2}/3" in err and f"{mode}: epoch 3/3" in err
+    assert not (tmp_path / "before" / "run").exists()  # resumed in place, not in the folder recorded in last.pt
+    rows = read_csv(run / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert shapes(run / "weights" / "last.pt") == shapes(pruned_pt)
+    train_args = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["train_args"]
+    assert train_args["imgsz"] == FAST["imgsz"] and train_args["data"] == data
+    if mode == "sparse":  # the run's own sr, not the default
+        assert [float(r["sparsity/sr"]) for r in rows] == [0.5] * 3
+
+
+def test_epoch_progress_lines(caplog):
+    """One INFO line per epoch on the yolo_prune logger: epoch i/N, losses, mAP only when validated, ETA."""
+    from yolo_prune.train.progress import EpochProgress, format_seconds
+
+    trainer = SimpleNamespace(start_epoch=0, epochs=4, epoch=0, args=SimpleNamespace(val=False, imgsz=64),
+                              train_loader=SimpleNamespace(dataset=range(16)), test_loader=SimpleNamespace(dataset=range(8)),
+                              save_dir="/runs/x", tloss={"box_loss": torch.tensor(1.5), "cls_loss": torch.tensor(2.25)},
+                              metrics={"metrics/mAP50-95(B)": 0.25, "metrics/mAP50(B)": 0.5}, callbacks={})
+    trainer.add_callback = lambda event, fn: trainer.callbacks.setdefault(event, []).append(fn)
+    assert EpochProgress("sparse").logger is logging.getLogger("yolo_prune")
+    EpochProgress("sparse", logging.getLogger("tests.progress")).attach(trainer)  # caplog: a logger that propagates
+    with caplog.at_level(logging.INFO, logger="tests.progress"):
+        for fn in trainer.callbacks["on_train_start"]:
+            fn(trainer)
+        for epoch in (0, 3, 4):  # a middle epoch (not validated), the last one, final_eval's "epochs + 1"
+            trainer.epoch = epoch
+            for fn in trainer.callbacks["on_fit_epoch_end"]:
+                fn(trainer)
+    start, first, last, best = [r.getMessage() for r in caplog.records if r.name == "tests.progress"]
+    assert start.startswith("sparse: 4 epochs, 16 train / 8 val images, imgsz=64")
+    assert first.startswith("sparse: epoch 1/4  box 1.5  cls 2.25  ") and "mAP" not in first and "ETA" in first
+    assert last.startswith("sparse: epoch 4/4  box 1.5  cls 2.25  mAP50-95 0.250  mAP50 0.500") and "ETA 0:00" in last
+    assert best.startswith("sparse: best.pt mAP50-95 0.250")
+    assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
 
 
 @pytest.mark.slow

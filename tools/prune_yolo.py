@@ -18,8 +18,8 @@ from yolo_prune.config import defaults
 def parser() -> argparse.ArgumentParser:
     d = defaults()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="ultralytics .pt checkpoint (or model yaml) to prune")
-    p.add_argument("--data", required=True, help="dataset yaml: YOLO format or COCO format (train/val + *_json)")
+    p.add_argument("--model", help="ultralytics .pt checkpoint (or model yaml) to prune; with --resume: the run folder")
+    p.add_argument("--data", help="dataset yaml: YOLO format or COCO format (train/val + *_json); not with --resume")
     p.add_argument("--method", default=d["method"], choices=["bn", "l1", "l2", "activation", "random"],
                    help="channel ranking (default: %(default)s)")
     goal = p.add_mutually_exclusive_group()
@@ -45,16 +45,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: %(default)s)")
     p.add_argument("--project", default=d["project"], help="parent of the run folder: --project P --name N writes to P/N "
                    "(default: runs/pipeline)")
-    p.add_argument("--name", default=None, help="run folder name (default: pipeline, incremented)")
+    p.add_argument("--name", default=None, help="run folder name: P/N, or runs/pipeline/N without --project "
+                   "(default: pipeline; an existing folder gets N2, N3...)")
     p.add_argument("--exist-ok", action="store_true", help="reuse an existing run folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished stage")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (--model <run folder>, or "
+                   "--project/--name) from its last finished stage, with the settings recorded in its pipeline.json")
     p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
     p.add_argument("--verbose", action="store_true", help="ultralytics logs and full tracebacks")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.resume and not (args.model and args.data):
+        p.error("--model and --data are required (unless --resume)")
     from yolo_prune.cli import main as cli_main
 
     keys = ("model", "data", "method", "target_macs", "ratio", "sparse_epochs", "sr", "finetune_epochs", "steps",

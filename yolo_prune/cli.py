@@ -42,6 +42,13 @@ Examples:
 
 Configuration: defaults in {default_cfg_path()}, a recipe with cfg=recipe.yaml, then key=value
 (later wins). Any ultralytics train/val key (lr0, mosaic, amp, ...) passes through.
+
+Run folders, as in ultralytics: project=P name=N writes to P/N (P relative to the working folder, or absolute);
+without project=, runs/MODE/NAME (NAME defaults to the mode); an existing folder gets NAME2, NAME3... unless
+exist_ok=True. Training prints one line per epoch; verbose=True shows ultralytics' full output instead.
+Resume an interrupted run with its own settings (no data= needed):
+  yolo-prune finetune model=runs/finetune/finetune/weights/last.pt resume=True     (sparse alike)
+  yolo-prune pipeline model=runs/pipeline/pipeline resume=True
 """
 
 
@@ -64,7 +71,7 @@ def _common(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .train import sparse_train
 
-    return sparse_train(cfg["model"], _need(cfg, "data"), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
+    return sparse_train(cfg["model"], _data(cfg), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
                         gamma_threshold=cfg["gamma_threshold"], epochs=cfg["epochs"], imgsz=cfg["imgsz"],
                         batch=cfg["batch"], device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"],
                         verbose=cfg["verbose"], workers=cfg["workers"], **_common(cfg), **extra)
@@ -85,7 +92,7 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .train import finetune
 
-    return finetune(cfg["model"], _need(cfg, "data"), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"],
+    return finetune(cfg["model"], _data(cfg), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"],
                     device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"], verbose=cfg["verbose"],
                     workers=cfg["workers"], **_common(cfg), **extra)
 
@@ -124,7 +131,7 @@ def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .pipeline import pipeline_from_cfg
 
-    _need(cfg, "data")
+    _data(cfg)
     return pipeline_from_cfg(cfg, extra)
 
 
@@ -149,6 +156,11 @@ def _need(cfg: dict[str, Any], key: str) -> Any:
 
         raise UsageError(f"mode {cfg['mode']} needs {key}=...")
     return cfg[key]
+
+
+def _data(cfg: dict[str, Any]) -> Any:
+    """``data=``, required unless resuming (a resumed run takes it from its checkpoint or pipeline.json)."""
+    return cfg["data"] if cfg["resume"] else _need(cfg, "data")
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {

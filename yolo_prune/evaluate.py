@@ -249,7 +249,7 @@ def quiet_ultralytics(verbose: bool = False) -> Iterator[None]:
 def _out_dir(save_dir: str | Path | None, stack: contextlib.ExitStack) -> Path:
     if save_dir is None:
         return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="yolo_prune_val_")))
-    path = Path(save_dir)
+    path = Path(save_dir).expanduser().absolute()  # ultralytics gets an absolute folder, never a relative project
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -144,7 +144,7 @@ def export_model(
     fmt = check_format(format)
     module = as_module(model)
     args = _export_args(fmt, imgsz, half, simplify, kwargs)
-    save_dir = Path(save_dir)
+    save_dir = Path(save_dir).expanduser().absolute()  # the exporter writes beside its (absolute) checkpoint
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         tmp_root = tempfile.TemporaryDirectory(prefix=".export-", dir=save_dir)

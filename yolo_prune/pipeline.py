@@ -109,6 +109,8 @@ def pipeline(
     followed by ``step_epochs`` of fine-tuning; ``prune_options`` go to :func:`yolo_prune.pruning.prune`
     (``method``, ``global_pruning``, ``max_layer_ratio``, ``round_to``, ``tolerance``, ``calib_images``,
     ``compensate``). ``train_args`` are extra ultralytics train keys for every training stage.
+    ``resume=True`` continues the run folder's ``pipeline.json`` with the settings recorded there (``model``
+    and ``data`` may be None); only ``device``, ``workers``, ``verbose``, the bench settings and ``data`` may change.
     """
     bad = set(prune_options) - _PRUNE_OPTIONS
     if bad:
@@ -126,14 +128,25 @@ def pipeline(
         save_dir = Path(save_dir).absolute() if save_dir else run_path(project, "pipeline", name)
         if not (save_dir / "pipeline.json").is_file():
             raise UsageError(f"resume=True but {save_dir} holds no pipeline.json to resume from")
+        # The run continues with the settings it started with, as ultralytics' resume takes its checkpoint's
+        # (a data= given again wins, e.g. a moved dataset; device, workers, verbose and bench settings may change).
+        kept = _State(save_dir / "pipeline.json", {}).data["args"]
+        data = kept.get("data") if data is None else data
+        (model, sparse_epochs, sr, sr_schedule, gamma_threshold, target_macs, ratio, steps, step_epochs, max_map_drop,
+         finetune_epochs, imgsz, batch, seed, train_args) = (
+            kept.get(k, v) for k, v in zip(_RESUMED, (model, sparse_epochs, sr, sr_schedule, gamma_threshold,
+                                                      target_macs, ratio, steps, step_epochs, max_map_drop,
+                                                      finetune_epochs, imgsz, batch, seed, train_args)))
+        prune_options.update({k: v for k, v in kept.items() if k in _PRUNE_OPTIONS})
     elif save_dir is not None:
         save_dir = Path(save_dir).absolute()
         save_dir.mkdir(parents=True, exist_ok=True)
     else:
         save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
-    args = dict(model=str(model), data=str(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
+    args = dict(model=_absolute(model), data=_absolute(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
                 target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs, **prune_options,
-                max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed)
+                max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed,
+                gamma_threshold=gamma_threshold, train_args=dict(train_args or {}))
     state = _State(save_dir / "pipeline.json", args)
     if not resume:
         write_yaml(save_dir / "args.yaml", args)
@@ -301,6 +314,11 @@ def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) 
     return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=pr["steps"], seconds=seconds)
 
 
+def _absolute(path: Any) -> str:
+    """An existing file as an absolute path (pipeline.json must resume from any working folder), else ``str``."""
+    return str(Path(path).absolute()) if isinstance(path, (str, Path)) and Path(path).is_file() else str(path)
+
+
 def _training_finished(last: Path) -> bool:
     """ultralytics strips the optimizer from last.pt (and sets epoch -1) when a run completes."""
     import torch
@@ -319,6 +337,9 @@ def _abs_gammas(model: Any) -> list[float]:
                       if isinstance(m, torch.nn.BatchNorm2d)]).tolist()
 
 
+# arguments a resumed pipeline takes from its pipeline.json, in pipeline()'s order
+_RESUMED = ("model", "sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
+            "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "seed", "train_args")
 # options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
 _PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
 _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
@@ -333,8 +354,9 @@ def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
 
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     """Run :func:`pipeline` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
+    resume_dir = cfg["model"] if cfg["resume"] and Path(str(cfg["model"])).is_dir() else None  # model=<run folder>
     return pipeline(cfg["model"], cfg["data"], project=cfg["project"], name=cfg["name"], exist_ok=cfg["exist_ok"],
-                    **_pipeline_kwargs(cfg, extra))
+                    save_dir=resume_dir, **_pipeline_kwargs(cfg, extra))
 
 
 def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
@@ -347,6 +369,7 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
 
     from .data.synthetic import make_synthetic
     from .train.common import quiet_logs
+    from .train.progress import EpochProgress
 
     cache = Path(os.environ.get("YOLO_PRUNE_CACHE") or Path.home() / ".cache" / "yolo_prune")
     data = cfg["data"] or make_synthetic(cache / "demo_data", n_train=128, n_val=32, imgsz=256, seed=cfg["seed"]) / "yolo.yaml"
@@ -358,9 +381,13 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     if not dense.is_file():
         from ultralytics import YOLO
 
-        LOGGER.warning("demo: training a dense %s for %d epochs on %s", cfg["model"], cfg["epochs"], data)
+        LOGGER.info("demo: training a dense %s for %d epochs on %s (it stands in for your trained model)", cfg["model"],
+                    cfg["epochs"], data)
+        yolo = YOLO(str(cfg["model"]))
+        if not cfg["verbose"]:
+            EpochProgress("dense").attach(yolo)
         with quiet_logs(cfg["verbose"]):
-            YOLO(str(cfg["model"])).train(
+            yolo.train(
                 data=str(data), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], workers=cfg["workers"],
                 device=cfg["device"] or None, seed=cfg["seed"], project=str(save_dir), name="dense", exist_ok=True,
                 save_dir=str(save_dir / "dense"),

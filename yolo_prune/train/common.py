@@ -38,6 +38,7 @@ from ultralytics.utils import LOGGER, RANK, IterableSimpleNamespace
 from ..errors import DatasetError, ModelLoadError, UsageError
 from ..io import atomic_write, run_dir, run_path, write_text
 from ..results import Result
+from .progress import EpochProgress
 
 __all__ = [
     "KeepArchitectureMixin",
@@ -358,6 +359,18 @@ def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path | None,
     raise UsageError(f"nothing to resume: {candidates[0]} not found")
 
 
+def _resume_data(last: Path) -> str:
+    """The dataset yaml a run was trained on, from its checkpoint (``yolo train resume`` needs no ``data=``)."""
+    from ultralytics.utils.patches import torch_load
+
+    data = (torch_load(last, map_location="cpu", weights_only=False).get("train_args") or {}).get("data")
+    if not data:
+        raise UsageError(f"{last} does not record its dataset: pass data=...")
+    if Path(str(data)).suffix.lower() in {".yaml", ".yml"} and not Path(str(data)).is_file():
+        raise DatasetError(f"{last} was trained on {data}, which no longer exists: pass data=...")
+    return str(data)
+
+
 @contextlib.contextmanager
 def quiet_logs(verbose: bool) -> Iterator[None]:
     """Silence ultralytics' INFO logs (and so its progress bars) unless ``verbose``."""
@@ -435,11 +448,12 @@ def run_training(
     """
     train_args = dict(train_args or {})
     _check_train_args(train_args, model)
-    data_yaml = resolve_data_yaml(data)
     if resume:
         last = _find_resume_checkpoint(model, resume, project, mode, name)
-        save_dir = last.resolve().parent.parent
-        overrides: dict[str, Any] = {"model": str(last), "resume": str(last), "data": data_yaml, "plots": False}
+        save_dir = last.resolve().parent.parent  # where last.pt is now, even if the run folder was moved
+        overrides: dict[str, Any] = {"model": str(last), "resume": str(last), "save_dir": str(save_dir),
+                                     "plots": False,
+                                     "data": _resume_data(last) if data is None else resolve_data_yaml(data)}
         if device is not None:
             overrides["device"] = str(device)
     else:
@@ -447,6 +461,7 @@ def run_training(
             raise UsageError(f"epochs must be a positive integer, got {epochs!r}")
         model_path = _check_model_path(model) if isinstance(model, (str, Path)) else None
         module = unwrap_detection_model(model) if model_path is None else None
+        data_yaml = resolve_data_yaml(data)
         save_dir = run_dir(project, mode, name, exist_ok=exist_ok).resolve()
         if module is not None:
             model_path = str(save_input_checkpoint(module, save_dir / "weights" / "input.pt"))
@@ -472,6 +487,8 @@ def run_training(
             trainer = trainer_cls(overrides=overrides)
         except SyntaxError as e:  # ultralytics' unknown-key error
             raise UsageError(str(e).strip().splitlines()[-1] if str(e).strip() else str(e)) from None
+        if not verbose:  # ultralytics' own output is silenced: one line per epoch on the yolo_prune logger instead
+            EpochProgress(mode).attach(trainer)
         trainer.train()
     map50_95, map50 = _final_metrics(trainer)
     result = TrainResult(

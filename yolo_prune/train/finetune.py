@@ -52,14 +52,16 @@ def finetune(
     Args:
         model: a ``.pt`` checkpoint path, or an in-memory ultralytics ``YOLO`` / ``DetectionModel``
             (saved first as ``weights/input.pt`` in the run folder; nothing is written beside user files).
-        data: a YOLO-format dataset yaml.
+        data: a YOLO- or COCO-format dataset yaml; with ``resume``, None takes the one recorded in ``last.pt``.
         epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
             ``"0,1"`` trains with ultralytics DDP).
         project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/finetune/finetune`` (name defaults to
             ``finetune``, incremented unless ``exist_ok``).
-        resume: continue an interrupted run: ``True`` (the run folder given by ``project``/``name``, or
-            ``model=.../last.pt``) or a path to ``last.pt`` / a run folder. Checkpoint settings win.
-        verbose: show ultralytics' logs and progress bars.
+        resume: continue an interrupted run, in the folder where its ``last.pt`` is now: ``True`` (the run
+            folder of ``project``/``name``, or ``model=.../last.pt``) or a path to ``last.pt`` / a run folder.
+            Checkpoint settings win.
+        verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
+            ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, close_mosaic, ...).
 
     Returns:

@@ -320,17 +320,19 @@ def sparse_train(
     Args:
         model: a ``.pt`` checkpoint path (pruned or not), a model yaml (random init), or an in-memory
             ultralytics ``YOLO`` / ``DetectionModel`` (saved first as ``weights/input.pt`` in the run folder).
-        data: a YOLO-format dataset yaml.
+        data: a YOLO- or COCO-format dataset yaml; with ``resume``, None takes the one recorded in ``last.pt``.
         sr: penalty strength; the update adds ``sr * sign(gamma)`` to each gamma's gradient.
         sr_schedule: ``constant``, ``linear`` (to 0 at the last epoch) or ``cosine``.
         epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
             ``"0,1"`` trains with ultralytics DDP).
         project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/sparse/sparse`` (name defaults to ``sparse``,
             incremented unless ``exist_ok``).
-        resume: continue an interrupted run: ``True`` (the run folder given by ``project``/``name``, or
-            ``model=.../last.pt``) or a path to ``last.pt`` / a run folder. Checkpoint settings win.
+        resume: continue an interrupted run, in the folder where its ``last.pt`` is now: ``True`` (the run
+            folder of ``project``/``name``, or ``model=.../last.pt``) or a path to ``last.pt`` / a run folder.
+            Checkpoint settings win.
+        verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
+            ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         gamma_threshold: |gamma| below this counts as near zero in the statistics.
-        verbose: show ultralytics' logs and progress bars.
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
 
     Returns:
