@@ -264,11 +264,11 @@ def test_larger_yolov8_prune(cfg):
     assert outputs(model, X[:1, :, :128, :128]).shape[1] == 84
 
 
-def test_yolo11_is_refused_by_name():
+def test_yolo12_is_refused_by_name():
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel("yolo11n.yaml", verbose=False)
-    with pytest.raises(UnsupportedModelError, match="C3k2.*C2PSA|C2PSA.*C3k2"):
+    model = DetectionModel("yolo12n.yaml", verbose=False)
+    with pytest.raises(UnsupportedModelError, match=r"cannot prune A2C2f \(layer 6, 8, 11, 14, 17\)"):
         prune_model(model, target_macs=0.5)
 
 
