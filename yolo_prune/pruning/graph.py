@@ -38,22 +38,23 @@ SUPPORTED_BLOCKS = "Conv, C2f, C2, C3k2, C3k, SPPF, C2PSA/PSABlock, Concat, Upsa
 
 
 def _inner_problem(layer: nn.Module) -> str | None:
-    """Why a supported top-level ``layer`` still cannot be pruned (an unknown inner block, a grouped conv,
-    a fused Conv), or None."""
+    """Why a supported top-level ``layer`` still cannot be pruned (an unknown inner block, a grouped
+    conv), or None."""
     for m in layer.modules():
-        if m is layer:
-            continue
-        if type(m) not in _INNER and not (type(m).__module__ == "torch.nn.modules.activation"):
+        if m is not layer and type(m) not in _INNER and type(m).__module__ != "torch.nn.modules.activation":
             return f"contains {type(m).__name__}"
         if isinstance(m, nn.Conv2d) and m.groups not in (1, m.in_channels):
             return "has a grouped convolution"
-        if isinstance(m, Conv) and not hasattr(m, "bn"):
-            return "is fused (Conv and BatchNorm folded); prune the unfused checkpoint"
     return None
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` naming every layer yolo-prune cannot prune safely."""
+    if any(isinstance(m, Conv) and not hasattr(m, "bn") for m in model.modules()):
+        raise UnsupportedModelError(
+            "cannot prune a fused model (Conv and BatchNorm folded): prune the unfused checkpoint "
+            "(ultralytics' best.pt / last.pt are unfused)"
+        )
     bad: dict[str, list[int]] = {}
     for i, layer in enumerate(model.model):
         name = type(layer).__name__
