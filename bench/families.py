@@ -4,7 +4,7 @@ For each dataset and each family (default ``yolo11n``, ``yolo26n``; ``yolov8n`` 
 family):
 
 1. **dense**: the model is trained from its yaml (random init, ``D`` epochs, the CPU recipe of the dataset below),
-   once, cached in ``bench/work/dense``;
+   once, cached in ``bench/work/families_dense`` (not ``bench/work/dense``, which is shared);
 2. **pipeline**: ``yolo_prune.pipeline(dense, target_macs=0.5)``: ``S`` sparsity-training epochs, prune (bn,
    least-squares compensation), ``F`` fine-tune epochs, COCO val, torch / onnxruntime latency at the dataset's
    image size;
@@ -101,7 +101,7 @@ def train_dense(family: str, data: Path, cfg: dict[str, Any], workers: int) -> t
     """Train ``family`` from its yaml (cached); return last.pt and the training seconds."""
     from yolo_prune.train import finetune
 
-    folder = common.WORK / "dense" / f"families_{data.parent.name}_{family}_e{cfg['dense_epochs']}_{cfg['imgsz']}"
+    folder = common.WORK / "families_dense" / f"families_{data.parent.name}_{family}_e{cfg['dense_epochs']}_{cfg['imgsz']}"
     ckpt, meta = folder / "weights" / "last.pt", folder / "bench_meta.json"
     if ckpt.is_file() and meta.is_file():
         return ckpt, json.loads(meta.read_text())["seconds"]
