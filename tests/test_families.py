@@ -23,7 +23,7 @@ from yolo_prune.modules import C2fSplit, C2PSASplit, C2Split, C3k2Split, Prunabl
 from yolo_prune.pruning import build_graph, prepare, protected_layers, prune_model
 from yolo_prune.stats import count_macs
 
-from .conftest import randomize_bn
+from .conftest import randomize_bn, zero_channels
 
 FAMILIES = ["yolo11n.yaml", "yolo11s.yaml", "yolo26n.yaml", "yolo26s.yaml"]
 VARIANTS = ["yolov8-p2.yaml", "yolov8-p6.yaml"]
@@ -138,18 +138,7 @@ def test_zeroed_channels_are_removed_losslessly(cfg):
     """Zero gamma and beta of a quarter of every group's channels in all its BNs: removing exactly those
     (attention outer channels and FFN widths included) leaves every output of every branch unchanged."""
     model = prepare(base(cfg))
-    graph = build_graph(model)
-    g = torch.Generator().manual_seed(3)
-    zeroed = 0
-    for group in graph.groups():
-        k = group.channels // 4
-        chosen = torch.randperm(group.channels, generator=g)[:k].tolist()
-        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen) if k else []:
-            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
-                dep.target.module.weight.data[idxs] = 0.0
-                dep.target.module.bias.data[idxs] = 0.0
-        zeroed += k
-    total = sum(grp.channels for grp in graph.groups())
+    zeroed, total = zero_channels(build_graph(model), seed=3)
     ref = raw(model)
     attn0 = {n: a.qkv.conv.in_channels for n, a in attentions(model).items()}
     outcome = prune_model(model, method="bn", ratio=zeroed / total, round_to=None)
@@ -194,16 +183,7 @@ def test_mean_and_lstsq_compensation_absorb_constant_channels():
     output a constant; folding it into their consumers (qkv, FFN, C2PSA/C3k2 cv2, both heads) must remove
     most of the shift that removing them causes."""
     model = prepare(base("yolo26n.yaml"))
-    graph = build_graph(model)
-    g = torch.Generator().manual_seed(4)
-    zeroed = 0
-    for group in graph.groups():
-        chosen = torch.randperm(group.channels, generator=g)[: group.channels // 4].tolist()
-        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen):
-            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
-                dep.target.module.weight.data[idxs] = 0.0
-        zeroed += len(chosen)
-    total = sum(grp.channels for grp in graph.groups())
+    zeroed, total = zero_channels(build_graph(model), seed=4, beta=False)
     calib = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     ref = raw(model, calib[:2])
     errors = {}

@@ -63,23 +63,26 @@ def _copy_layer_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
     return dst
 
 
-class C2fSplit(C2f):
-    """C2f whose first conv is held as two convs: ``cv0`` (first half) and ``cv1`` (second half).
+class _SplitFirstConv:
+    """The split form shared by C2f, C3k2, C2 and C2PSA: the block's first conv, whose output the block chunks
+    in two halves, held as ``cv0`` (first half) and ``cv1`` (second half); ``cv2`` and ``m`` are the block's
+    own. ``c`` keeps ultralytics' attribute (the second half's width); the forwards below do not use it."""
 
-    ``forward(x) == C2f.forward(x)`` for the same weights; the halves may have different widths
-    after pruning. Build it with :meth:`from_c2f`.
-    """
-
-    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.ModuleList):
-        nn.Module.__init__(self)  # C2f.__init__ would build fresh layers
+    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.Module):
+        nn.Module.__init__(self)  # the ultralytics __init__ would build fresh layers
         self.c = cv1.conv.out_channels
         self.cv0, self.cv1, self.cv2, self.m = cv0, cv1, cv2, m
 
     @classmethod
-    def from_c2f(cls, block: C2f) -> C2fSplit:
-        """Convert a C2f (C3k2 for :class:`C3k2Split`) into the split form, weights exact."""
+    def from_block(cls, block: nn.Module):
+        """Convert the ultralytics block into this split form, weights exact."""
         cv0, cv1 = _halves(block.cv1, block.cv1.conv.out_channels // 2)
         return _copy_layer_attrs(block, cls(cv0, cv1, block.cv2, block.m))
+
+
+class C2fSplit(_SplitFirstConv, C2f):
+    """C2f in split form: ``forward(x) == C2f.forward(x)`` for the same weights; the halves may have
+    different widths after pruning. Build it with :meth:`from_block`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv0(x), self.cv1(x)]
@@ -95,39 +98,16 @@ class C3k2Split(C2fSplit, C3k2):
     :class:`C2fSplit`; still an instance of ultralytics' ``C3k2`` and ``C2f``."""
 
 
-class C2Split(C2):
-    """C2 whose first conv is held as two convs: ``cv0`` (the half that goes through ``m``) and ``cv1``
-    (the bypass half). ``forward(x) == C2.forward(x)`` for the same weights."""
-
-    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.Sequential):
-        nn.Module.__init__(self)
-        self.c = cv0.conv.out_channels
-        self.cv0, self.cv1, self.cv2, self.m = cv0, cv1, cv2, m
-
-    @classmethod
-    def from_c2(cls, block: C2) -> C2Split:
-        """Convert a C2 into the split form, weights exact."""
-        cv0, cv1 = _halves(block.cv1, block.c)
-        return _copy_layer_attrs(block, cls(cv0, cv1, block.cv2, block.m))
+class C2Split(_SplitFirstConv, C2):
+    """C2 in split form (``cv0`` goes through ``m``, ``cv1`` bypasses it); same outputs as ``C2.forward``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.m(self.cv0(x)), self.cv1(x)), 1))
 
 
-class C2PSASplit(C2PSA):
-    """C2PSA whose first conv is held as two convs: ``cv0`` (the bypass half) and ``cv1`` (the half that
-    goes through the PSABlocks). ``forward(x) == C2PSA.forward(x)`` for the same weights."""
-
-    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.Sequential):
-        nn.Module.__init__(self)
-        self.c = cv1.conv.out_channels
-        self.cv0, self.cv1, self.cv2, self.m = cv0, cv1, cv2, m
-
-    @classmethod
-    def from_c2psa(cls, block: C2PSA) -> C2PSASplit:
-        """Convert a C2PSA into the split form, weights exact."""
-        cv0, cv1 = _halves(block.cv1, block.c)
-        return _copy_layer_attrs(block, cls(cv0, cv1, block.cv2, block.m))
+class C2PSASplit(_SplitFirstConv, C2PSA):
+    """C2PSA in split form (``cv0`` bypasses, ``cv1`` goes through the PSABlocks); same outputs as
+    ``C2PSA.forward``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))
@@ -189,14 +169,9 @@ class PrunableAttention(Attention):
 def _prunable_form(module: nn.Module) -> nn.Module | None:
     """The prunable replacement of ``module``, or None when it needs none (exact ultralytics types only)."""
     kind = type(module)
-    if kind is C2f:
-        return C2fSplit.from_c2f(module)
-    if kind is C3k2:
-        return C3k2Split.from_c2f(module)
-    if kind is C2:
-        return C2Split.from_c2(module)
-    if kind is C2PSA:
-        return C2PSASplit.from_c2psa(module)
+    split = {C2f: C2fSplit, C3k2: C3k2Split, C2: C2Split, C2PSA: C2PSASplit}.get(kind)
+    if split is not None:
+        return split.from_block(module)
     if kind is Attention:
         return PrunableAttention.from_attention(module)
     return None
