@@ -27,8 +27,9 @@ Datasets:
 ``--quick``: the synthetic dataset with few epochs, to check the script end to end (numbers meaningless).
 ``--estimate``: time one training epoch of each family on each dataset and print the estimated total, then stop.
 
-Results: ``bench/results/families[_quick].json`` (rewritten after every step; ``--resume`` skips finished steps),
-tables with ``python bench/render.py``.
+Results: ``bench/results/families[_quick].json`` (rewritten after every step; ``--resume`` skips finished steps
+and keeps the other datasets, so ``--datasets bccd --resume`` adds bccd to an existing synthetic run; each dataset
+records its own command), tables with ``python bench/render.py``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or ("families_quick" if args.quick else "families")
     old = common.read_result(name) if args.resume else None
     res = old or {"datasets": {}}
+    for ds in res["datasets"].values():  # a run made before datasets recorded their own command
+        if "command" not in ds and "command" in res:
+            ds.update(command=res["command"], started=res.get("started"))
     res.update(command=common.command_line(), machine=common.machine(), busy_processes_at_start=common.busy_processes(),
                started=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick, complete=False,
                recipe={**COMMON_TRAIN, **RECIPE}, threads=os.environ.get("OMP_NUM_THREADS"))
@@ -164,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
         work = common.WORK / "runs" / name / ds
         work.mkdir(parents=True, exist_ok=True)
         dres = res["datasets"].setdefault(ds, {"families": {}})
+        dres.update(command=common.command_line(), started=time.strftime("%Y-%m-%d %H:%M"),
+                    loadavg_start=list(os.getloadavg()), busy_processes_at_start=common.busy_processes())
         dres.update(data=str(data), **cfg)
+        t_ds = time.perf_counter()
         train_kw = dict(imgsz=imgsz, seed=0, workers=args.workers, **{**COMMON_TRAIN, **RECIPE})
         for fam in args.families:
             row = dres["families"].setdefault(fam, {})
@@ -225,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
                 row["latency640"] = {"dense_ms": med["dense"], "pruned_ms": med["pruned"],
                                      "ratio": med["pruned"] / med["dense"], "runs": args.runs, "threads": 1}
                 save()
+        dres["seconds"] = round(time.perf_counter() - t_ds + dres.get("seconds", 0), 1)
+        save()
     res["complete"] = True
     save()
     log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python bench/render.py")

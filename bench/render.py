@@ -285,6 +285,10 @@ def block_families(name: str = "families") -> str:
            f"Training recipe (every run): `{res.get('recipe')}`, OMP_NUM_THREADS={res.get('threads')}."]
     for dsname, ds in res["datasets"].items():
         S, F = ds["sparse_epochs"], ds["finetune_epochs"]
+        if ds.get("command"):
+            la = ds.get("loadavg_start")
+            out.append(f"\n{dsname} command: `{ds['command']}` (started {ds.get('started')}, "
+                       f"{minutes(ds.get('seconds'))}{f', load average at start {la[0]:.2f}' if la else ''}).")
         out.append(f"\n**{dsname}** - data `{Path(ds['data']).name}` at imgsz {ds['imgsz']}; dense models trained "
                    f"{ds['dense_epochs']} epochs from their yaml; pipeline: {S} sparse + {F} fine-tune epochs, "
                    f"target_macs 0.5 (bn, lstsq compensation); reference: dense + {S + F} epochs (equal budget).\n")
