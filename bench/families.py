@@ -29,7 +29,7 @@ Datasets:
 
 Results: ``bench/results/families[_quick].json`` (rewritten after every step; ``--resume`` skips finished steps
 and keeps the other datasets, so ``--datasets bccd --resume`` adds bccd to an existing synthetic run; each dataset
-records its own command), tables with ``python bench/render.py``.
+records every command that ran on it), tables with ``python bench/render.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -144,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or ("families_quick" if args.quick else "families")
     old = common.read_result(name) if args.resume else None
     res = old or {"datasets": {}}
-    for ds in res["datasets"].values():  # a run made before datasets recorded their own command
-        if "command" not in ds and "command" in res:
-            ds.update(command=res["command"], started=res.get("started"))
+    for ds in res["datasets"].values():  # a run made before datasets recorded their own commands
+        if "runs" not in ds and "command" in res:
+            ds["runs"] = [{"command": res["command"], "started": res.get("started"),
+                           "loadavg_start": res.get("machine", {}).get("loadavg_start"),
+                           "seconds": res.get("total_seconds")}]
     res.update(command=common.command_line(), machine=common.machine(), busy_processes_at_start=common.busy_processes(),
                started=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick, complete=False,
                recipe={**COMMON_TRAIN, **RECIPE}, threads=os.environ.get("OMP_NUM_THREADS"))
@@ -168,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
         work = common.WORK / "runs" / name / ds
         work.mkdir(parents=True, exist_ok=True)
         dres = res["datasets"].setdefault(ds, {"families": {}})
-        dres.update(command=common.command_line(), started=time.strftime("%Y-%m-%d %H:%M"),
-                    loadavg_start=list(os.getloadavg()), busy_processes_at_start=common.busy_processes())
+        this_run = {"command": common.command_line(), "started": time.strftime("%Y-%m-%d %H:%M"),
+                    "loadavg_start": list(os.getloadavg()), "busy_processes_at_start": common.busy_processes()}
+        dres.setdefault("runs", []).append(this_run)
         dres.update(data=str(data), **cfg)
         t_ds = time.perf_counter()
         train_kw = dict(imgsz=imgsz, seed=0, workers=args.workers, **{**COMMON_TRAIN, **RECIPE})
@@ -187,10 +191,14 @@ def run(args: argparse.Namespace) -> int:
             if "pipeline" not in row:
                 log(f"{ds} {fam}: pipeline target_macs=0.5, {S} sparse + {F} fine-tune epochs")
                 t0 = time.perf_counter()
+                folder = work / f"{fam}_pipeline"
+                again = args.resume and (folder / "pipeline.json").is_file()
+                if folder.exists() and not again:  # pipeline() would reuse the stages recorded there
+                    shutil.rmtree(folder)
                 p = pipeline(dense, data, target_macs=0.5, sparse_epochs=S, finetune_epochs=F, sr=cfg["sr"],
                              imgsz=imgsz, batch=COMMON_TRAIN["batch"], workers=args.workers, seed=0,
                              bench_runs=args.runs, bench_warmup=max(2, args.runs // 5), backends=("torch", "onnx"),
-                             project=work, name=f"{fam}_pipeline", exist_ok=True,
+                             project=work, name=folder.name, exist_ok=True, resume=again,
                              train_args={k: v for k, v in train_kw.items()
                                          if k not in ("imgsz", "seed", "workers", "batch")})
                 report = json.loads((p.save_dir / "report.json").read_text())
@@ -211,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
                 row["attention"] = {"dense": attention_widths(dense), "pruned": attention_widths(p.final)}
                 save()
             pr = row["pipeline"]
+            if "map50_95_sparse" not in pr and S > 0:  # the sparsity-trained model, before pruning
+                sparse = Path(pr["save_dir"]) / "sparse" / "train" / "weights" / "best.pt"
+                pr["map50_95_sparse"] = evaluate_map(sparse, data, imgsz)["map50_95"] if sparse.is_file() else None
+                save()
             log(f"{ds} {fam}: pruned MACs {pr['macs_ratio']:.3f}, params {pr['params_ratio']:.3f}, mAP50-95 "
                 f"{pr['map50_95_pruned']:.4f} after pruning -> {pr['map50_95']:.4f} after fine-tune")
 
@@ -232,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                 row["latency640"] = {"dense_ms": med["dense"], "pruned_ms": med["pruned"],
                                      "ratio": med["pruned"] / med["dense"], "runs": args.runs, "threads": 1}
                 save()
-        dres["seconds"] = round(time.perf_counter() - t_ds + dres.get("seconds", 0), 1)
+        this_run["seconds"] = round(time.perf_counter() - t_ds, 1)
         save()
     res["complete"] = True
     save()

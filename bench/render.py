@@ -281,14 +281,14 @@ def block_families(name: str = "families") -> str:
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/families.py`._"
-    out = [f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}. "
+    out = [f"Latest command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}. "
            f"Training recipe (every run): `{res.get('recipe')}`, OMP_NUM_THREADS={res.get('threads')}."]
     for dsname, ds in res["datasets"].items():
         S, F = ds["sparse_epochs"], ds["finetune_epochs"]
-        if ds.get("command"):
-            la = ds.get("loadavg_start")
-            out.append(f"\n{dsname} command: `{ds['command']}` (started {ds.get('started')}, "
-                       f"{minutes(ds.get('seconds'))}{f', load average at start {la[0]:.2f}' if la else ''}).")
+        for run in ds.get("runs", []):
+            la = run.get("loadavg_start")
+            out.append(f"\n{dsname}: `{run['command']}` (started {run.get('started')}, {minutes(run.get('seconds'))}"
+                       f"{f', load average at start {la[0]:.2f}' if la else ''}).")
         out.append(f"\n**{dsname}** - data `{Path(ds['data']).name}` at imgsz {ds['imgsz']}; dense models trained "
                    f"{ds['dense_epochs']} epochs from their yaml; pipeline: {S} sparse + {F} fine-tune epochs, "
                    f"target_macs 0.5 (bn, lstsq compensation); reference: dense + {S + F} epochs (equal budget).\n")
@@ -298,14 +298,16 @@ def block_families(name: str = "families") -> str:
             if not p:
                 continue
             delta = f"{100 * (p['map50_95'] - ft['map50_95']):+.1f}" if ft else "-"
-            rows.append((fam, f(d.get("map50_95")), f(ft.get("map50_95")) if ft else "-", f(p["map50_95_pruned"]),
+            rows.append((fam, f(d.get("map50_95")), f(ft.get("map50_95")) if ft else "-", f(p.get("map50_95_sparse")),
+                         f(p["map50_95_pruned"]),
                          f(p["map50_95"]), delta,
                          f"{d['params'] / 1e6:.2f} -> {p['params'] / 1e6:.2f}",
                          f"{d['macs'] / 1e9:.4f} -> {p['macs'] / 1e9:.4f} ({p['macs_ratio']:.3f})",
                          f"{p['prune_seconds']:.1f}", f(p.get("onnx_ratio"), 2), f(l6.get("ratio"), 2) if l6 else "-"))
             if (note := _attention_note(r)):
                 notes.append(f"- {fam} attention widths, dense -> pruned: {note}.")
-        out.append(md_table(rows, ("family", "dense mAP50-95", f"dense +{S + F} ep", "pruned, before fine-tune",
+        out.append(md_table(rows, ("family", "dense mAP50-95", f"dense +{S + F} ep", f"sparse ({S} ep)",
+                                   "sparse + pruned",
                                    f"pruned +{S}+{F} ep", "vs dense +S+F (points)", "params (M)",
                                    f"GMACs @{ds['imgsz']} (ratio)", "prune s",
                                    f"onnx latency ratio @{ds['imgsz']}", "onnx latency ratio @640")))
