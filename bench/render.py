@@ -2,7 +2,7 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``families``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -267,16 +267,66 @@ def block_pruneonly(name: str = "frontier_pruneonly") -> str:
     return "\n".join(out)
 
 
+def _attention_note(fam: dict[str, Any]) -> str:
+    att = fam.get("attention") or {}
+    pairs = list(zip(att.get("dense", []), att.get("pruned", [])))
+    if not pairs:
+        return ""
+    parts = [f"`{d['block']}` outer {d['outer']}->{p['outer']}, FFN hidden {d['ffn_hidden']}->{p['ffn_hidden']}, "
+             f"qkv out {d['qkv_out']}->{p['qkv_out']}, heads {d['heads']}->{p['heads']}" for d, p in pairs]
+    return "; ".join(parts)
+
+
+def block_families(name: str = "families") -> str:
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/families.py`._"
+    out = [f"Latest command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}. "
+           f"Training recipe (every run): `{res.get('recipe')}`, OMP_NUM_THREADS={res.get('threads')}."]
+    for dsname, ds in res["datasets"].items():
+        S, F = ds["sparse_epochs"], ds["finetune_epochs"]
+        for run in ds.get("runs", []):
+            la = run.get("loadavg_start")
+            out.append(f"\n{dsname}: `{run['command']}` (started {run.get('started')}, {minutes(run.get('seconds'))}"
+                       f"{f', load average at start {la[0]:.2f}' if la else ''}).")
+        out.append(f"\n**{dsname}** - data `{Path(ds['data']).name}` at imgsz {ds['imgsz']}; dense models trained "
+                   f"{ds['dense_epochs']} epochs from their yaml; pipeline: {S} sparse + {F} fine-tune epochs, "
+                   f"target_macs 0.5 (bn, lstsq compensation); reference: dense + {S + F} epochs (equal budget).\n")
+        rows, notes = [], []
+        for fam, r in ds["families"].items():
+            d, p, ft, l6 = r.get("dense", {}), r.get("pipeline", {}), r.get("dense_ft", {}), r.get("latency640", {})
+            if not p:
+                continue
+            delta = f"{100 * (p['map50_95'] - ft['map50_95']):+.1f}" if ft else "-"
+            rows.append((fam, f(d.get("map50_95")), f(ft.get("map50_95")) if ft else "-", f(p.get("map50_95_sparse")),
+                         f(p["map50_95_pruned"]),
+                         f(p["map50_95"]), delta,
+                         f"{d['params'] / 1e6:.2f} -> {p['params'] / 1e6:.2f}",
+                         f"{d['macs'] / 1e9:.4f} -> {p['macs'] / 1e9:.4f} ({p['macs_ratio']:.3f})",
+                         f"{p['prune_seconds']:.1f}", f(p.get("onnx_ratio"), 2), f(l6.get("ratio"), 2) if l6 else "-"))
+            if (note := _attention_note(r)):
+                notes.append(f"- {fam} attention widths, dense -> pruned: {note}.")
+        out.append(md_table(rows, ("family", "dense mAP50-95", f"dense +{S + F} ep", f"sparse ({S} ep)",
+                                   "sparse + pruned",
+                                   f"pruned +{S}+{F} ep", "vs dense +S+F (points)", "params (M)",
+                                   f"GMACs @{ds['imgsz']} (ratio)", "prune s",
+                                   f"onnx latency ratio @{ds['imgsz']}", "onnx latency ratio @640")))
+        if notes:
+            out.append("\n" + "\n".join(notes))
+    return "\n".join(out)
+
+
 def block_quick() -> str:
     out = []
-    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost)):
+    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
+                     ("families_quick", block_families)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
 
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
-          "cost": block_cost, "quick": block_quick}
+          "cost": block_cost, "families": block_families, "quick": block_quick}
 
 
 def render(text: str) -> str:

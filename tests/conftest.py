@@ -35,6 +35,25 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def zero_channels(graph, *, seed: int, beta: bool = True) -> tuple[int, int]:
+    """Zero the BN gamma (and beta, with ``beta``) of a random quarter of every channel group's channels, in
+    every BN that produces them. Returns (channels zeroed, channels in all groups)."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    zeroed = 0
+    for group in graph.groups():
+        k = group.channels // 4
+        chosen = torch.randperm(group.channels, generator=g)[:k].tolist()
+        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen) if k else []:
+            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
+                dep.target.module.weight.data[idxs] = 0.0
+                if beta:
+                    dep.target.module.bias.data[idxs] = 0.0
+        zeroed += k
+    return zeroed, sum(grp.channels for grp in graph.groups())
+
+
 @pytest.fixture(scope="session")
 def _v8n_base():
     from ultralytics.nn.tasks import DetectionModel

@@ -15,7 +15,7 @@ from yolo_prune.modules import C2fSplit, to_prunable
 from yolo_prune.pruning import build_graph, prepare, protected_layers, prune, prune_model
 from yolo_prune.stats import count_macs
 
-from .conftest import randomize_bn
+from .conftest import randomize_bn, zero_channels
 
 X = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
 
@@ -78,21 +78,7 @@ def test_zeroed_channels_are_removed_losslessly(v8n):
     """Zero gamma and beta of chosen channels in every BN of their group: those channels carry nothing,
     so removing exactly them (and every coupled input) must leave the outputs unchanged."""
     prepare(v8n)
-    graph = build_graph(v8n)
-    g = torch.Generator().manual_seed(3)
-    zeroed = 0
-    for group in graph.groups():
-        k = group.channels // 4
-        if k == 0:
-            continue
-        chosen = torch.randperm(group.channels, generator=g)[:k].tolist()
-        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen):
-            m = dep.target.module
-            if isinstance(m, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
-                m.weight.data[idxs] = 0.0
-                m.bias.data[idxs] = 0.0
-        zeroed += k
-    total = sum(grp.channels for grp in graph.groups())
+    zeroed, total = zero_channels(build_graph(v8n), seed=3)
     ref, shapes = outputs(v8n), conv_shapes(v8n)
     outcome = prune_model(v8n, method="bn", ratio=zeroed / total, round_to=None)
     assert outcome.steps[0].channels_removed == zeroed
@@ -107,16 +93,7 @@ def test_mean_compensation_absorbs_constant_channels(v8n):
     consumer; folding the measured means into the consumers' BN / bias must remove most of that shift
     (what remains is the zero padding at image borders)."""
     prepare(v8n)
-    graph = build_graph(v8n)
-    g = torch.Generator().manual_seed(4)
-    zeroed = 0
-    for group in graph.groups():
-        chosen = torch.randperm(group.channels, generator=g)[: group.channels // 4].tolist()
-        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen):
-            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
-                dep.target.module.weight.data[idxs] = 0.0
-        zeroed += len(chosen)
-    total = sum(grp.channels for grp in graph.groups())
+    zeroed, total = zero_channels(build_graph(v8n), seed=4, beta=False)
     ref = outputs(v8n)
     calib = torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(5))
     errors = {}
@@ -264,11 +241,11 @@ def test_larger_yolov8_prune(cfg):
     assert outputs(model, X[:1, :, :128, :128]).shape[1] == 84
 
 
-def test_yolo11_is_refused_by_name():
+def test_yolo12_is_refused_by_name():
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel("yolo11n.yaml", verbose=False)
-    with pytest.raises(UnsupportedModelError, match="C3k2.*C2PSA|C2PSA.*C3k2"):
+    model = DetectionModel("yolo12n.yaml", verbose=False)
+    with pytest.raises(UnsupportedModelError, match=r"cannot prune A2C2f \(layer 6, 8, 11, 14, 17\)"):
         prune_model(model, target_macs=0.5)
 
 

@@ -3,7 +3,8 @@
 ``load_model`` accepts an ultralytics ``.pt`` checkpoint, a model yaml (``yolov8n.yaml``, random init),
 an ultralytics ``YOLO`` object or a ``DetectionModel``, and always returns a ``YOLO`` object wrapping a
 detection model. Every way this can go wrong is a :class:`~yolo_prune.errors.ModelLoadError` with a
-one-line message.
+one-line message (:class:`~yolo_prune.errors.UnsupportedModelError` for a detection model whose head
+yolo-prune does not handle, e.g. YOLOv10's ``v10Detect`` or RT-DETR's decoder).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 from .io import atomic_write
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -96,8 +97,9 @@ def _check_detection(model: nn.Module, what: str) -> None:
         raise ModelLoadError(f"{what} is a {type(model).__name__}, not an ultralytics DetectionModel")
     head = model.model[-1]
     if type(head) is not Detect:
-        raise ModelLoadError(
-            f"{what} ends in {type(head).__name__}; yolo-prune supports the plain Detect head (YOLOv8 detection)"
+        raise UnsupportedModelError(
+            f"{what} ends in {type(head).__name__}; yolo-prune supports the Detect head of YOLOv8, YOLO11 and "
+            "YOLO26 detection models"
         )
 
 

@@ -1,11 +1,21 @@
-"""Prunable forms of ultralytics blocks.
+"""Prunable forms of ultralytics blocks (YOLOv8, YOLO11, YOLO26), with exactly the same outputs.
 
-torch-pruning follows ``torch.cat`` and residual adds, but not ``Tensor.chunk``: C2f splits the output of
-its first conv in two equal halves, and after pruning the halves are no longer equal. :class:`C2fSplit`
-replaces that one conv by two convs (the two halves), which is exactly the same function; the
-dependency graph then sees a plain concat. It subclasses ultralytics' ``C2f`` so every isinstance check in
-ultralytics (export, fuse, info) still applies, and it pickles like any other module: a pruned
-checkpoint loads with ``YOLO(path)`` wherever ``yolo_prune`` is installed.
+torch-pruning follows ``torch.cat``, residual adds and depthwise convs, but not what splits one tensor
+by a width stored in the module: ``Tensor.chunk`` / ``split`` (C2f, C3k2, C2PSA) and the per-head
+reshape of attention. Each rewrite below is a subclass of the ultralytics class it replaces, so every
+isinstance check in ultralytics (export, fuse, info) still applies, and it pickles like any other module:
+a pruned checkpoint loads with ``YOLO(path)`` wherever ``yolo_prune`` is installed.
+
+- :class:`C2fSplit` / :class:`C3k2Split`: the first conv, whose output C2f chunks in two halves, is held
+  as two convs (``cv0``: first half, ``cv1``: second half); the graph then sees a plain concat.
+- :class:`C2Split` (YOLOv8-p6's neck) and :class:`C2PSASplit`: the same for C2's ``chunk`` and C2PSA's
+  ``split``.
+- :class:`PrunableAttention`: ultralytics' ``Attention`` reshapes its value path with the *input* width
+  ``C`` (``view(B, C, H, W)``), which ties the block's outer channels to ``num_heads * head_dim``. This
+  form stores its inner widths (``num_heads``, ``key_dim``, ``head_dim``) on its own, so the outer
+  channels (``qkv`` inputs, ``proj`` outputs, the residual) can be pruned through the graph while the
+  inside of the attention (``qkv`` outputs, ``pe``, ``proj`` inputs) keeps its shape. The graph protects
+  those inner layers (:func:`yolo_prune.pruning.graph.protected_layers`), so a reshape never changes meaning.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from ultralytics.nn.modules import C2f, Conv
+from ultralytics.nn.modules import C2, C2PSA, C2f, C3k2, Conv
+from ultralytics.nn.modules.block import Attention
 
 # Attributes ultralytics' model builder puts on every layer of ``DetectionModel.model``.
 _LAYER_ATTRS = ("i", "f", "type", "np")
@@ -36,30 +48,41 @@ def _slice_conv(conv: Conv, start: int, stop: int) -> Conv:
     return new
 
 
-class C2fSplit(C2f):
-    """C2f whose first conv is held as two convs: ``cv0`` (first half) and ``cv1`` (second half).
+def _halves(conv: Conv, first: int) -> tuple[Conv, Conv]:
+    """Split an ungrouped ``Conv`` (with its BN) into output channels [0, first) and [first, end)."""
+    if getattr(conv.conv, "groups", 1) != 1 or not hasattr(conv, "bn"):
+        raise ValueError("only an ungrouped, unfused Conv can be split")
+    return _slice_conv(conv, 0, first), _slice_conv(conv, first, conv.conv.out_channels)
 
-    ``forward(x) == C2f.forward(x)`` for the same weights; the halves may have different widths
-    after pruning. Build it with :meth:`from_c2f`.
-    """
 
-    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.ModuleList):
-        nn.Module.__init__(self)  # C2f.__init__ would build fresh layers
+def _copy_layer_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
+    for a in _LAYER_ATTRS:
+        if hasattr(src, a):
+            setattr(dst, a, getattr(src, a))
+    dst.train(src.training)
+    return dst
+
+
+class _SplitFirstConv:
+    """The split form shared by C2f, C3k2, C2 and C2PSA: the block's first conv, whose output the block chunks
+    in two halves, held as ``cv0`` (first half) and ``cv1`` (second half); ``cv2`` and ``m`` are the block's
+    own. ``c`` keeps ultralytics' attribute (the second half's width); the forwards below do not use it."""
+
+    def __init__(self, cv0: Conv, cv1: Conv, cv2: Conv, m: nn.Module):
+        nn.Module.__init__(self)  # the ultralytics __init__ would build fresh layers
         self.c = cv1.conv.out_channels
         self.cv0, self.cv1, self.cv2, self.m = cv0, cv1, cv2, m
 
     @classmethod
-    def from_c2f(cls, block: C2f) -> C2fSplit:
-        """Convert a C2f (or subclass using C2f's forward, e.g. C3k2) into the split form, weights exact."""
-        if getattr(block.cv1.conv, "groups", 1) != 1:
-            raise ValueError("C2fSplit needs an ungrouped cv1")
-        c = block.cv1.conv.out_channels // 2
-        new = cls(_slice_conv(block.cv1, 0, c), _slice_conv(block.cv1, c, 2 * c), block.cv2, block.m)
-        for a in _LAYER_ATTRS:
-            if hasattr(block, a):
-                setattr(new, a, getattr(block, a))
-        new.train(block.training)
-        return new
+    def from_block(cls, block: nn.Module):
+        """Convert the ultralytics block into this split form, weights exact."""
+        cv0, cv1 = _halves(block.cv1, block.cv1.conv.out_channels // 2)
+        return _copy_layer_attrs(block, cls(cv0, cv1, block.cv2, block.m))
+
+
+class C2fSplit(_SplitFirstConv, C2f):
+    """C2f in split form: ``forward(x) == C2f.forward(x)`` for the same weights; the halves may have
+    different widths after pruning. Build it with :meth:`from_block`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv0(x), self.cv1(x)]
@@ -70,13 +93,101 @@ class C2fSplit(C2f):
     forward_split = forward
 
 
+class C3k2Split(C2fSplit, C3k2):
+    """C3k2 (a C2f whose ``m`` holds Bottleneck, C3k, or Bottleneck + PSABlock) in the split form of
+    :class:`C2fSplit`; still an instance of ultralytics' ``C3k2`` and ``C2f``."""
+
+
+class C2Split(_SplitFirstConv, C2):
+    """C2 in split form (``cv0`` goes through ``m``, ``cv1`` bypasses it); same outputs as ``C2.forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.m(self.cv0(x)), self.cv1(x)), 1))
+
+
+class C2PSASplit(_SplitFirstConv, C2PSA):
+    """C2PSA in split form (``cv0`` bypasses, ``cv1`` goes through the PSABlocks); same outputs as
+    ``C2PSA.forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))
+
+
+class PrunableAttention(Attention):
+    """ultralytics ``Attention`` whose inner widths do not depend on its input width.
+
+    ``qkv`` maps the outer channels to ``num_heads * (2 * key_dim + head_dim)`` channels laid out per head
+    (q, k, v); the value path (``pe``, the attention output, ``proj``'s inputs) has
+    ``num_heads * head_dim`` channels. ultralytics reshapes that path with the input width, equal to it
+    only before pruning; here it is ``num_heads * head_dim`` always. Same outputs for the same weights.
+    """
+
+    def __init__(self, qkv: Conv, proj: Conv, pe: Conv, *, num_heads: int, key_dim: int, head_dim: int):
+        nn.Module.__init__(self)
+        self.num_heads, self.key_dim, self.head_dim = num_heads, key_dim, head_dim
+        self.scale = key_dim**-0.5
+        self.qkv, self.proj, self.pe = qkv, proj, pe
+
+    @classmethod
+    def from_attention(cls, attn: Attention) -> PrunableAttention:
+        """Convert an ultralytics ``Attention`` (weights shared, not copied)."""
+        new = cls(attn.qkv, attn.proj, attn.pe, num_heads=attn.num_heads, key_dim=attn.key_dim,
+                  head_dim=attn.head_dim)
+        new.scale = attn.scale
+        if "format" in vars(attn):
+            new.format = attn.format
+        if new.inner_channels != attn.qkv.conv.in_channels or new.qkv_channels != attn.qkv.conv.out_channels:
+            raise ValueError("Attention widths are inconsistent: num_heads * head_dim must equal its input width")
+        return new.train(attn.training)
+
+    @property
+    def inner_channels(self) -> int:
+        """Width of the value path (``pe``, ``proj`` inputs): ``num_heads * head_dim``."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def qkv_channels(self) -> int:
+        """Output width of ``qkv``: ``num_heads * (2 * key_dim + head_dim)``."""
+        return self.num_heads * (2 * self.key_dim + self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        N, C = H * W, self.inner_channels
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(B, self.num_heads, self.key_dim * 2 + self.head_dim, N).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2
+        )
+        if self.format == "coreml" and hasattr(F, "scaled_dot_product_attention"):
+            x = F.scaled_dot_product_attention(q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1))
+            x = x.transpose(-2, -1).reshape(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        else:
+            attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)
+            x = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.proj(x)
+
+
+def _prunable_form(module: nn.Module) -> nn.Module | None:
+    """The prunable replacement of ``module``, or None when it needs none (exact ultralytics types only)."""
+    kind = type(module)
+    split = {C2f: C2fSplit, C3k2: C3k2Split, C2: C2Split, C2PSA: C2PSASplit}.get(kind)
+    if split is not None:
+        return split.from_block(module)
+    if kind is Attention:
+        return PrunableAttention.from_attention(module)
+    return None
+
+
 def to_prunable(model: nn.Module) -> int:
-    """Replace, in place, every C2f-style block of ``model`` by :class:`C2fSplit`. Returns how many."""
+    """Replace, in place, every C2f, C3k2, C2, C2PSA and Attention of ``model`` by its prunable form.
+
+    Returns how many modules were replaced. Already converted modules are left as they are.
+    """
     count = 0
     for name, child in list(model.named_children()):
-        if isinstance(child, C2f) and not isinstance(child, C2fSplit) and type(child).forward is C2f.forward:
-            setattr(model, name, C2fSplit.from_c2f(child))
+        new = _prunable_form(child)
+        if new is not None:
+            setattr(model, name, new)
+            child = new
             count += 1
-        else:
-            count += to_prunable(child)
+        count += to_prunable(child)
     return count

@@ -107,6 +107,7 @@ def prune_model(
     compensate: str | bool = "lstsq",
     reference: Reference | None = None,
     trace_imgsz: int = 64,
+    macs_imgsz: int = 640,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> PruneOutcome:
@@ -118,12 +119,13 @@ def prune_model(
     against the original, as the iterative pipeline does. With ``calib_images``, the layers that consume
     removed channels make up for them: ``compensate="lstsq"`` refits their kept weights and bias by least
     squares (:mod:`.reconstruct`), ``"mean"`` folds the removed channels' mean into the bias only
-    (:mod:`.compensate`), ``"none"`` does nothing.
+    (:mod:`.compensate`), ``"none"`` does nothing. MACs fractions are counted at ``macs_imgsz`` (they depend
+    on the input size when the model has attention blocks).
     """
     compensate = _compensation(compensate)
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
     prepare(model)
-    graph = build_graph(model, imgsz=trace_imgsz)
+    graph = build_graph(model, imgsz=trace_imgsz, macs_imgsz=macs_imgsz)
     importance = make_importance(method, seed=seed, calib_images=calib_images)
     opts = PlanOptions(global_pruning=global_pruning, max_layer_ratio=max_layer_ratio, round_to=round_to)
     before = layer_widths(model, graph)

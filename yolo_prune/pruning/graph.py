@@ -1,10 +1,13 @@
-"""What depends on what: the dependency graph of a YOLOv8 detection model.
+"""What depends on what: the dependency graph of a YOLOv8 / YOLO11 / YOLO26 detection model.
 
-The model is first put in a prunable form (C2f -> :class:`~yolo_prune.modules.C2fSplit`), then
+The model is first put in a prunable form (:func:`~yolo_prune.modules.to_prunable`: C2f, C3k2, C2
+and C2PSA hold their split conv as two convs, attention keeps its inner widths on its own), then
 torch-pruning's ``DependencyGraph`` is traced once. A :class:`ChannelGroup` is one set of channels that
 must be removed together (a conv's outputs with its BN, every consumer's inputs, every residual add and
-concat slice it feeds). The Detect head's final box/class convs and DFL are protected: their outputs
-never change, only their inputs follow the layers before them.
+concat slice it feeds). Protected layers never lose output channels, and a group that would touch one is
+not a group at all: the Detect head's final box/class convs of both branches (YOLO26's one-to-one head
+too) and DFL, and inside every attention block the ``qkv`` and ``pe`` convs (their outputs are split per
+head and reshaped; only the attention's outer channels and its FFN's hidden width are prunable).
 """
 
 from __future__ import annotations
@@ -15,34 +18,75 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 from torch import nn
-from ultralytics.nn.modules import SPPF, C2f, Concat, Conv, Detect
+from ultralytics.nn.modules import C2, C2PSA, DFL, SPPF, Bottleneck, C2f, C3k2, Concat, Conv, Detect, DWConv
+from ultralytics.nn.modules.block import Attention, C3k, PSABlock
 
 from ..errors import UnsupportedModelError
-from ..modules import C2fSplit, to_prunable
+from ..modules import C2fSplit, C2PSASplit, C2Split, C3k2Split, PrunableAttention, to_prunable
 
-# Top-level layer types of a YOLOv8 detection model that the graph handles correctly.
-SUPPORTED_LAYERS: tuple[type, ...] = (Conv, C2f, C2fSplit, SPPF, Concat, nn.Upsample, Detect)
+# Top-level layer types of a detection model that the graph handles correctly (exact types: a subclass
+# may compute something else).
+SUPPORTED_LAYERS: tuple[type, ...] = (
+    Conv, C2f, C2fSplit, C3k2, C3k2Split, C2, C2Split, SPPF, C2PSA, C2PSASplit, Concat, nn.Upsample, Detect,
+)
+# Modules allowed inside those layers (exact types), besides parameter-free activations.
+_INNER: tuple[type, ...] = (
+    Conv, DWConv, nn.Conv2d, nn.BatchNorm2d, nn.Sequential, nn.ModuleList, nn.Identity, nn.MaxPool2d,
+    Bottleneck, C3k, PSABlock, Attention, PrunableAttention, DFL,
+)
+SUPPORTED_BLOCKS = "Conv, C2f, C2, C3k2, C3k, SPPF, C2PSA/PSABlock, Concat, Upsample, Detect"
+
+
+def _inner_problem(layer: nn.Module) -> str | None:
+    """Why a supported top-level ``layer`` still cannot be pruned (an unknown inner block, a grouped
+    conv), or None."""
+    for m in layer.modules():
+        if m is not layer and type(m) not in _INNER and type(m).__module__ != "torch.nn.modules.activation":
+            return f"contains {type(m).__name__}"
+        if isinstance(m, nn.Conv2d) and m.groups not in (1, m.in_channels):
+            return "has a grouped convolution"
+    return None
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` naming every layer type yolo-prune cannot prune safely."""
+    """Raise :class:`UnsupportedModelError` naming every layer yolo-prune cannot prune safely."""
+    if any(isinstance(m, Conv) and not hasattr(m, "bn") for m in model.modules()):
+        raise UnsupportedModelError(
+            "cannot prune a fused model (Conv and BatchNorm folded): prune the unfused checkpoint "
+            "(ultralytics' best.pt / last.pt are unfused)"
+        )
     bad: dict[str, list[int]] = {}
     for i, layer in enumerate(model.model):
-        ok = type(layer) in SUPPORTED_LAYERS
-        if isinstance(layer, C2f) and type(layer) not in (C2f, C2fSplit):
-            ok = False  # C2f subclasses (C3k2, C2fAttn, ...) carry other inner blocks
-        if not ok:
-            bad.setdefault(type(layer).__name__, []).append(i)
+        name = type(layer).__name__
+        if type(layer) not in SUPPORTED_LAYERS:
+            bad.setdefault(name, []).append(i)
+        elif (why := _inner_problem(layer)) is not None:
+            bad.setdefault(f"{name} that {why}", []).append(i)
     if bad:
         what = ", ".join(f"{name} (layer {', '.join(map(str, idx))})" for name, idx in bad.items())
         raise UnsupportedModelError(
-            f"cannot prune {what}: yolo-prune supports YOLOv8 detection blocks "
-            f"(Conv, C2f, SPPF, Concat, Upsample, Detect)"
+            f"cannot prune {what}: yolo-prune supports YOLOv8, YOLO11 and YOLO26 detection blocks "
+            f"({SUPPORTED_BLOCKS})"
         )
 
 
+def _detect_branches(head: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the Detect head's branch lists that run in inference, and those ``fuse()`` drops.
+
+    A YOLO26 head holds one-to-many (``cv2``/``cv3``) and one-to-one (``one2one_*``) branches; the one
+    ``end2end`` selects is the one an inference (fused) model keeps.
+    """
+    one2many, one2one = ["cv2", "cv3"], ["one2one_cv2", "one2one_cv3"]
+    if getattr(head, "one2one_cv2", None) is None:
+        return one2many, []
+    if getattr(head, "cv2", None) is None:
+        return one2one, []
+    return (one2one, one2many) if head.end2end else (one2many, one2one)
+
+
 def protected_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels must never change: Detect's box/class output convs and DFL."""
+    """Layers whose output channels must never change: Detect's box/class output convs (every branch)
+    and DFL, and every attention's ``qkv`` and ``pe`` convs (split per head / reshaped)."""
     head = model.model[-1]
     layers: list[nn.Module] = []
     for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
@@ -50,6 +94,9 @@ def protected_layers(model: nn.Module) -> list[nn.Module]:
         if branches is not None:
             layers += [branch[-1] for branch in branches]
     layers.append(head.dfl)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            layers += [m.qkv.conv, m.pe.conv]
     return layers
 
 
@@ -75,13 +122,15 @@ class ChannelGroup:
 
 @dataclasses.dataclass
 class PruneGraph:
-    """A traced model: its dependency graph, its channel groups and the spatial size of every conv."""
+    """A traced model: its dependency graph, its channel groups, and the spatial size of every conv and
+    the token count of every attention at the input size MACs are counted for."""
 
     model: nn.Module
     dg: tp.DependencyGraph
     ignored: list[nn.Module]
     conv_hw: dict[nn.Conv2d, int]
     names: dict[nn.Module, str]
+    attn_tokens: dict[nn.Module, int] = dataclasses.field(default_factory=dict)
 
     def groups(self) -> list[ChannelGroup]:
         """The channel groups of the model as it is now (recomputed after every pruning)."""
@@ -115,9 +164,15 @@ class PruneGraph:
             self.dg.get_pruning_group(group.root, group.handler, sorted(int(i) for i in idxs)).prune()
 
     def conv_macs(self, delta: dict[tuple[nn.Conv2d, bool], float] | None = None) -> float:
-        """Conv MACs of the model, optionally as if ``delta[(conv, is_output)]`` channels were removed."""
+        """MACs of the model (convs and attention products, as ultralytics-thop counts them), optionally as
+        if ``delta[(conv, is_output)]`` channels were removed.
+
+        An attention's two matrix products (``q^T k`` and ``v attn^T``) cost ``num_heads * (key_dim +
+        head_dim) * N^2`` for N tokens; its inner widths never change, so that part is a constant which
+        grows with the square of the image area (which is why MACs are counted at the size asked for).
+        """
         delta = delta or {}
-        total = 0.0
+        total = float(sum(a.num_heads * (a.key_dim + a.head_dim) * n * n for a, n in self.attn_tokens.items()))
         for conv, hw in self.conv_hw.items():
             out_c = conv.out_channels - delta.get((conv, True), 0.0)
             in_c = conv.in_channels - delta.get((conv, False), 0.0)
@@ -127,28 +182,52 @@ class PruneGraph:
         return total
 
 
-def _output(out):
-    """The tensor torch-pruning should trace from a Detect model's output (eval: (y, raw), train: raw)."""
-    if isinstance(out, (tuple, list)):
-        return _output(out[0])
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists and dicts."""
+    if isinstance(out, torch.Tensor):
+        return [out]
     if isinstance(out, dict):
-        return [_output(v) for v in out.values()]
-    return out
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
 
 
-def build_graph(model: nn.Module, *, imgsz: int = 64) -> PruneGraph:
-    """Trace the (already prepared) model at ``imgsz`` and return its :class:`PruneGraph`."""
+def _output(out):
+    """What torch-pruning should trace from a Detect model's output: the raw head outputs.
+
+    In eval mode the model returns ``(decoded, raw)``; ``raw`` holds the box and class maps of every
+    branch (``{"one2many": ..., "one2one": ...}`` for YOLO26), ``decoded`` only the selected branch, after
+    a top-k for an end-to-end head. Tracing ``raw`` reaches every head conv and no index arithmetic.
+    """
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (dict, list, tuple)):
+        out = out[1]
+    return _tensors(out)
+
+
+def _size_hooks(model: nn.Module, hw: dict[nn.Conv2d, int], tokens: dict[nn.Module, int]) -> list:
+    """Forward hooks recording every conv's output area and every attention's token count."""
+    hooks = [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, o.shape[-1] * o.shape[-2]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda mod, i, o: tokens.__setitem__(mod, i[0].shape[-1] * i[0].shape[-2]))
+              for m in model.modules() if isinstance(m, Attention)]
+    return hooks
+
+
+def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = None) -> PruneGraph:
+    """Trace the (already prepared) model at ``imgsz`` and return its :class:`PruneGraph`.
+
+    ``macs_imgsz`` (default: ``imgsz``) is the input size whose MACs :meth:`PruneGraph.conv_macs`
+    counts; it matters for attention, whose cost grows faster than the image area.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, imgsz, imgsz, device=device)
     ignored = protected_layers(model)
     hw: dict[nn.Conv2d, int] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, o.shape[-1] * o.shape[-2]))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
+    tokens: dict[nn.Module, int] = {}
+    hooks = _size_hooks(model, hw, tokens)
     try:  # one traced forward records both the graph and every conv's output size
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example, output_transform=_output, verbose=False
@@ -156,6 +235,31 @@ def build_graph(model: nn.Module, *, imgsz: int = 64) -> PruneGraph:
     finally:
         for h in hooks:
             h.remove()
+    macs_imgsz = macs_imgsz or imgsz
+    if macs_imgsz != imgsz:
+        stride = int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 1))
+        measured = None
+        if macs_imgsz % stride or imgsz % stride:  # maps may not all scale alike: measure them
+            measured = {}, {}
+            hooks = _size_hooks(model, *measured)
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, macs_imgsz, macs_imgsz, device=device))
+            except RuntimeError:  # a size this model cannot run at (e.g. P6 at 352): scale instead
+                measured = None
+            finally:
+                for h in hooks:
+                    h.remove()
+        if measured is None:  # every map scales with the image area
+            k = (macs_imgsz / imgsz) ** 2
+            hw = {m: round(v * k) for m, v in hw.items()}
+            tokens = {m: round(v * k) for m, v in tokens.items()}
+        else:
+            hw, tokens = measured
+    head = model.model[-1]
+    for name in _detect_branches(head)[1]:  # MACs of the model as it runs: fuse() drops this branch
+        for m in getattr(head, name).modules():
+            hw.pop(m, None)
     names = {m: n for n, m in model.named_modules()}
     model.train(was_training)
-    return PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names)
+    return PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names, attn_tokens=tokens)

@@ -187,6 +187,7 @@ def prune(
         seed=seed,
         calib_images=calib,
         compensate=compensate,
+        macs_imgsz=imgsz,
         progress=progress,
     )
     seconds = time.perf_counter() - t0
