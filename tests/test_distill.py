@@ -7,7 +7,6 @@ The teacher is the dense random-init yolov8n (randomised BN) the test student wa
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,26 +28,12 @@ from yolo_prune.train.distill import (
 )
 
 from .conftest import ROOT, randomize_bn
+from .test_ddp import _env, run_ddp_file
+from .test_train import _data_cache, data  # noqa: F401  (fixtures: the dataset cache kept in tmp, the data yaml)
 from .test_train import FAST, NC, make_pruned_model, read_csv, save_like_ultralytics, shapes
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _data_cache(tmp_path_factory):
-    old = os.environ.get("YOLO_PRUNE_CACHE")
-    os.environ["YOLO_PRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("YOLO_PRUNE_CACHE", None)
-    else:
-        os.environ["YOLO_PRUNE_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def data(synthetic) -> str:
-    return str(synthetic / "yolo.yaml")
-
-
 def _dense(nc: int = NC, seed: int = 0) -> nn.Module:
     """The dense model make_pruned_model() prunes (same seed, same randomised BN)."""
     from ultralytics.nn.tasks import DetectionModel
@@ -177,6 +162,29 @@ def test_distill_loss_wraps_the_student_criterion(pruned_pt, teacher_pt):
     assert float(free[:3].abs().sum()) == 0 and float(free[3]) > 0
     assert set(free_items) == set(items)
     assert copy.deepcopy(wrapped).cls_weight == 2.0  # no teacher inside: copies freely with the model
+
+
+def test_distill_loss_under_autocast(pruned_pt, teacher_pt):
+    """Under AMP (here CPU bfloat16 autocast, as ultralytics wraps forward and loss) the term is computed in float32
+    from half-precision outputs and stays close to the float32 value."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import load_checkpoint
+
+    student, _ = load_checkpoint(pruned_pt)
+    student.args = get_cfg()
+    student.train()
+    teacher = load_teacher(teacher_pt)
+    batch = _batch()
+    batch["img"] = batch["img"].float() / 255
+    values = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), torch.no_grad():
+            raw = teacher(batch["img"])[1]
+            preds = student(batch["img"])
+            loss, items = DistillLoss(student.init_criterion(), reg_max=16)(preds, {**batch, TEACHER_KEY: raw})
+        assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+        values.append(float(items[LOSS_NAME]))
+    assert values[1] == pytest.approx(values[0], rel=0.1)
 
 
 def test_distillation_term_is_zero_when_student_equals_teacher(teacher_pt, data, tmp_path):
@@ -363,28 +371,15 @@ def test_label_free_training(pruned_pt, teacher_pt, data, synthetic, tmp_path):
     assert any(not torch.allclose(trained[k].float(), start[k].float(), atol=1e-3) for k in start)  # it trained
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_ddp_worker_script_rebuilds_the_teacher(pruned_pt, teacher_pt, data, tmp_path):
     """ultralytics' generated DDP script (one CPU process) rebuilds the trainer from vars(args) alone: the teacher
     path crosses, the worker distils, the checkpoints hold no teacher."""
-    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
-
     save_dir = tmp_path / "ddp"
     trainer = FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(save_dir),
                                          "plots": False, "epochs": 1, "teacher": str(teacher_pt),
                                          "distill_box": 0.5, **FAST})
-    file = generate_ddp_file(trainer)
-    try:
-        proc = subprocess.run([sys.executable, file], env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300)
-    finally:
-        ddp_cleanup(trainer, file)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_file(trainer, tmp_path)
     rows = read_csv(save_dir / "results.csv")
     assert float(rows[0]["train/kd_loss"]) > 0
     assert "distill_box: 0.5" in (save_dir / "args.yaml").read_text()

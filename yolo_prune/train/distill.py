@@ -392,10 +392,5 @@ def distill_options(
                             "unlabeled": unlabeled})
     if values["teacher"] is None:
         return {}
-    from .common import _check_model_path
-
-    try:
-        _check_model_path(values["teacher"])
-    except ModelLoadError as e:
-        raise ModelLoadError(f"teacher: {e}") from None
+    load_teacher(values["teacher"])  # a missing or broken file fails here, before a run folder exists
     return values
