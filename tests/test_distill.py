@@ -356,8 +356,24 @@ def test_label_free_training(pruned_pt, teacher_pt, data, synthetic, tmp_path):
     for p in sorted((synthetic / "images" / "train").iterdir()):
         (user / p.name).write_bytes(p.read_bytes())
     before = sorted(p.name for p in user.iterdir())
-    res = finetune(pruned_pt, data, teacher=teacher_pt, labels=False, unlabeled=user, epochs=2, project=tmp_path,
-                   name="free", **FAST)
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    class Record(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Record()
+    LOGGER.addHandler(handler)
+    try:
+        res = finetune(pruned_pt, data, teacher=teacher_pt, labels=False, unlabeled=user, epochs=2, project=tmp_path,
+                       name="free", **FAST)
+    finally:
+        LOGGER.removeHandler(handler)
+    assert not any("Labels are missing" in m for m in handler.messages)  # expected without labels, not a warning
     rows = read_csv(res.save_dir / "results.csv")
     for r in rows:
         assert float(r["train/box_loss"]) == float(r["train/cls_loss"]) == float(r["train/dfl_loss"]) == 0

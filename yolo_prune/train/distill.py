@@ -42,6 +42,7 @@ models with the rest of the criterion.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,17 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+class _DropMessages(logging.Filter):
+    """Logging filter dropping records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 # --------------------------------------------------------------------------------------------- the trainer side
 class DistillMixin:
     """Trainer mixin adding distillation from ``args.teacher``; put it first in the bases:
@@ -310,6 +322,17 @@ class DistillMixin:
 
             data["train"] = str(image_folder(self.args.unlabeled))
         return data
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
+        """ultralytics' dataset; without labels its warning that the train labels are empty is expected, not shown."""
+        if mode != "train" or getattr(self.args, "labels", True):
+            return super().build_dataset(img_path, mode, batch)
+        quiet = _DropMessages("Labels are missing or empty")
+        LOGGER.addFilter(quiet)
+        try:
+            return super().build_dataset(img_path, mode, batch)
+        finally:
+            LOGGER.removeFilter(quiet)
 
     def setup_model(self) -> Any:
         """The student (ultralytics' setup), then the teacher from ``args.teacher`` when outputs are distilled."""
