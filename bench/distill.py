@@ -146,15 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         args.setups, args.targets, args.arms, args.epochs = ["fixture"], [0.7], ["none", "output"], 1
     name = args.name or ("distill_quick" if args.quick else "distill")
     overrides = parse_set(args.set)
-    tag = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
+    tag = "".join(f"_{k}={v}" for k, v in sorted(overrides.items()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import yolo_prune as yp
 
     old = common.read_result(name) if args.resume else None
     payload: dict[str, Any] = old or {"benchmark": "distill", "rows": {}, "setups": {}}
+    started = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     payload.update(command=common.command_line(), machine=common.machine(),
-                   busy_processes_at_start=common.busy_processes(),
-                   started=payload.get("started") or datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
+                   busy_processes_at_start=common.busy_processes(), started=payload.get("started") or started)
+    payload.setdefault("invocations", []).append({"command": common.command_line(), "started": started,
+                                                  "loadavg_start": payload["machine"]["loadavg_start"],
+                                                  "busy_processes_at_start": payload["busy_processes_at_start"]})
     t_start = time.perf_counter()
     total0 = payload.get("total_seconds") or 0.0
 
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = fut.result()
             except Exception as e:  # a failed arm is a finding too
                 row = {"error": f"{type(e).__name__}: {e}"}
+            row["command"] = common.command_line()
             payload["rows"][key] = row
             save()
             print(f"{key}: " + (f"mAP50-95 {row['map50_95']:.4f} ({row['train_seconds'] / 60:.1f} min)"
