@@ -316,17 +316,72 @@ def block_families(name: str = "families") -> str:
     return "\n".join(out)
 
 
+DISTILL_ARMS = {"none": "no teacher", "output": "output KD", "feature": "feature KD (ultralytics)",
+                "labelfree": "label-free (output KD, no labels)"}
+
+
+def block_distill(name: str = "distill") -> str:
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/distill.py`._"
+    calls = res.get("invocations") or [{"command": res.get("command"), "started": res.get("started")}]
+    if len(calls) == 1:
+        out = [f"Command: {cmd(res)}. {load_note(res)}."]
+    else:
+        out = ["Commands (one result file, completed with `--resume`; total "
+               f"{minutes(res.get('total_seconds'))}): " + "; ".join(f"`{c['command']}` (started {c['started']})"
+                                                            for c in calls) + f". {load_note(res)}."]
+
+    def variant(r: dict[str, Any], info: dict[str, Any]) -> str:
+        diff = {k: v for k, v in (r.get("recipe") or info["recipe"]).items() if info["recipe"].get(k) != v}
+        return ", ".join(f"{k}={v}" for k, v in diff.items())
+
+    for setup, info in res.get("setups", {}).items():
+        rows_all = [r for k, r in res["rows"].items() if k.startswith(f"{setup}@") and "error" not in r]
+        for r in rows_all:
+            r["variant"] = variant(r, info)
+        variants = sorted({r["variant"] for r in rows_all})
+        arms = [a for a in DISTILL_ARMS if any(r["arm"] == a for r in rows_all)]
+        errors = [f"`{k}`: {r['error']}" for k, r in res["rows"].items() if k.startswith(f"{setup}@") and "error" in r]
+        data = Path(info["data"])
+        if data.is_relative_to(common.SHARED):
+            data = Path("../shared/fixtures") / data.relative_to(common.SHARED)
+        elif data.is_relative_to(common.ROOT):
+            data = data.relative_to(common.ROOT)
+        out.append(f"\n**{setup}** - data `{data}`, "
+                   f"imgsz {info['imgsz']}; teacher = the dense model (mAP50-95 {f(info['dense']['map50_95'])}); "
+                   f"student = `prune(method=bn, target_macs=T, data=...)` (default compensation). Recipe (every arm): "
+                   f"`{info['recipe']}`. Cells: COCO mAP50-95 on val after F fine-tune epochs (train minutes).\n")
+        rows = []
+        for var in variants:
+            for t in sorted(info["targets"], key=float, reverse=True):
+                ti = info["targets"][t]
+                for epochs in sorted({r["epochs"] for r in rows_all if str(r["target_macs"]) == t
+                                      and r["variant"] == var}):
+                    row = [t, f(ti["macs_ratio"]), var or "-", epochs, f(ti["map50_95_pruned"])]
+                    for a in arms:
+                        r = next((r for r in rows_all if str(r["target_macs"]) == t and r["arm"] == a
+                                  and r["epochs"] == epochs and r["variant"] == var), None)
+                        row.append(f"{f(r['map50_95'])} ({r['train_seconds'] / 60:.0f})" if r else "-")
+                    rows.append(row)
+        out.append(md_table(rows, ("target MACs", "MACs kept", "recipe variant", "F", "right after pruning",
+                                   *(DISTILL_ARMS[a] for a in arms))))
+        if errors:
+            out.append("\nFailed arms: " + "; ".join(errors))
+    return "\n".join(out)
+
+
 def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
-                     ("families_quick", block_families)):
+                     ("families_quick", block_families), ("distill_quick", block_distill)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
 
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
-          "cost": block_cost, "families": block_families, "quick": block_quick}
+          "cost": block_cost, "families": block_families, "distill": block_distill, "quick": block_quick}
 
 
 def render(text: str) -> str:

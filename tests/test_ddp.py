@@ -73,6 +73,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
+def run_ddp_file(trainer, cwd: Path) -> None:
+    """Run ultralytics' generated DDP worker script for ``trainer`` in a fresh process (one CPU rank)."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    file = generate_ddp_file(trainer)
+    try:
+        proc = subprocess.run([sys.executable, file], env=_env(), cwd=cwd, capture_output=True, text=True, timeout=300)
+    finally:
+        ddp_cleanup(trainer, file)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def pruned_pt(tmp_path_factory) -> Path:
     return save_like_ultralytics(make_pruned_model(), tmp_path_factory.mktemp("ddp") / "pruned.pt")
@@ -115,8 +127,6 @@ def test_trainer_classes_import_by_module_path():
 def test_ddp_worker_script_rebuilds_sparse_trainer(pruned_pt, synthetic, tmp_path):
     """Run ultralytics' generated DDP script (single CPU process): only ``vars(trainer.args)`` and the model path
     cross the process boundary, and the rebuilt trainer must still penalise with the run's sr and keep shapes."""
-    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
-
     from yolo_prune.train import SparseTrainer
 
     save_dir = tmp_path / "ddp"
@@ -124,13 +134,7 @@ def test_ddp_worker_script_rebuilds_sparse_trainer(pruned_pt, synthetic, tmp_pat
         "model": str(pruned_pt), "data": str(synthetic / "yolo.yaml"), "save_dir": str(save_dir), "plots": False,
         "epochs": 2, "sr": 0.02, "sr_schedule": "linear", "gamma_threshold": 0.05, **FAST,
     })
-    file = generate_ddp_file(trainer)
-    try:
-        proc = subprocess.run([sys.executable, file], env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300)
-    finally:
-        ddp_cleanup(trainer, file)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_file(trainer, tmp_path)
     with open(save_dir / "results.csv", newline="") as f:
         rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
     assert [float(r["sparsity/sr"]) for r in rows] == [0.02, 0.0]  # linear schedule of the run's sr

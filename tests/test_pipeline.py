@@ -55,6 +55,10 @@ def test_pipeline_writes_the_report(run):
     assert abs(gmacs["ratio"] - 0.5) <= 0.03
     assert "| mAP50-95 |" in (d / "report.md").read_text()
     assert "PipelineResult" in str(result)
+    # every training stage distilled from the input (dense) checkpoint, teacher=auto by default
+    assert report["args"]["teacher"] and report["args"]["distill"] == "output"
+    for stage in ("sparse/train", "finetune/final"):
+        assert "train/kd_loss" in (d / stage / "results.csv").read_text().splitlines()[0]
 
 
 def test_pipeline_never_touches_its_inputs(run):

@@ -27,7 +27,7 @@ Modes:
   pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
   sparse    sparsity training: L1 on BatchNorm gammas                            (model= data= sr= epochs=)
   prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
-  finetune  train a pruned checkpoint, keeping its architecture                  (model= data= epochs=)
+  finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
   bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
   export    export with ultralytics                                              (model= format=onnx)
@@ -68,13 +68,19 @@ def _common(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"project": cfg["project"], "name": cfg["name"], "exist_ok": cfg["exist_ok"]}
 
 
+def _distill(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Distillation keys of sparse/finetune (``teacher=auto`` means none outside a pipeline)."""
+    keys = ("teacher", "distill", "distill_cls", "distill_box", "distill_temp", "labels", "unlabeled")
+    return {k: cfg[k] for k in keys}
+
+
 def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .train import sparse_train
 
     return sparse_train(cfg["model"], _data(cfg), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
                         gamma_threshold=cfg["gamma_threshold"], epochs=cfg["epochs"], imgsz=cfg["imgsz"],
                         batch=cfg["batch"], device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"],
-                        verbose=cfg["verbose"], workers=cfg["workers"], **_common(cfg), **extra)
+                        verbose=cfg["verbose"], workers=cfg["workers"], **_distill(cfg), **_common(cfg), **extra)
 
 
 def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
@@ -94,7 +100,7 @@ def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
     return finetune(cfg["model"], _data(cfg), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"],
                     device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"], verbose=cfg["verbose"],
-                    workers=cfg["workers"], **_common(cfg), **extra)
+                    workers=cfg["workers"], **_distill(cfg), **_common(cfg), **extra)
 
 
 def run_val(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:

@@ -165,7 +165,17 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
     if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
         raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
-    for key in ("global_pruning", "exist_ok", "verbose", "resume"):
+    _number(cfg, "distill_cls", float, lo=0)
+    _number(cfg, "distill_box", float, lo=0)
+    _number(cfg, "distill_temp", float, lo=0, lo_open=True)
+    if cfg.get("distill") not in ("output", "feature", "both"):
+        raise UsageError(f"distill={cfg.get('distill')!r} must be output, feature or both")
+    if cfg.get("teacher") is False:
+        cfg["teacher"] = None
+    for key in ("teacher", "unlabeled"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise UsageError(f"{key}={cfg[key]!r} must be a path")
+    for key in ("global_pruning", "exist_ok", "verbose", "resume", "labels"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")
     check_device(cfg.get("device"))

@@ -84,6 +84,13 @@ def pipeline(
     step_epochs: int = 1,
     max_map_drop: float | None = None,
     finetune_epochs: int = 10,
+    teacher: Any = "auto",
+    distill: str = "output",
+    distill_cls: float = 1.0,
+    distill_box: float = 1.0,
+    distill_temp: float = 1.0,
+    labels: bool = True,
+    unlabeled: Any = None,
     imgsz: int = 640,
     batch: int = 16,
     workers: int = 2,
@@ -111,6 +118,12 @@ def pipeline(
     ``compensate``). ``train_args`` are extra ultralytics train keys for every training stage.
     ``resume=True`` continues the run folder's ``pipeline.json`` with the settings recorded there (``model``
     and ``data`` may be None); only ``device``, ``workers``, ``verbose``, the bench settings and ``data`` may change.
+
+    Every training stage (sparse, the fine-tunes between steps, the final fine-tune) distils from ``teacher``:
+    ``"auto"`` (default) is the input model itself - the dense checkpoint - unless it has other classes than
+    ``data`` or is a yaml (random init); ``None`` / ``"none"`` turns distillation off; a path uses that
+    checkpoint. ``distill``, ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels`` and ``unlabeled`` are
+    as in :func:`yolo_prune.train.finetune`.
     """
     bad = set(prune_options) - _PRUNE_OPTIONS
     if bad:
@@ -143,16 +156,26 @@ def pipeline(
         save_dir.mkdir(parents=True, exist_ok=True)
     else:
         save_dir = run_dir(project, "pipeline", name, exist_ok=exist_ok)
+    spec = resolve_data(data)  # fail early on a bad dataset, before any training
+    if resume:  # the recorded teacher (already resolved to a path, or None) and distillation settings
+        teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled = (
+            kept.get(k, v) for k, v in zip(_DISTILL_KEYS, (teacher, distill, distill_cls, distill_box, distill_temp,
+                                                           labels, unlabeled)))
+    teacher = _pipeline_teacher(teacher, model, spec.nc, save_dir)
+    if teacher is None and (labels is False or unlabeled):
+        raise UsageError("labels=False trains against a teacher's outputs, but this pipeline has no teacher")
+    distill_kw = dict(teacher=teacher, distill=distill, distill_cls=distill_cls, distill_box=distill_box,
+                      distill_temp=distill_temp, labels=labels, unlabeled=unlabeled) if teacher else {}
     args = dict(model=_absolute(model), data=_absolute(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
                 target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs, **prune_options,
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed,
-                gamma_threshold=gamma_threshold, train_args=dict(train_args or {}))
+                gamma_threshold=gamma_threshold, train_args=dict(train_args or {}),
+                **{k: distill_kw.get(k) for k in _DISTILL_KEYS})
     state = _State(save_dir / "pipeline.json", args)
     if not resume:
         write_yaml(save_dir / "args.yaml", args)
-    resolve_data(data)  # fail early on a bad dataset, before any training
     train_kw = dict(imgsz=imgsz, batch=batch, device=device, seed=seed, verbose=verbose, workers=workers,
-                    **(train_args or {}))
+                    **distill_kw, **(train_args or {}))
     val_kw = dict(imgsz=imgsz, batch=batch, device=device)
 
     def stage_training(mode: str, run: str, fn, source, epochs: int, **kw) -> dict[str, Any]:
@@ -319,6 +342,35 @@ def _absolute(path: Any) -> str:
     return str(Path(path).absolute()) if isinstance(path, (str, Path)) and Path(path).is_file() else str(path)
 
 
+def _pipeline_teacher(teacher: Any, model: Any, nc: int, save_dir: Path) -> str | None:
+    """The teacher checkpoint of every training stage: ``"auto"`` is the input model (saved as ``teacher.pt`` in the
+    run folder when it is in memory), skipped with a warning when its class count differs from the data's."""
+    if teacher is None or teacher is False or str(teacher).strip().lower() in ("", "none", "null", "false"):
+        return None
+    if str(teacher).strip().lower() != "auto":
+        return str(Path(str(teacher)).expanduser().absolute())
+    from .models import load_model
+
+    if isinstance(model, (str, Path)):
+        if Path(model).suffix.lower() != ".pt":
+            return None  # a yaml: random init, nothing to learn from
+        path = Path(model).expanduser().absolute()
+        head_nc = int(load_model(path).model.model[-1].nc)
+    else:
+        from .train.common import save_input_checkpoint, unwrap_detection_model
+
+        net = unwrap_detection_model(load_model(model))
+        head_nc = int(net.model[-1].nc)
+        path = save_dir / "teacher.pt"
+        if not path.is_file():
+            save_input_checkpoint(net, path)
+    if head_nc != nc:
+        LOGGER.warning("teacher=auto: the input model has %d classes but the data has %d; training without a "
+                       "teacher", head_nc, nc)
+        return None
+    return str(path)
+
+
 def _training_finished(last: Path) -> bool:
     """ultralytics strips the optimizer from last.pt (and sets epoch -1) when a run completes."""
     import torch
@@ -338,13 +390,15 @@ def _abs_gammas(model: Any) -> list[float]:
 
 
 # arguments a resumed pipeline takes from its pipeline.json, in pipeline()'s order
+_DISTILL_KEYS = ("teacher", "distill", "distill_cls", "distill_box", "distill_temp", "labels", "unlabeled")
 _RESUMED = ("model", "sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
             "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "seed", "train_args")
 # options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
 _PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
 _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
                   "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "workers", "device", "seed",
-                  "bench_runs", "bench_warmup", "resume", "verbose", *sorted(_PRUNE_OPTIONS))
+                  "bench_runs", "bench_warmup", "resume", "verbose", "teacher", "distill", "distill_cls",
+                  "distill_box", "distill_temp", "labels", "unlabeled", *sorted(_PRUNE_OPTIONS))
 
 
 def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

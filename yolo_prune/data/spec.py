@@ -423,3 +423,45 @@ def _resolve_yolo(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
         val_image_ids={image_key(p): iid for p, (_, iid) in zip(val_kept, manifest["val_image_ids"])},
         warnings=list(manifest["warnings"]),
     )
+
+
+# Unlabeled images --------------------------------------------------------------------------------------------------
+
+
+def image_folder(images: str | Path | Iterable[str | Path], *, cache_dir: str | Path | None = None) -> Path:
+    """An ``images/`` folder in the cache linking every image of ``images``, for training without labels.
+
+    ``images`` is a folder (searched recursively), a text file listing image paths (one per line, as in a YOLO data
+    yaml), or a list of either. The links live in the cache because ultralytics writes a ``<labels>.cache`` file
+    beside the labels it looks for; a user folder of unlabeled images stays untouched. Each image gets an empty
+    label file in ``labels/`` (ultralytics refuses to train on a split where it finds no label file at all).
+    Returns the ``images`` folder (absolute).
+    """
+    entries = [images] if isinstance(images, (str, Path)) else list(images)
+    paths = []
+    for e in entries:
+        p = Path(e).expanduser().absolute()
+        if not p.exists():
+            raise DatasetError(f"unlabeled images not found: {p}")
+        paths.append(p)
+    files = list_images(paths)
+    if not files:
+        raise DatasetError(f"no images found in {', '.join(map(str, paths))}")
+    files = [f.absolute() for f in files]
+    dest = cache_root(cache_dir).expanduser().absolute().resolve()
+    dest = dest / f"images-{_digest([CACHE_VERSION, 'images', *[(str(f), _stamp(f)) for f in files]])}"
+
+    def build(tmp: Path) -> None:
+        used: set[str] = set()
+        for i, f in enumerate(files):
+            name = f.name if f.name not in used else f"{i:06d}_{f.name}"
+            used.add(name)
+            _link_or_copy(f, tmp / "images" / name)
+            label = (tmp / "labels" / name).with_suffix(".txt")
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.touch()
+        write_json(tmp / MANIFEST, {"version": CACHE_VERSION, "format": "images", "sources": [str(p) for p in paths],
+                                    "images": len(files), "warnings": []})
+
+    _cached(dest, build)
+    return dest / "images"

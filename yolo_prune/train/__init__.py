@@ -4,6 +4,8 @@
   AMP-safe, with per-epoch gamma statistics in ``results.csv`` and gamma histograms.
 * :func:`finetune` / :class:`FinetuneTrainer`: train a pruned checkpoint without the yaml rebuild that
   would silently restore the unpruned architecture.
+* both distil from a ``teacher=`` checkpoint on request (:mod:`yolo_prune.train.distill`): output
+  distillation of class scores and DFL box distributions, ultralytics' feature distillation, label-free mode.
 
 Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
 ``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.

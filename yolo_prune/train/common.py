@@ -83,6 +83,11 @@ class KeepArchitectureMixin:
                 "itself is the model (pruned architectures cannot be rebuilt from their yaml)"
             )
 
+    @classmethod
+    def all_extra_arg_keys(cls) -> set[str]:
+        """:attr:`extra_arg_keys` of this class and of every base (e.g. a distillation mixin's and the trainer's own)."""
+        return {k for c in cls.__mro__ for k in vars(c).get("extra_arg_keys", ())}
+
     # The model -------------------------------------------------------------------------------------
     def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Return ``weights`` itself (the loaded checkpoint module) instead of a model rebuilt from ``cfg``.
@@ -115,8 +120,8 @@ class KeepArchitectureMixin:
 
     def get_validator(self) -> Any:
         """ultralytics' validator, built from ``self.args`` without :attr:`extra_arg_keys`."""
-        full = self.args
-        self.args = IterableSimpleNamespace(**{k: v for k, v in vars(full).items() if k not in self.extra_arg_keys})
+        full, hidden = self.args, self.all_extra_arg_keys()
+        self.args = IterableSimpleNamespace(**{k: v for k, v in vars(full).items() if k not in hidden})
         try:
             return super().get_validator()
         finally:
@@ -220,7 +225,8 @@ class TrainResult(Result):
 
     ``map50_95`` / ``map50`` are the trainer's final validation (of ``best.pt``). The gamma fields are
     filled by sparsity training only: mean |gamma| over every BatchNorm channel, and the fraction of
-    channels with |gamma| < ``gamma_threshold``, before and after training.
+    channels with |gamma| < ``gamma_threshold``, before and after training. ``teacher`` / ``distill`` are
+    the checkpoint distilled from and the kind of distillation, None without a teacher.
     """
 
     mode: str
@@ -237,13 +243,15 @@ class TrainResult(Result):
     gamma_near_zero_before: float | None = None
     gamma_mean_after: float | None = None
     gamma_near_zero_after: float | None = None
+    teacher: str | None = None
+    distill: str | None = None
 
     def rows(self) -> list[tuple[str, Any]]:
         out = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is None and (f.name.startswith("gamma") or f.name.startswith("sr")):
-                continue  # sparsity fields of a fine-tune
+            if v is None and (f.name.startswith(("gamma", "sr")) or f.name in ("teacher", "distill")):
+                continue  # sparsity fields of a fine-tune, distillation fields of a run without teacher
             out.append((f.name, str(v) if isinstance(v, Path) else v))
         return out
 

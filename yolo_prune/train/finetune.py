@@ -16,15 +16,17 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG
 
 from .common import KeepArchitectureMixin, TrainResult, run_training
+from .distill import DistillMixin, distill_options
 
 __all__ = ["FinetuneTrainer", "finetune"]
 
 
-class FinetuneTrainer(KeepArchitectureMixin, DetectionTrainer):
+class FinetuneTrainer(DistillMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` that trains the (pruned) checkpoint in ``args.model`` as it is.
 
     Use like any ultralytics trainer: ``FinetuneTrainer(overrides={"model": "pruned.pt", "data": ...}).train()``.
-    ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it).
+    ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it). With
+    ``teacher=<checkpoint>`` it distils from that model (see :mod:`yolo_prune.train.distill`).
     """
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):
@@ -44,6 +46,13 @@ def finetune(
     exist_ok: bool = False,
     seed: int = 0,
     resume: bool | str | Path = False,
+    teacher: str | Path | None = None,
+    distill: str = "output",
+    distill_cls: float = 1.0,
+    distill_box: float = 1.0,
+    distill_temp: float = 1.0,
+    labels: bool = True,
+    unlabeled: Any = None,
     verbose: bool = False,
     **train_args: Any,
 ) -> TrainResult:
@@ -60,6 +69,15 @@ def finetune(
         resume: continue an interrupted run, in the folder where its ``last.pt`` is now: ``True`` (the run
             folder of ``project``/``name``, or ``model=.../last.pt``) or a path to ``last.pt`` / a run folder.
             Checkpoint settings win.
+        teacher: checkpoint to distil from (usually the dense model the student was pruned from); None: plain
+            fine-tuning. See :mod:`yolo_prune.train.distill`.
+        distill: ``output`` (class scores and DFL box distributions of the head), ``feature`` (ultralytics'
+            projector-based feature distillation, weight ``dis``) or ``both``.
+        distill_cls, distill_box: weights of the class-score and box-distribution terms; distill_temp: their
+            temperature.
+        labels: False trains on images alone against the teacher's outputs (no ground-truth loss).
+        unlabeled: with ``labels=False``, the training images (a folder, an image-list file or a list of them)
+            instead of the data's train split; validation still uses the labeled val split.
         verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
             ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, close_mosaic, ...).
@@ -67,7 +85,8 @@ def finetune(
     Returns:
         :class:`~yolo_prune.train.TrainResult` with ``best``/``last`` checkpoints and the final mAP of ``best.pt``.
     """
-    _, result = run_training(
+    extra = distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled)
+    trainer, result = run_training(
         FinetuneTrainer,
         "finetune",
         model,
@@ -82,6 +101,9 @@ def finetune(
         seed=seed,
         resume=resume,
         verbose=verbose,
+        extra=extra,
         train_args=train_args,
     )
+    result.teacher = getattr(trainer.args, "teacher", None)
+    result.distill = trainer.args.distill if result.teacher else None
     return result

@@ -38,6 +38,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from .common import KeepArchitectureMixin, TrainResult, run_training
+from .distill import DistillMixin, distill_options
 
 __all__ = [
     "SparseTrainer",
@@ -167,7 +168,7 @@ def save_gamma_histogram(
 
 
 # --------------------------------------------------------------------------------------------- trainer
-class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
+class SparseTrainer(DistillMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` with an L1 penalty on BatchNorm gammas.
 
     Extra overrides (not ultralytics keys): ``sr`` (float >= 0), ``sr_schedule`` (constant | linear |
@@ -176,7 +177,8 @@ class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
     ``gamma_threshold`` are logged and appended to ``results.csv``; ``gamma_hist_start.png``,
     ``gamma_hist_end.png`` and ``sparsity.json`` are written to the run folder.
 
-    The architecture of a (pruned) checkpoint is kept, like :class:`~yolo_prune.train.FinetuneTrainer`.
+    The architecture of a (pruned) checkpoint is kept, like :class:`~yolo_prune.train.FinetuneTrainer`, and
+    ``teacher=<checkpoint>`` distils from that model meanwhile (see :mod:`yolo_prune.train.distill`).
     """
 
     extra_arg_keys = tuple(SPARSE_DEFAULTS)
@@ -312,6 +314,13 @@ def sparse_train(
     seed: int = 0,
     resume: bool | str | Path = False,
     gamma_threshold: float = 0.01,
+    teacher: str | Path | None = None,
+    distill: str = "output",
+    distill_cls: float = 1.0,
+    distill_box: float = 1.0,
+    distill_temp: float = 1.0,
+    labels: bool = True,
+    unlabeled: Any = None,
     verbose: bool = False,
     **train_args: Any,
 ) -> TrainResult:
@@ -333,6 +342,8 @@ def sparse_train(
         verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
             ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         gamma_threshold: |gamma| below this counts as near zero in the statistics.
+        teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled: distillation from a teacher
+            checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
 
     Returns:
@@ -343,6 +354,7 @@ def sparse_train(
     _check_float("gamma_threshold", gamma_threshold, minimum=0.0, open_=True)
     if sr_schedule not in SR_SCHEDULES:
         raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {sr_schedule!r}")
+    extra.update(distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled))
     trainer, result = run_training(
         SparseTrainer,
         "sparse",
@@ -364,6 +376,8 @@ def sparse_train(
     result.sr = float(trainer.args.sr)
     result.sr_schedule = str(trainer.args.sr_schedule)
     result.gamma_threshold = float(trainer.args.gamma_threshold)
+    result.teacher = getattr(trainer.args, "teacher", None)
+    result.distill = trainer.args.distill if result.teacher else None
     path = result.save_dir / "sparsity.json"
     if path.is_file():
         stats = json.loads(path.read_text())
