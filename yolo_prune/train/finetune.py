@@ -15,16 +15,18 @@ from typing import Any
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG
 
+from ..sparsify import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 
 __all__ = ["FinetuneTrainer", "finetune"]
 
 
-class FinetuneTrainer(KeepArchitectureMixin, DetectionTrainer):
+class FinetuneTrainer(KeepZerosMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` that trains the (pruned) checkpoint in ``args.model`` as it is.
 
     Use like any ultralytics trainer: ``FinetuneTrainer(overrides={"model": "pruned.pt", "data": ...}).train()``.
-    ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it).
+    ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it). The weights a
+    ``yolo-prune sparsify`` checkpoint set to zero stay zero (:class:`~yolo_prune.sparsify.KeepZerosMixin`).
     """
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):
