@@ -176,6 +176,32 @@ def test_channel_pruned_model_then_weights():
     assert torch.isfinite(out[0]).all()
 
 
+def test_batchnorm_correction_restores_the_first_layer_statistics(model):
+    """Zeroing conv 0's weights shifts its BN input; the correction makes the BN output's per-channel mean and
+    variance on the calibration images those of the dense model again. An unchanged model keeps its statistics."""
+    from yolo_prune.sparsify import batchnorm_input_stats, correct_batchnorm
+
+    images = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 2 batches of the correction
+    ref = batchnorm_input_stats(model, images)
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    assert correct_batchnorm(model, ref, images) == len(ref)
+    assert all(torch.allclose(b, before[n], atol=1e-6) for n, b in model.named_buffers() if n in before)
+
+    def bn0_output(m):
+        with torch.no_grad():
+            return m.model[0].bn(m.model[0].conv(images))
+
+    dense = bn0_output(model)
+    plain, fixed = copy.deepcopy(model), copy.deepcopy(model)
+    sparsify_module(plain, amount=0.6, scope="layer")
+    sparsify_module(fixed, amount=0.6, scope="layer", calib=images)
+    assert torch.equal(plain.model[0].conv.weight, fixed.model[0].conv.weight)  # weights alike, only BN differs
+    err_plain = (bn0_output(plain).mean((0, 2, 3)) - dense.mean((0, 2, 3))).abs().max()
+    err_fixed = (bn0_output(fixed).mean((0, 2, 3)) - dense.mean((0, 2, 3))).abs().max()
+    assert err_fixed < 1e-3 < err_plain
+    assert torch.allclose(bn0_output(fixed).var((0, 2, 3)), dense.var((0, 2, 3)), rtol=1e-3, atol=1e-4)
+
+
 def test_amount_zero_changes_nothing(model):
     before = _weights(model)
     sparsify_module(model, amount=0.0)

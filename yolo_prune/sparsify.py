@@ -233,20 +233,102 @@ def make_permanent(model: nn.Module) -> int:
 
 
 def sparsify_module(model: nn.Module, *, amount: float, scope: str = "global", method: str = "l1",
-                    layers: str = "conv", seed: int = 0) -> list[LayerSparsity]:
+                    layers: str = "conv", seed: int = 0, calib: torch.Tensor | None = None) -> list[LayerSparsity]:
     """Mask, make permanent and mark ``model`` (in place); returns the per-layer sparsity of the selection.
 
     The mark (:data:`SPARSITY_ATTR`) lists the sparsified parameters, so that fine-tuning keeps their zeros.
     A model sparsified before keeps its earlier list too (``amount`` is the total fraction, zeros stay zeros).
+    With ``calib`` images, every BatchNorm's running statistics are corrected for what the zeros changed in its
+    input (:func:`correct_batchnorm`).
     """
+    reference = batchnorm_input_stats(model, calib) if calib is not None else None
     apply_masks(model, amount=amount, scope=scope, method=method, layers=layers, seed=seed)
     make_permanent(model)
+    if reference is not None:
+        correct_batchnorm(model, reference, calib)
     names = [f"{n}.weight" for n, _ in prunable_convs(model, layers)]
     old = getattr(model, SPARSITY_ATTR, None) or {}
     merged = list(dict.fromkeys([*old.get("params", []), *names]))
     setattr(model, SPARSITY_ATTR, {"params": merged, "amount": float(amount), "scope": scope, "method": method,
                                    "layers": layers})
     return layer_sparsity(model, merged)
+
+
+# --------------------------------------------------------------------------------------------- BN correction
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+
+
+class _Moments:
+    """Running per-channel mean and (biased) variance of a layer input over (N, H, W), in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.s, self.ss = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().double()
+        self.n += x.numel() // x.shape[1]
+        self.s = self.s + x.sum((0, 2, 3))
+        self.ss = self.ss + (x * x).sum((0, 2, 3))
+        mean = self.s / self.n
+        return mean, (self.ss / self.n - mean * mean).clamp_min(0)
+
+
+@torch.no_grad()
+def batchnorm_input_stats(model: nn.Module, images: torch.Tensor, *, batch: int = 8) -> dict[str, list[tuple]]:
+    """Per-channel mean and variance of every BatchNorm's input on ``images`` (eval mode, in batches of ``batch``):
+    ``{name: [(mean, var) over the first 1, 2, ... batches]}`` (cumulative, as :func:`correct_batchnorm` needs)."""
+    from .pruning.calibration import run_with_hooks
+
+    moments = {m: _Moments() for _, m in _batchnorms(model)}
+    out: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in moments}
+    run_with_hooks(model, images, list(moments), lambda mod, i, o: out[mod].append(moments[mod].add(i[0])),
+                   batch=batch)
+    return {n: out[m] for n, m in _batchnorms(model) if out.get(m)}
+
+
+@torch.no_grad()
+def correct_batchnorm(model: nn.Module, reference: dict[str, list[tuple]], images: torch.Tensor, *,
+                      batch: int = 8) -> int:
+    """Re-fit each BatchNorm's running statistics so that its output keeps the mean and variance it had before pruning.
+
+    ``reference`` holds the per-channel input mean ``m0`` and variance ``v0`` of every BatchNorm before the weights
+    were zeroed (:func:`batchnorm_input_stats`, same ``images`` and ``batch``). Running ``images`` through the pruned
+    model in order, each BatchNorm measures its new input moments ``m``, ``v`` just before it normalises and takes
+    ``running_mean = m - (m0 - running_mean) * k`` and ``running_var = (running_var + eps) * k**2 - eps`` with
+    ``k = sqrt(v / v0)``: on these images its output has the dense model's per-channel mean and variance again,
+    and the layers after it see corrected activations. Moments accumulate over the batches and are compared with
+    the reference over the same batches, so an unchanged model keeps its statistics exactly. No weight changes.
+    Returns the number of corrected BatchNorms.
+    """
+    original = {m: (m.running_mean.clone(), m.running_var.clone()) for _, m in _batchnorms(model)}
+    names = {m: n for n, m in _batchnorms(model)}
+    moments = {m: _Moments() for m in original}
+    index = [0]
+
+    def pre(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        ref = reference.get(names[mod])
+        if not ref:
+            return
+        mean, var = moments[mod].add(inputs[0])
+        mean0, var0 = ref[min(index[0], len(ref) - 1)]
+        rm, rv = (t.double() for t in original[mod])
+        k = torch.where(var0 > 1e-12, (var / var0.clamp_min(1e-12)).sqrt(), torch.ones_like(var0)).clamp(1e-2, 1e2)
+        mod.running_mean.copy_(mean - (mean0 - rm) * k)
+        mod.running_var.copy_(((rv + mod.eps) * k * k - mod.eps).clamp_min(0))
+
+    handles = [m.register_forward_pre_hook(pre) for m in original]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for index[0], i in enumerate(range(0, len(images), batch)):
+            model(images[i:i + batch].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return sum(1 for m in original if reference.get(names[m]))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -416,6 +498,8 @@ def sparsify(
     method: str = "l1",
     layers: str = "conv",
     data: str | Path | None = None,
+    compensate: bool = True,
+    calib_images: int = 32,
     steps: int = 1,
     step_epochs: int = 1,
     max_map_drop: float | None = None,
@@ -446,7 +530,9 @@ def sparsify(
         method: ``l1`` (smallest |w|), ``random``, or ``percentile`` (cut below the percentile of |w|).
         layers: ``conv`` (every conv but Detect's box/class outputs and the DFL) or ``all`` (with the box/class
             outputs).
-        data: a dataset yaml: mAP before and after, and the fine-tuning between steps.
+        data: a dataset yaml: mAP before and after, the BatchNorm correction and the fine-tuning between steps.
+        compensate, calib_images: with ``data``, correct every BatchNorm's running statistics for the zeroed
+            weights on ``calib_images`` train images (:func:`correct_batchnorm`); no weight changes.
         steps, step_epochs, max_map_drop: reach ``amount`` in ``steps`` equal increments (``amount * k / steps``),
             each followed (when ``steps > 1``) by ``step_epochs`` epochs of fine-tuning that keeps the zeros;
             stop at the first step whose mAP50-95 is more than ``max_map_drop`` below the dense model's and keep
@@ -475,6 +561,12 @@ def sparsify(
         raise UsageError("sparsify with steps>1 (fine-tuning between steps) or max_map_drop needs data=<dataset yaml>")
     backends = tuple(b for b in (backends or ()) if b)
     t_start = time.perf_counter()
+    calib = None
+    if data is not None and compensate and calib_images > 0:
+        from .data import resolve_data
+        from .pruning.calibration import load_calibration_images
+
+        calib = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
 
     if resume:
         save_dir = run_path(project, "sparsify", name)
@@ -482,8 +574,8 @@ def sparsify(
             raise UsageError(f"resume=True but {save_dir} holds no sparsify.json to resume from")
     else:
         save_dir = run_dir(project, "sparsify", name, exist_ok=exist_ok)
-    args = dict(model=str(model), amount=amount, scope=scope, method=method, layers=layers, data=data, steps=steps,
-                step_epochs=step_epochs, max_map_drop=max_map_drop, imgsz=imgsz, batch=batch, seed=seed)
+    args = dict(model=str(model), amount=amount, scope=scope, method=method, layers=layers, data=data,
+                compensate=calib is not None, calib_images=calib_images, steps=steps, step_epochs=step_epochs, max_map_drop=max_map_drop, imgsz=imgsz, batch=batch, seed=seed)
     state = _State(save_dir / "sparsify.json", args)
     if not resume:
         write_yaml(save_dir / "args.yaml", args)
@@ -517,7 +609,7 @@ def sparsify(
         done = state.done(f"step{step}")
         if done is None:
             done = _sparsify_step(state, step, steps, current, amount=amount * step / steps, scope=scope,
-                                  method=method, layers=layers, seed=seed, data=data, tune=tune,
+                                  method=method, layers=layers, seed=seed, data=data, calib=calib, tune=tune,
                                   step_epochs=step_epochs, resume=resume, save_dir=save_dir, val_kw=val_kw,
                                   train_kw=dict(imgsz=imgsz, batch=batch, device=device, seed=seed, verbose=verbose,
                                                 workers=workers, **(train_args or {})), base=base,
@@ -558,7 +650,7 @@ def sparsify(
     return result
 
 
-def _sparsify_step(state, step, steps, current, *, amount, scope, method, layers, seed, data, tune, step_epochs,
+def _sparsify_step(state, step, steps, current, *, amount, scope, method, layers, seed, data, calib, tune, step_epochs,
                    resume, save_dir, val_kw, train_kw, base, max_map_drop, first) -> dict[str, Any]:
     """One increment: sparsify ``current`` to ``amount``, evaluate, fine-tune (keeping the zeros), evaluate."""
     from .models import load_model, save_checkpoint
@@ -566,9 +658,10 @@ def _sparsify_step(state, step, steps, current, *, amount, scope, method, layers
     LOGGER.info("sparsify step %d/%d: %s %s to %.3f of the %s weights", step, steps, method, scope, amount, layers)
     module = copy.deepcopy(current if isinstance(current, nn.Module) else load_model(current).model).float().cpu()
     t0 = time.perf_counter()
-    rows = sparsify_module(module, amount=amount, scope=scope, method=method, layers=layers, seed=seed + step - 1)
+    rows = sparsify_module(module, amount=amount, scope=scope, method=method, layers=layers, seed=seed + step - 1,
+                           calib=calib)
     record: dict[str, Any] = {"step": step, "amount": amount, "sparsity": global_sparsity(rows),
-                              "seconds": time.perf_counter() - t0}
+                              "bn_corrected": calib is not None, "seconds": time.perf_counter() - t0}
     # one step: straight to the final checkpoint (rewritten with its provenance by _write_final)
     ckpt = save_checkpoint(module, save_dir / "weights" / "sparse.pt" if steps == 1 else
                            save_dir / "steps" / f"step{step}.pt")
@@ -660,6 +753,8 @@ def _write_report(result: SparsifyResult, dense: nn.Module, final_ckpt: Path, ba
         f"Global sparsity of the {result.selected_params:,} selected conv weights: **{result.sparsity:.4f}**; "
         f"non-zero parameters of the whole model: {result.nonzero_after:,} of {result.params:,} "
         f"(before: {result.nonzero_before:,}).", "",
+        *(["BatchNorm running statistics were corrected for the zeros on calibration images from the train split "
+            "(`compensate`; no weight changed).", ""] if result.steps and result.steps[0].get("bn_corrected") else []),
         "Checkpoint sizes: the model written as yolo-prune writes checkpoints (fp16, no optimizer), raw and "
         "gzip -9. torch stores tensors uncompressed, so only the compressed size shrinks.", "",
         f"**Speed.** {SPEED_NOTE}", "",
@@ -678,7 +773,8 @@ def sparsify_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> SparsifyRes
     """Run :func:`sparsify` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
     backends = tuple(b.strip() for b in str(cfg.get("backends") or "").split(",") if b.strip() and b.strip() != "None")
     return sparsify(cfg["model"], amount=cfg["amount"], scope=cfg["scope"], method=cfg["method"], layers=cfg["layers"],
-                    data=cfg["data"], steps=cfg["steps"], step_epochs=cfg["step_epochs"],
+                    data=cfg["data"], compensate=cfg["compensate"] not in ("none", False),
+                    calib_images=cfg["calib_images"], steps=cfg["steps"], step_epochs=cfg["step_epochs"],
                     max_map_drop=cfg["max_map_drop"], imgsz=cfg["imgsz"], batch=cfg["batch"], workers=cfg["workers"],
                     device=cfg["device"], seed=cfg["seed"], bench_runs=cfg["bench_runs"],
                     bench_warmup=cfg["bench_warmup"], backends=backends, bench=bool(backends), project=cfg["project"],
