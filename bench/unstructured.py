@@ -25,6 +25,7 @@ Run it as ``OMP_NUM_THREADS=1 nice -n 10 python bench/unstructured.py`` (about a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "busy_processes_at_start": common.busy_processes(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "imgsz": args.imgsz, "epochs": args.epochs, "data": "coco128 split 96 train / 32 val (common.coco128_split)",
         "weights": weights.name, "train": TRAIN, "method": "l1",
+        "env": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0)},
     }
 
     def save() -> None:
@@ -167,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         r = sparsify(str(weights), amount=0.7, scope="global", method="l1", data=str(data), steps=4,
                      step_epochs=args.epochs // 4, imgsz=args.imgsz, batch=TRAIN["batch"], workers=TRAIN["workers"],
-                     bench=False, project=work, name="steps70", exist_ok=True, resume=(work / "steps70" / "sparsify.json").is_file(),
+                     bench=False, project=work, name="steps70", exist_ok=True,
+                     resume=(work / "steps70" / "sparsify.json").is_file(),
                      train_args={k: v for k, v in TRAIN.items() if k not in ("batch", "seed", "workers")})
         after = zeros_of(r.checkpoint)
-        payload["steps"] = {"amount": 0.7, "steps": 4, "step_epochs": args.epochs // 4, "seconds": time.perf_counter() - t0,
+        payload["steps"] = {"amount": 0.7, "steps": 4, "step_epochs": args.epochs // 4,
+                            "seconds": time.perf_counter() - t0,
                             "records": [{k: s.get(k) for k in ("step", "amount", "sparsity", "map50_95_sparse",
                                                                 "map50_sparse", "map50_95", "map50")} for s in r.steps],
                             "map50_95": r.map50_95_after, "map50": r.map50_after, **after}

@@ -287,6 +287,19 @@ def test_sparsify_writes_a_plain_checkpoint_that_reloads_with_its_zeros(dense_pt
     assert np.abs(got - want).max() < 1e-3
 
 
+def test_cli_sparsify_with_data(dense_pt, synthetic, tmp_path, capsys):
+    """The CLI mode end to end with data=: mAP before/after in the table, exact sparsity, BN correction recorded."""
+    argv = ["sparsify", f"model={dense_pt}", "amount=0.3", "scope=layer", "method=percentile", "imgsz=64", "batch=4",
+            "calib_images=4", f"data={synthetic / 'coco.yaml'}", "backends=", f"project={tmp_path}", "name=cli"]
+    assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    out = capsys.readouterr().out
+    assert "SparsifyResult" in out and "mAP50-95" in out and "gzip checkpoint (MB)" in out and "latency" not in out
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["method"] == "percentile" and report["sparsity"] == pytest.approx(0.3, abs=2e-3)
+    assert report["steps"][0]["bn_corrected"] and report["map50_95_after"] is not None
+    assert "corrected for the zeros" in (tmp_path / "cli" / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------- fine-tuning
 def _masked_zero(path: Path, masks: dict[str, torch.Tensor]) -> tuple[bool, int]:
     """(every masked weight is 0, number of unmasked weights that differ from 0) in a checkpoint."""

@@ -138,7 +138,8 @@ class LayerSparsity:
         return self.zeros / self.params if self.params else 0.0
 
 
-def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None, *, layers: str = "conv") -> list[LayerSparsity]:
+def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None, *,
+                   layers: str = "conv") -> list[LayerSparsity]:
     """Per-layer zeros of the listed parameter names (default: the weights of :func:`prunable_convs`)."""
     params = dict(model.named_parameters())
     if names is None:
@@ -562,11 +563,14 @@ def sparsify(
     backends = tuple(b for b in (backends or ()) if b)
     t_start = time.perf_counter()
     calib = None
-    if data is not None and compensate and calib_images > 0:
+    if data is not None:
         from .data import resolve_data
-        from .pruning.calibration import load_calibration_images
 
-        calib = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
+        spec = resolve_data(data)  # fails early on a bad dataset
+        if compensate and calib_images > 0:
+            from .pruning.calibration import load_calibration_images
+
+            calib = load_calibration_images(spec.train_images, n=calib_images, imgsz=imgsz, seed=seed)
 
     if resume:
         save_dir = run_path(project, "sparsify", name)
@@ -575,14 +579,12 @@ def sparsify(
     else:
         save_dir = run_dir(project, "sparsify", name, exist_ok=exist_ok)
     args = dict(model=str(model), amount=amount, scope=scope, method=method, layers=layers, data=data,
-                compensate=calib is not None, calib_images=calib_images, steps=steps, step_epochs=step_epochs, max_map_drop=max_map_drop, imgsz=imgsz, batch=batch, seed=seed)
-    state = _State(save_dir / "sparsify.json", args)
-    if not resume:
+                compensate=calib is not None, calib_images=calib_images, steps=steps, step_epochs=step_epochs,
+                max_map_drop=max_map_drop, imgsz=imgsz, batch=batch, seed=seed)
+    if not resume:  # a reused folder (exist_ok) starts afresh
+        (save_dir / "sparsify.json").unlink(missing_ok=True)
         write_yaml(save_dir / "args.yaml", args)
-    if data is not None:
-        from .data import resolve_data
-
-        resolve_data(data)  # fail early on a bad dataset
+    state = _State(save_dir / "sparsify.json", args)
     val_kw = dict(imgsz=imgsz, batch=batch, device=device)
 
     source = load_model(model)
@@ -638,7 +640,8 @@ def sparsify(
 
     result = SparsifyResult(
         save_dir=save_dir, checkpoint=final_ckpt, amount=amount, scope=scope, method=method, layers=layers,
-        imgsz=imgsz, sparsity=fin["sparsity"], sparsity_before=base["sparsity"], selected_params=fin["selected_params"], params=fin["params"],
+        imgsz=imgsz, sparsity=fin["sparsity"], sparsity_before=base["sparsity"],
+        selected_params=fin["selected_params"], params=fin["params"],
         nonzero_before=base["nonzero"], nonzero_after=fin["nonzero"], size_before=base["size"],
         size_after=fin["size"], gzip_before=base["gzip"], gzip_after=fin["gzip"],
         map50_95_before=base["map50_95"], map50_95_after=kept.get("map50_95"), map50_before=base["map50"],
@@ -704,7 +707,8 @@ def _write_final(save_dir: Path, final_ckpt: Path, kept: dict[str, Any], source:
                         "kept_step": kept["step"]}
     save_checkpoint(module, final_ckpt, train_args=getattr(module, "args", None), provenance=prov)
     size, gz = checkpoint_sizes(final_ckpt)
-    return {"checkpoint": str(final_ckpt), "sparsity": global_sparsity(rows), "selected_params": sum(r.params for r in rows),
+    return {"checkpoint": str(final_ckpt), "sparsity": global_sparsity(rows),
+            "selected_params": sum(r.params for r in rows),
             "nonzero": nz, "params": total, "size": size, "gzip": gz, "layers": [dataclasses.asdict(r) for r in rows]}
 
 
