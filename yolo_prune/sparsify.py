@@ -626,7 +626,7 @@ def sparsify(
     fin = state.done("final")
     final_ckpt = save_dir / "weights" / "sparse.pt"
     if fin is None:
-        fin = _write_final(save_dir, final_ckpt, kept, model, seed, args, layers)
+        fin = _write_final(final_ckpt, kept, model, seed, args)
         fin = state.finish("final", fin)
 
     # latency (does not improve; measured to show it) ---------------------------------------------------------
@@ -693,8 +693,8 @@ def _sparsify_step(state, step, steps, current, *, amount, scope, method, layers
     return state.finish(f"step{step}", record)
 
 
-def _write_final(save_dir: Path, final_ckpt: Path, kept: dict[str, Any], source: Any, seed: int,
-                 args: dict[str, Any], layers: str) -> dict[str, Any]:
+def _write_final(final_ckpt: Path, kept: dict[str, Any], source: Any, seed: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Write the kept step's model as ``weights/sparse.pt`` with its provenance; its sparsity facts for the state."""
     from .models import load_model, save_checkpoint
     from .provenance import provenance
 
