@@ -306,7 +306,11 @@ def block_unstructured(name: str = "unstructured") -> str:
     if ft:
         out.append(f"\n**After a short fine-tune** ({ep} epochs on the 96 train images, `yolo-prune finetune`, "
                    f"recipe `{res['train']}`), from the BN-corrected checkpoints.\n")
-        rows = [(r["label"], f(r["sparsity"]), f(r["map50_95_before"]), f(r["map50_95"]), f(r["map50"]),
+        def start(r: dict[str, Any]) -> Any:  # the BN-corrected one-shot checkpoint each fine-tune starts from
+            src = by.get((r["label"].split()[-1], r["amount"])) if r.get("amount") is not None else None
+            return src["map50_95_bn"] if src else r["map50_95_before"]
+
+        rows = [(r["label"], f(r["sparsity"]), f(start(r)), f(r["map50_95"]), f(r["map50"]),
                  mb(r["gzip"]), "-" if r["zeros_before"] is None else ("yes" if r["zeros_kept"] else "**no**"))
                 for r in ft]
         st = res.get("steps")

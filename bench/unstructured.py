@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     oneshot = {f"{r['scope']}{int(r['amount'] * 100)}": r for r in payload["oneshot"]}
     tuned_row("dense", dense_pt, "dense", {**payload["dense"], "zeros": None}, None)
     runs = [("global70", 0.7)] if args.quick else [("global50", 0.5), ("global70", 0.7), ("layer70", 0.7)]
-    for key, amount in runs:
-        tuned_row(f"{int(amount * 100)}% {key.rstrip('0123456789')}", ckpts[key], key, oneshot[key], amount)
+    for key, amount in runs:  # from the BN-corrected one-shot checkpoints
+        start = {**oneshot[key], "map50_95": oneshot[key]["map50_95_bn"], "map50": oneshot[key]["map50_bn"]}
+        tuned_row(f"{int(amount * 100)}% {key.rstrip('0123456789')}", ckpts[key], key, start, amount)
     if not args.quick and args.epochs >= 4:
         t0 = time.perf_counter()
         r = sparsify(str(weights), amount=0.7, scope="global", method="l1", data=str(data), steps=4,

@@ -369,6 +369,18 @@ def test_finetune_keeps_zeros_through_epochs_resume_and_reload(sparse_pt, data, 
 
 
 @pytest.mark.slow
+def test_sparsity_training_keeps_zeros_too(sparse_pt, data, tmp_path):
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from yolo_prune.train import sparse_train
+
+    masks = zero_masks(load_checkpoint(sparse_pt)[0])
+    res = sparse_train(sparse_pt, data, sr=0.01, epochs=1, project=tmp_path, name="sp", **FAST)
+    ok, free = _masked_zero(res.last, masks)
+    assert ok and free > 0
+
+
+@pytest.mark.slow
 def test_ddp_worker_rebuild_keeps_zeros(sparse_pt, data, tmp_path):
     """ultralytics' DDP worker script rebuilds FinetuneTrainer from vars(args) in a fresh process: the masks come from
     the checkpoint on disk, and the zeros survive."""

@@ -37,6 +37,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import UsageError
 from ..io import atomic_write, write_json
+from ..sparsify import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 
 __all__ = [
@@ -167,7 +168,7 @@ def save_gamma_histogram(
 
 
 # --------------------------------------------------------------------------------------------- trainer
-class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
+class SparseTrainer(KeepZerosMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` with an L1 penalty on BatchNorm gammas.
 
     Extra overrides (not ultralytics keys): ``sr`` (float >= 0), ``sr_schedule`` (constant | linear |
@@ -235,6 +236,7 @@ class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
+        self.keep_zeros()  # a sparsified checkpoint's zeros stay zero (KeepZerosMixin)
 
     # Reporting -------------------------------------------------------------------------------------
     def _report_model(self) -> nn.Module:
