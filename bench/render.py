@@ -306,6 +306,10 @@ def block_unstructured(name: str = "unstructured") -> str:
     if ft:
         out.append(f"\n**After a short fine-tune** ({ep} epochs on the 96 train images, `yolo-prune finetune`, "
                    f"recipe `{res['train']}`), from the BN-corrected checkpoints.\n")
+        def kept_str(st: dict[str, Any]) -> str:  # the final zeros = exactly those of a one-shot cut to the amount
+            ref = by.get(("global", st["amount"]))
+            return "n/a" if ref is None else ("yes" if st["zeros"] == ref["zeros"] else "**no**")
+
         def start(r: dict[str, Any]) -> Any:  # the BN-corrected one-shot checkpoint each fine-tune starts from
             src = by.get((r["label"].split()[-1], r["amount"])) if r.get("amount") is not None else None
             return src["map50_95_bn"] if src else r["map50_95_before"]
@@ -315,15 +319,16 @@ def block_unstructured(name: str = "unstructured") -> str:
                 for r in ft]
         st = res.get("steps")
         if st:
-            rows.append((f"70% global in {st['steps']} steps of {st['step_epochs']} epochs "
+            last = st["records"][-1]
+            rows.append((f"{st['amount']:.0%} global in {st['steps']} steps of {st['step_epochs']} epochs "
                          f"(`steps={st['steps']} step_epochs={st['step_epochs']}`)", f(st["sparsity"]),
-                         f(st["records"][0].get("map50_95_sparse")) + " (step 1)", f(st["map50_95"]), f(st["map50"]),
-                         mb(st["gzip"]), "yes"))
+                         f(last.get("map50_95_sparse")) + " (after its last step)", f(st["map50_95"]), f(st["map50"]),
+                         mb(st["gzip"]), kept_str(st)))
         out.append(md_table(rows, ("model", "sparsity of conv weights", "mAP50-95 before fine-tune",
                                    f"mAP50-95 after {ep} epochs", "mAP50 after", "gzip MB", "zeros kept exactly")))
         if st:
             out.append("\nSteps: " + "; ".join(
-                f"{s['amount']:.0%}: {f(s.get('map50_95_sparse'))} -> {f(s.get('map50_95'))}" for s in st["records"])
+                f"{100 * s['amount']:g}%: {f(s.get('map50_95_sparse'))} -> {f(s.get('map50_95'))}" for s in st["records"])
                 + " (mAP50-95 right after each step -> after its fine-tune).")
     combo = res.get("combo", [])
     if combo:
