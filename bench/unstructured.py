@@ -66,19 +66,23 @@ def val(model: Any, data: Path, imgsz: int) -> dict[str, float]:
 
 
 def tune(src: Path, data: Path, imgsz: int, epochs: int, run: str, work: Path) -> Path:
-    """Fine-tune (reusing a finished run of the same name and epochs) and return best.pt (or last.pt)."""
+    """Fine-tune ``src`` and return best.pt (or last.pt); a finished run of the same name, epochs and source
+    checkpoint (sha256 recorded in its ``done`` file) is reused."""
+    from yolo_prune.io import sha256_file
     from yolo_prune.train import finetune
 
     run = f"{run}_e{epochs}"
     folder = work / "finetune" / run
-    for name in ("best.pt", "last.pt"):
-        p = folder / "weights" / name
-        if p.is_file() and (folder / "done").is_file():
-            return p
+    key = sha256_file(src)
+    done = folder / "done"
+    if done.is_file() and done.read_text().strip() == key:
+        for name in ("best.pt", "last.pt"):
+            if (folder / "weights" / name).is_file():
+                return folder / "weights" / name
     r = finetune(str(src), str(data), epochs=epochs, imgsz=imgsz, project=folder.parent, name=run, exist_ok=True,
                  **{k: v for k, v in TRAIN.items() if k not in ("batch", "seed")}, batch=TRAIN["batch"],
                  seed=TRAIN["seed"])
-    (folder / "done").write_text("ok\n")
+    done.write_text(key + "\n")
     return r.best or r.last
 
 
