@@ -2,7 +2,7 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``families``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``families``, ``distill``, ``unstructured``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -371,17 +371,105 @@ def block_distill(name: str = "distill") -> str:
     return "\n".join(out)
 
 
+def block_unstructured(name: str = "unstructured") -> str:
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `OMP_NUM_THREADS=1 nice -n 10 python bench/unstructured.py`._"
+
+    def mb(b: Any) -> str:
+        return "n/a" if b is None else f"{b / 1e6:.2f}"
+
+    d = res["dense"]
+    ep = res["epochs"]
+    env = res.get("env") or {"OMP_NUM_THREADS": "1", "nice": 10}  # the first full run predates the record
+    prefix = (f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " if env.get("OMP_NUM_THREADS") else "") + \
+        (f"nice -n {env['nice']} " if env.get("nice") else "")
+    out = [f"Command: `{prefix}{res.get('command', '?')}` (started {res.get('started', '?')}, "
+           f"total {minutes(res.get('total_seconds'))}). {load_note(res)}.",
+           f"\nFixture yolov8n ({res['weights']}), {res['data']}, imgsz {res['imgsz']}, method `l1`, "
+           f"`layers=conv` (Detect's box/class output convs and DFL untouched). Dense: mAP50-95 {f(d['map50_95'])}, "
+           f"mAP50 {f(d['map50'])}; {d['nonzero'] / 1e6:.2f} M non-zero of {d['params'] / 1e6:.2f} M parameters "
+           f"({d['sparsity']:.1%} of the conv weights are already 0 in this INT8-rebuilt checkpoint); checkpoint "
+           f"{mb(d['size'])} MB, gzip -9 {mb(d['gzip'])} MB (fp16, no optimizer, as `sparsify` writes it).",
+           "\n**Right after sparsifying** (no fine-tuning). 'weights only': `sparsify` without `data=`; "
+           "'+ BN': with `data=`, every BatchNorm's running statistics re-fitted on 32 train images so that its "
+           "output keeps the dense model's mean and variance (the zeros are the same).\n"]
+    by = {(r["scope"], r["amount"]): r for r in res.get("oneshot", [])}
+    rows = []
+    for amount in sorted({a for _, a in by}):
+        g, l_ = by.get(("global", amount), {}), by.get(("layer", amount), {})
+        rows.append((f"{amount:.0%}", f(g.get("map50_95")), f(g.get("map50_95_bn")), f(l_.get("map50_95")),
+                     f(l_.get("map50_95_bn")), f(g.get("map50_bn")), f(l_.get("map50_bn")),
+                     f"{g.get('nonzero', 0) / 1e6:.2f}", mb(g.get("gzip")), mb(l_.get("gzip"))))
+    out.append(md_table(rows, ("conv weights = 0", "mAP50-95 global, weights only", "global + BN",
+                               "per layer, weights only", "per layer + BN", "mAP50 global + BN",
+                               "mAP50 per layer + BN", "non-zero params (M)", "gzip MB global", "gzip MB per layer")))
+    out.append(f"\nRaw checkpoint size at every level: {mb(next(iter(by.values()), {}).get('size'))} MB "
+               f"(dense {mb(d['size'])} MB): torch stores tensors uncompressed.")
+    ft = res.get("finetune", [])
+    if ft:
+        out.append(f"\n**After a short fine-tune** ({ep} epochs on the 96 train images, `yolo-prune finetune`, "
+                   f"recipe `{res['train']}`), from the BN-corrected checkpoints.\n")
+        def kept_str(st: dict[str, Any]) -> str:  # the final zeros = exactly those of a one-shot cut to the amount
+            ref = by.get(("global", st["amount"]))
+            return "n/a" if ref is None else ("yes" if st["zeros"] == ref["zeros"] else "**no**")
+
+        def start(r: dict[str, Any]) -> Any:  # the BN-corrected one-shot checkpoint each fine-tune starts from
+            src = by.get((r["label"].split()[-1], r["amount"])) if r.get("amount") is not None else None
+            return src["map50_95_bn"] if src else r["map50_95_before"]
+
+        rows = [(r["label"], f(r["sparsity"]), f(start(r)), f(r["map50_95"]), f(r["map50"]),
+                 mb(r["gzip"]), "-" if r["zeros_before"] is None else ("yes" if r["zeros_kept"] else "**no**"))
+                for r in ft]
+        st = res.get("steps")
+        if st:
+            last = st["records"][-1]
+            rows.append((f"{st['amount']:.0%} global in {st['steps']} steps of {st['step_epochs']} epochs "
+                         f"(`steps={st['steps']} step_epochs={st['step_epochs']}`)", f(st["sparsity"]),
+                         f(last.get("map50_95_sparse")) + " (after its last step)", f(st["map50_95"]), f(st["map50"]),
+                         mb(st["gzip"]), kept_str(st)))
+        out.append(md_table(rows, ("model", "sparsity of conv weights", "mAP50-95 before fine-tune",
+                                   f"mAP50-95 after {ep} epochs", "mAP50 after", "gzip MB", "zeros kept exactly")))
+        if st:
+            out.append("\nSteps: " + "; ".join(
+                f"{100 * s['amount']:g}%: {f(s.get('map50_95_sparse'))} -> {f(s.get('map50_95'))}" for s in st["records"])
+                + " (mAP50-95 right after each step -> after its fine-tune).")
+    combo = res.get("combo", [])
+    if combo:
+        out.append(f"\n**Channels, then weights**: `prune(method=bn, target_macs=0.7, data=...)` (lstsq "
+                   f"compensation), then `sparsify(amount=0.5, data=...)`; each model fine-tuned {ep} epochs as above.\n")
+        rows = [(r["label"], f(r["macs_ratio"]), f"{r['nonzero'] / 1e6:.2f}", mb(r["size"]), mb(r["gzip"]),
+                 f(r["map50_95"]), f(r.get("map50_95_tuned"))) for r in combo]
+        out.append(md_table(rows, ("model", "MACs kept", "non-zero params (M)", "checkpoint MB", "gzip MB",
+                                   "mAP50-95 right after", f"mAP50-95 after {ep} epochs")))
+    lat = res.get("latency")
+    if lat:
+        ent = lat["entries"]
+        rows = []
+        for model in dict.fromkeys(e["model"] for e in ent):
+            t = next((e for e in ent if e["model"] == model and e["backend"] == "torch"), None)
+            o = next((e for e in ent if e["model"] == model and e["backend"] == "onnx"), None)
+            rows.append((model, f(t and t["median_ms"], 1), f(t and t["ratio_vs_reference"]), f(o and o["median_ms"], 1),
+                         f(o and o["ratio_vs_reference"])))
+        out.append(f"\n**Latency** (batch 1, imgsz {res['imgsz']}, {lat['threads']} thread, {lat['runs']} interleaved "
+                   "runs per model and backend; a shared machine, so read the ratios). Unstructured zeros do not make "
+                   "a dense runtime faster: the tensors keep their shapes and every zero is still multiplied.\n")
+        out.append(md_table(rows, ("model", "torch ms", "torch ratio", "onnxruntime ms", "onnxruntime ratio")))
+    return "\n".join(out)
+
+
 def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
-                     ("families_quick", block_families), ("distill_quick", block_distill)):
+                     ("families_quick", block_families), ("distill_quick", block_distill),
+                     ("unstructured_quick", block_unstructured)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
 
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
-          "cost": block_cost, "families": block_families, "distill": block_distill, "quick": block_quick}
+          "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured, "quick": block_quick}
 
 
 def render(text: str) -> str:

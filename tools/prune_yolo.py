@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="ultralytics .pt checkpoint (or model yaml) to prune; with --resume: the run folder")
     p.add_argument("--data", help="dataset yaml: YOLO format or COCO format (train/val + *_json); not with --resume")
-    p.add_argument("--method", default=d["method"], choices=["bn", "l1", "l2", "activation", "random"],
+    p.add_argument("--method", default=d["method"] or "bn", choices=["bn", "l1", "l2", "activation", "random"],
                    help="channel ranking (default: %(default)s)")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-macs", type=float, default=d["target_macs"],

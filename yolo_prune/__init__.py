@@ -7,6 +7,7 @@ The public API follows the pipeline::
     sparse = yp.sparse_train(model, "data.yaml", sr=1e-3, epochs=30)  # 2. sparsity training
     pruned = yp.prune(sparse.best, method="bn", target_macs=0.5)      # 3. rank + remove channels
     tuned = yp.finetune(pruned.checkpoint, "data.yaml", epochs=30)    # 4. fine-tune
+    zeroed = yp.sparsify(tuned.best, amount=0.5, data="data.yaml")    #    + zero single weights
     yp.validate(tuned.best, "data.yaml")                              # 5. COCO mAP
     yp.benchmark({"dense": "best.pt", "pruned": tuned.best})          #    latency
     yp.export(tuned.best, format="onnx", save_dir="out")              #    export
@@ -28,6 +29,7 @@ _API = {
     "save_checkpoint": ("yolo_prune.models", "save_checkpoint"),
     "sparse_train": ("yolo_prune.train", "sparse_train"),
     "prune": ("yolo_prune.pruning", "prune"),
+    "sparsify": ("yolo_prune.sparsify", "sparsify"),
     "finetune": ("yolo_prune.train", "finetune"),
     "validate": ("yolo_prune.evaluate", "evaluate"),
     "benchmark": ("yolo_prune.bench", "measure_latency"),
@@ -38,6 +40,7 @@ _API = {
     "SparseTrainer": ("yolo_prune.train", "SparseTrainer"),
     "FinetuneTrainer": ("yolo_prune.train", "FinetuneTrainer"),
     "PruneResult": ("yolo_prune.pruning", "PruneResult"),
+    "SparsifyResult": ("yolo_prune.sparsify", "SparsifyResult"),
     "YoloPruneError": ("yolo_prune.errors", "YoloPruneError"),
 }
 

@@ -27,6 +27,7 @@ Modes:
   pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
   sparse    sparsity training: L1 on BatchNorm gammas                            (model= data= sr= epochs=)
   prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
+  sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)
   finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
   bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
@@ -37,6 +38,7 @@ Modes:
 Examples:
   yolo-prune demo
   yolo-prune prune model=best.pt method=bn target_macs=0.5
+  yolo-prune sparsify model=best.pt amount=0.5 data=data.yaml
   yolo-prune pipeline model=best.pt data=coco.yaml cfg=slim.yaml
   yolo-prune val model=runs/prune/prune/weights/pruned.pt data=data.yaml
 
@@ -93,6 +95,12 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
                  seed=cfg["seed"],
                  validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
                  **_common(cfg))
+
+
+def run_sparsify(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .sparsify import sparsify_from_cfg
+
+    return sparsify_from_cfg(cfg, extra)
 
 
 def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
@@ -172,6 +180,7 @@ def _data(cfg: dict[str, Any]) -> Any:
 RUNNERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
     "sparse": run_sparse,
     "prune": run_prune,
+    "sparsify": run_sparsify,
     "finetune": run_finetune,
     "val": run_val,
     "bench": run_bench,

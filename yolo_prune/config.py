@@ -21,7 +21,7 @@ from .errors import UsageError
 
 LOGGER = logging.getLogger("yolo_prune")
 
-MODES = ("sparse", "prune", "finetune", "val", "bench", "export", "pipeline", "demo")
+MODES = ("sparse", "prune", "sparsify", "finetune", "val", "bench", "export", "pipeline", "demo")
 COMMANDS = ("help", "cfg", "version")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
@@ -158,9 +158,22 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         new = int(math.ceil(cfg["imgsz"] / 32) * 32)
         LOGGER.warning("imgsz=%s is not a multiple of 32, using imgsz=%s", cfg["imgsz"], new)
         cfg["imgsz"] = new
-    if cfg.get("method") not in METHODS:
-        raise UsageError(f"unknown method {cfg.get('method')!r}{_suggest(str(cfg.get('method')), METHODS)}; "
-                         f"choose one of {', '.join(METHODS)}")
+    _number(cfg, "amount", float, lo=0, hi=1, hi_open=True)
+    # method ranks channels (prune, pipeline) or weights (sparsify); empty means the mode's first choice
+    from .sparsify import LAYER_SETS, SCOPES
+    from .sparsify import METHODS as WEIGHT_METHODS
+
+    sparsify = cfg.get("mode") == "sparsify"
+    methods = WEIGHT_METHODS if sparsify else METHODS
+    if cfg.get("method") is None:
+        cfg["method"] = methods[0]
+    if cfg.get("method") not in methods:
+        raise UsageError(f"unknown method {cfg.get('method')!r}{' for sparsify' if sparsify else ''}"
+                         f"{_suggest(str(cfg.get('method')), methods)}; choose one of {', '.join(methods)}")
+    for key, choices in (("scope", SCOPES), ("layers", LAYER_SETS)):
+        if cfg.get(key) not in choices:
+            raise UsageError(f"unknown {key} {cfg.get(key)!r}{_suggest(str(cfg.get(key)), choices)}; "
+                             f"choose one of {', '.join(choices)}")
     if cfg.get("sr_schedule") not in ("constant", "linear", "cosine"):
         raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
     if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):

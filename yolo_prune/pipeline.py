@@ -180,17 +180,8 @@ def pipeline(
 
     def stage_training(mode: str, run: str, fn, source, epochs: int, **kw) -> dict[str, Any]:
         """Train into ``save_dir/mode/run``; on resume continue from its last.pt if it has one."""
-        folder = save_dir / mode / run
-        last = folder / "weights" / "last.pt"
-        if resume and last.is_file() and _training_finished(last):  # finished, but not yet recorded
-            best = folder / "weights" / "best.pt"
-            return {"mode": mode, "save_dir": str(folder), "best": str(best if best.is_file() else last),
-                    "last": str(last), "epochs": epochs}
-        if resume and last.is_file():
-            result = fn(last, data, resume=last, project=save_dir / mode, name=run, **train_kw, **kw)
-        else:
-            result = fn(source, data, epochs=epochs, project=save_dir / mode, name=run, exist_ok=True, **train_kw, **kw)
-        return dataclasses.asdict(result)
+        return {"mode": mode, **train_stage(fn, source, data, save_dir / mode / run, epochs, resume=resume,
+                                            **train_kw, **kw)}
 
     # 1. baseline -------------------------------------------------------------------------------------
     LOGGER.info("pipeline: run folder %s", save_dir)
@@ -369,6 +360,24 @@ def _pipeline_teacher(teacher: Any, model: Any, nc: int, save_dir: Path) -> str 
                        "teacher", head_nc, nc)
         return None
     return str(path)
+
+
+def train_stage(fn, source: Any, data: Any, folder: Path, epochs: int, *, resume: bool, **kw: Any) -> dict[str, Any]:
+    """Train ``source`` with ``fn`` (``finetune`` / ``sparse_train``) into ``folder``; the stage's outputs as a dict.
+
+    With ``resume``, a run in ``folder`` that finished but was not yet recorded is taken as it is, and an
+    interrupted one continues from its ``last.pt``. Used by :func:`pipeline` and :func:`yolo_prune.sparsify.sparsify`.
+    """
+    last = folder / "weights" / "last.pt"
+    if resume and last.is_file() and _training_finished(last):  # finished, but not yet recorded
+        best = folder / "weights" / "best.pt"
+        return {"save_dir": str(folder), "best": str(best if best.is_file() else last), "last": str(last),
+                "epochs": epochs}
+    if resume and last.is_file():
+        result = fn(last, data, resume=last, project=folder.parent, name=folder.name, **kw)
+    else:
+        result = fn(source, data, epochs=epochs, project=folder.parent, name=folder.name, exist_ok=True, **kw)
+    return dataclasses.asdict(result)
 
 
 def _training_finished(last: Path) -> bool:

@@ -98,3 +98,45 @@ def _save(fig: Any, path: str | Path) -> Path:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_layer_sparsity(rows: Sequence[tuple[str, float]], path: str | Path, *, overall: float | None = None) -> Path:
+    """Bar chart of the fraction of zero weights per layer (``rows``: (name, sparsity)), with the overall line."""
+    plt = _pyplot()
+    names = [n.replace("model.", "") for n, _ in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.18), 4))
+    x = range(len(names))
+    ax.bar(x, [s for _, s in rows], color="#1f77b4")
+    if overall is not None:
+        ax.axhline(overall, color="k", linestyle="--", linewidth=1, label=f"overall {overall:.3f}")
+        ax.legend()
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of weights = 0")
+    ax.set_title("sparsity per layer")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_weight_histograms(layers: dict[str, tuple[Any, Any]], path: str | Path, *, bins: int = 101) -> Path:
+    """One panel per layer: histogram of its weight values before and after (numpy arrays), log-scaled counts."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = max(1, len(layers))
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4), squeeze=False)
+    for ax, (name, (before, after)) in zip(axes[0], layers.items()):
+        hi = float(max(np.abs(before).max(initial=0), np.abs(after).max(initial=0))) or 1.0
+        rng = (-hi, hi)  # odd bin count: 0 sits in the middle of a bin
+        ax.hist(before, bins=bins, range=rng, label=f"before ({float((before == 0).mean()):.0%} zero)",
+                color="#c7c7c7")
+        ax.hist(after, bins=bins, range=rng, histtype="step", linewidth=1.2, color="#1f77b4",
+                label=f"after ({float((after == 0).mean()):.0%} zero)")
+        ax.set_yscale("log")
+        ax.set_title(name.replace("model.", ""), fontsize=8)
+        ax.set_xlabel("weight")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("count (log)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -37,6 +37,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import UsageError
 from ..io import atomic_write, write_json
+from ..sparsify import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
 
@@ -168,7 +169,7 @@ def save_gamma_histogram(
 
 
 # --------------------------------------------------------------------------------------------- trainer
-class SparseTrainer(DistillMixin, KeepArchitectureMixin, DetectionTrainer):
+class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` with an L1 penalty on BatchNorm gammas.
 
     Extra overrides (not ultralytics keys): ``sr`` (float >= 0), ``sr_schedule`` (constant | linear |
@@ -237,6 +238,7 @@ class SparseTrainer(DistillMixin, KeepArchitectureMixin, DetectionTrainer):
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
+        self.keep_zeros()  # a sparsified checkpoint's zeros stay zero (KeepZerosMixin)
 
     # Reporting -------------------------------------------------------------------------------------
     def _report_model(self) -> nn.Module:
