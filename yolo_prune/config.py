@@ -140,7 +140,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     from .pruning.importance import METHODS
 
     _number(cfg, "ratio", float, lo=0, hi=1, hi_open=True, optional=True)
-    _number(cfg, "target_macs", float, lo=0, hi=1, lo_open=True)
+    _number(cfg, "target_macs", float, lo=0, hi=1, lo_open=True, optional=True)
+    _number(cfg, "threshold", float, lo=0, lo_open=True, optional=True)
+    _number(cfg, "greg_ramp", float, lo=0, hi=1, lo_open=True)
     _number(cfg, "max_layer_ratio", float, lo=0, hi=1, lo_open=True, hi_open=True)
     _number(cfg, "tolerance", float, lo=0, hi=1, lo_open=True)
     _number(cfg, "round_to", int, lo=1, optional=True)
@@ -161,11 +163,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("method") not in METHODS:
         raise UsageError(f"unknown method {cfg.get('method')!r}{_suggest(str(cfg.get('method')), METHODS)}; "
                          f"choose one of {', '.join(METHODS)}")
-    if cfg.get("sr_schedule") not in ("constant", "linear", "cosine"):
-        raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
+    if cfg.get("sr_schedule") not in ("constant", "linear", "cosine", "ramp"):
+        raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear, cosine or ramp")
+    if cfg.get("sr_mode") not in ("proximal", "subgradient", "greg"):
+        raise UsageError(f"sr_mode={cfg.get('sr_mode')!r} must be proximal, subgradient or greg")
     if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
         raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
-    for key in ("global_pruning", "exist_ok", "verbose", "resume"):
+    for key in ("global_pruning", "exist_ok", "verbose", "resume", "sr_group", "sr_head"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")
     check_device(cfg.get("device"))
