@@ -267,9 +267,38 @@ def block_pruneonly(name: str = "frontier_pruneonly") -> str:
     return "\n".join(out)
 
 
+def block_sparsity(name: str = "sparsity_bccd") -> str:
+    """Sparsity training that frees channels (bench/sparsity.py): one row per condition."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No results yet: `bench/results/{name}.json` is missing._"
+    dense = res["dense"]["map"]["map50_95"]
+    rows = [("dense start model (as given)", "-", "-", "-", f(dense), "-", "-", "1.000", f(dense), "-", "-")]
+    for r in res["rows"]:
+        o, sp, fr = r["options"], r["sparse"], r["freed"]
+        opt = "SGD" if o.get("optimizer") == "SGD" else "AdamW (auto)"
+        mode = o.get("sr_mode", "-") + ("+group" if o.get("sr_group") else "")
+        extra = [] if o.get("sr_head", True) else ["head not penalised"]
+        if o.get("sr_schedule", "constant") != "constant":
+            extra.append(f"schedule {o['sr_schedule']}")
+        if o.get("sr_mode") == "greg":
+            extra.append(f"target {o.get('target_macs')}")
+        rows.append((r["name"], opt, mode + (f" ({', '.join(extra)})" if extra else ""), f"{o.get('sr'):g}",
+                     f(sp["map"]["map50_95"]), f"{100 * (sp.get('gamma_zero') or 0):.1f}%",
+                     f"{100 * (sp.get('free_macs') or 0):.1f}%", f(fr["macs_ratio"]), f(fr["map"]["map50_95"]),
+                     f"{fr['map']['map50_95'] - dense:+.3f}",
+                     f"{fr['max_abs_change_interior']:.1e} / {fr['max_abs_change']:.1e}"))
+    head = (f"{res.get('data')} at imgsz {res.get('imgsz')}, {res.get('epochs')} sparse epochs (batch 16, nbs 16), "
+            f"gamma_threshold {res.get('threshold')}; COCO mAP50-95 of `last.pt`. {cmd(res)}; {load_note(res)}.\n")
+    return head + "\n" + md_table(rows, ("condition", "optimizer", "mode", "sr", "mAP after sparse", "gammas = 0",
+                                         "MACs free", "MACs kept after free removal", "mAP after removal (no FT)",
+                                         "vs dense", "max abs change of head outputs: interior / all"))
+
+
 def block_quick() -> str:
     out = []
-    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost)):
+    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
+                     ("sparsity_fixture_quick", block_sparsity)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
@@ -283,6 +312,8 @@ def render(text: str) -> str:
     # parameterised frontier blocks: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
     pattern = re.compile(r"(<!-- BEGIN frontier:(\w+) -->\n).*?(<!-- END frontier:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN sparsity:(\w+) -->\n).*?(<!-- END sparsity:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_sparsity(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):

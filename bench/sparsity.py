@@ -62,6 +62,7 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw_group_sr0.3": _c("AdamW, proximal group sr=0.3", sr_mode="proximal", sr_group=True, sr=0.3, **_ADAMW),
     "adamw_group_sr1": _c("AdamW, proximal group sr=1", sr_mode="proximal", sr_group=True, sr=1.0, **_ADAMW),
     "adamw_group_sr3": _c("AdamW, proximal group sr=3", sr_mode="proximal", sr_group=True, sr=3.0, **_ADAMW),
+    "adamw_group_sr6": _c("AdamW, proximal group sr=6", sr_mode="proximal", sr_group=True, sr=6.0, **_ADAMW),
     "adamw_group_sr1_ramp": _c("AdamW, proximal group sr=1, ramp", sr_mode="proximal", sr_group=True, sr=1.0,
                                sr_schedule="ramp", **_ADAMW),
     "adamw_group_sr1_nohead": _c("AdamW, proximal group sr=1, head not penalised", sr_mode="proximal",
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             run_condition(work / n, args.data, n, args.epochs, args.imgsz, args.threshold, extra)
     rows = [json.loads((work / n / "result.json").read_text()) for n in names if (work / n / "result.json").is_file()]
     payload = {**meta, "data": args.data, "work": ds_key, "dense": dense_reference(work, args.data, args.imgsz),
-               "rows": rows}
+               "rows": rows, "total_seconds": sum(r["sparse"]["train_seconds"] + r["freed"]["prune_seconds"]
+                                                  for r in rows)}
     path = common.write_result(args.name or f"sparsity_{ds_key}", payload)
     log(f"wrote {path}")
     return 0

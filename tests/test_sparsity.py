@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +355,49 @@ def test_greg_training_then_free_removal_is_the_trained_model(synthetic, tmp_pat
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     trained = copy.deepcopy(load_model(res.best).model).float()
     assert max_change(trained, pr.model.model.float(), x) < 1e-3  # fp16 checkpoint; border included
+
+
+def test_resumed_greg_keeps_its_plan(synthetic, tmp_path):
+    """On resume the penalty is rebuilt (nothing pickled) but greg's channels come from the run's greg_plan.json,
+    not from a new ranking of the half-trained model."""
+    from yolo_prune.train import SparseTrainer
+    from yolo_prune.train.penalty import GregPlan, save_plan
+
+    trainer = SparseTrainer(overrides={"model": "yolov8n.yaml", "data": str(synthetic / "yolo.yaml"),
+                                       "save_dir": str(tmp_path / "run"), "plots": False, "sr_mode": "greg",
+                                       "target_macs": 0.6, **FAST})
+    trainer.setup_model()
+    fresh = trainer.build_penalty()
+    assert (tmp_path / "run" / "greg_plan.json").is_file() and fresh.plan.channels > 0
+    mine = GregPlan({"model.2.cv2.bn": [0, 5]}, 0.6, 0.99, 2, "bn")
+    save_plan(mine, tmp_path / "run" / "greg_plan.json")
+    trainer.resume = True
+    assert trainer.build_penalty().plan == mine
+
+
+@pytest.mark.slow
+def test_ddp_worker_rebuilds_group_and_greg_penalties(synthetic, tmp_path):
+    """ultralytics' DDP worker script rebuilds the trainer from vars(args) alone: the channel groups are traced
+    again there and greg plans, penalises and reports the free MACs."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    from yolo_prune.train import SparseTrainer
+
+    from .test_ddp import _env
+
+    save_dir = tmp_path / "ddp"
+    trainer = SparseTrainer(overrides={
+        "model": "yolov8n.yaml", "data": str(synthetic / "yolo.yaml"), "save_dir": str(save_dir), "plots": False,
+        "epochs": 2, "sr_mode": "greg", "sr": 0.1, "target_macs": 0.7, "greg_ramp": 0.5, **FAST,
+    })
+    file = generate_ddp_file(trainer)
+    try:
+        proc = subprocess.run([sys.executable, file], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        ddp_cleanup(trainer, file)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plan = json.loads((save_dir / "greg_plan.json").read_text())
+    rows = _rows(save_dir / "results.csv")
+    assert float(rows[-1]["sparsity/free_macs"]) == pytest.approx(1 - plan["macs_fraction"], abs=1e-6)
+    assert "sr_mode: greg" in (save_dir / "args.yaml").read_text()
