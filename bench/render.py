@@ -289,7 +289,8 @@ def block_sparsity(name: str = "sparsity_bccd") -> str:
                      f"{fr['map']['map50_95'] - dense:+.3f}",
                      f"{fr['max_abs_change_interior']:.1e} / {fr['max_abs_change']:.1e}"))
     head = (f"{res.get('data')} at imgsz {res.get('imgsz')}, {res.get('epochs')} sparse epochs (batch 16, nbs 16), "
-            f"gamma_threshold {res.get('threshold')}; COCO mAP50-95 of `last.pt`. {cmd(res)}; {load_note(res)}.\n")
+            f"gamma_threshold {res.get('threshold')}; COCO mAP50-95 of `last.pt`; head outputs compared on 4 val images, "
+            f"interior = at least 4 cells from each level's border. {cmd(res)}; {load_note(res)}.\n")
     return head + "\n" + md_table(rows, ("condition", "optimizer", "mode", "sr", "mAP after sparse", "gammas = 0",
                                          "MACs free", "MACs kept after free removal", "mAP after removal (no FT)",
                                          "vs dense", "max abs change of head outputs: interior / all"))

@@ -19,7 +19,7 @@ from torch import nn
 
 from yolo_prune.errors import UsageError
 from yolo_prune.pruning.bngroups import BNGroups, threshold_counts
-from yolo_prune.pruning.threshold import remove_free_channels
+from yolo_prune.pruning.threshold import output_change, remove_free_channels
 from yolo_prune.train.penalty import (
     SparsityPenalty,
     greg_plan,
@@ -32,26 +32,8 @@ FAST = dict(imgsz=64, batch=4, workers=0, device="cpu", nbs=4, warmup_epochs=0)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def head_levels(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Raw Detect outputs (box + class logits) per level, (B, C, H, W)."""
-    with torch.no_grad():
-        o = model.eval()(x)[1]
-    raw = torch.cat([o["boxes"], o["scores"]], 1)
-    out, start = [], 0
-    for f in o["feats"]:
-        h, w = f.shape[-2:]
-        out.append(raw[..., start:start + h * w].reshape(raw.shape[0], raw.shape[1], h, w))
-        start += h * w
-    return out
-
-
 def max_change(a: nn.Module, b: nn.Module, x: torch.Tensor, margin: int = 0) -> float:
-    worst = 0.0
-    for p, q in zip(head_levels(a, x), head_levels(b, x)):
-        h, w = p.shape[-2:]
-        if h > 2 * margin and w > 2 * margin:
-            worst = max(worst, float((p - q).abs()[..., margin:h - margin, margin:w - margin].max()))
-    return worst
+    return output_change(a, b, x, margin=margin)
 
 
 def zero_gammas(model: nn.Module, groups: BNGroups, fraction: float = 1 / 3, seed: int = 1,

@@ -25,7 +25,7 @@ from .bngroups import BNGroups, threshold_counts
 from .compensate import compensate, input_means
 from .graph import build_graph, prepare
 
-__all__ = ["FreeOutcome", "remove_free_channels"]
+__all__ = ["FreeOutcome", "remove_free_channels", "detect_outputs", "output_change"]
 
 
 @dataclasses.dataclass
@@ -76,3 +76,27 @@ def remove_free_channels(model: nn.Module, threshold: float, *, round_to: int | 
     return FreeOutcome(threshold=float(threshold), channels_removed=int(sum(counts)),
                        macs_fraction=graph.conv_macs() / reference, reference_macs=reference,
                        reference_channels=channels, layers_before=before)
+
+
+@torch.no_grad()
+def detect_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The raw Detect outputs (box distribution and class logits) of ``model`` per level, as (B, C, H, W)."""
+    o = model.eval()(images)[1]
+    raw = torch.cat([o["boxes"], o["scores"]], 1)
+    out, start = [], 0
+    for f in o["feats"]:
+        h, w = f.shape[-2:]
+        out.append(raw[..., start:start + h * w].reshape(raw.shape[0], raw.shape[1], h, w))
+        start += h * w
+    return out
+
+
+def output_change(a: nn.Module, b: nn.Module, images: torch.Tensor, *, margin: int = 0) -> float:
+    """Largest |difference| of the raw Detect outputs of ``a`` and ``b`` on ``images``, over the cells at least
+    ``margin`` cells away from the border of each level (levels too small for that margin are skipped)."""
+    worst = 0.0
+    for p, q in zip(detect_outputs(a, images), detect_outputs(b, images)):
+        h, w = p.shape[-2:]
+        if h > 2 * margin and w > 2 * margin:
+            worst = max(worst, float((p - q).abs()[..., margin:h - margin, margin:w - margin].max()))
+    return worst
