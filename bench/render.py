@@ -283,17 +283,37 @@ def block_sparsity(name: str = "sparsity_bccd") -> str:
             extra.append(f"schedule {o['sr_schedule']}")
         if o.get("sr_mode") == "greg":
             extra.append(f"target {o.get('target_macs')}")
+            if o.get("greg_ramp", 0.5) != 0.5:
+                extra.append(f"ramp {o['greg_ramp']}")
+        if o.get("prune_first"):
+            mode = f"none: pruned (bn, lstsq) to {o['prune_first']} first, then trained"
         rows.append((r["name"], opt, mode + (f" ({', '.join(extra)})" if extra else ""), f"{o.get('sr'):g}",
                      f(sp["map"]["map50_95"]), f"{100 * (sp.get('gamma_zero') or 0):.1f}%",
                      f"{100 * (sp.get('free_macs') or 0):.1f}%", f(fr["macs_ratio"]), f(fr["map"]["map50_95"]),
                      f"{fr['map']['map50_95'] - dense:+.3f}",
                      f"{fr['max_abs_change_interior']:.1e} / {fr['max_abs_change']:.1e}"))
+    compare = []
+    for r in res["rows"]:
+        for target, entries in (r.get("prune_compare") or {}).items():
+            cells = {}
+            for e in entries:
+                key = (e["method"], e["threshold"] is not None)
+                cells[key] = (f"{f(e['map']['map50_95'])} ({f(e['macs_ratio'])})" if "map" in e
+                              else "out of reach")
+            compare.append((r["name"], target, *(cells.get(k, "-") for k in
+                                                 (("bn", True), ("bn", False), ("l1", True), ("l1", False)))))
+    tail = ""
+    if compare:
+        tail = ("\n\nPruning the sparse `last.pt` to a MACs target, taking the free channels first (`threshold`) or "
+                "ranking everything; mAP50-95 right after pruning (lstsq compensation, no fine-tuning), MACs kept in "
+                "brackets:\n\n" + md_table(compare, ("condition", "target MACs", "bn, free first", "bn, ranked only",
+                                                      "l1, free first", "l1, ranked only")))
     head = (f"{res.get('data')} at imgsz {res.get('imgsz')}, {res.get('epochs')} sparse epochs (batch 16, nbs 16), "
             f"gamma_threshold {res.get('threshold')}; COCO mAP50-95 of `last.pt`; head outputs compared on 4 val images, "
             f"interior = at least 4 cells from each level's border. {cmd(res)}; {load_note(res)}.\n")
     return head + "\n" + md_table(rows, ("condition", "optimizer", "mode", "sr", "mAP after sparse", "gammas = 0",
                                          "MACs free", "MACs kept after free removal", "mAP after removal (no FT)",
-                                         "vs dense", "max abs change of head outputs: interior / all"))
+                                         "vs dense", "max abs change of head outputs: interior / all")) + tail
 
 
 def block_quick() -> str:

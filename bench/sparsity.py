@@ -71,6 +71,11 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # greg toward 60% of the MACs
     "adamw_greg": _c("AdamW, greg target_macs=0.6", sr_mode="greg", sr=0.05, target_macs=0.6, **_ADAMW),
     "sgd_greg": _c("SGD, greg target_macs=0.6", sr_mode="greg", sr=0.05, target_macs=0.6, **_SGD),
+    "adamw_greg_r0.2": _c("AdamW, greg target_macs=0.6, sr=0.2, ramp 0.2", sr_mode="greg", sr=0.2,
+                          target_macs=0.6, greg_ramp=0.2, **_ADAMW),
+    # the baseline greg must beat: prune to the same target at once (bn ranking, lstsq), then fine-tune as long
+    "adamw_prune_ft": _c("AdamW, prune(bn, lstsq) to 0.6 at once, then fine-tune (baseline, no sparsity)",
+                         prune_first=0.6, **_ADAMW),
     "adamw_greg_nohead": _c("AdamW, greg target_macs=0.6, head not penalised", sr_mode="greg", sr=0.05,
                             target_macs=0.6, sr_head=False, **_ADAMW),
 }
@@ -143,6 +148,15 @@ def run_condition(folder: Path, ds: str, name: str, epochs: int, imgsz: int, thr
     opts = {**opts, **extra}
     log(f"{ds}/{name}: {label}, {epochs} epochs @{imgsz}")
     t0 = time.perf_counter()
+    target = opts.pop("prune_first", None)
+    if target is not None:  # baseline: prune at once, then the same training without penalty
+        pre = yp.prune(str(start), method="bn", target_macs=target, data=str(data), imgsz=imgsz, project=folder,
+                       name="pruned_first", exist_ok=True)
+        start = pre.checkpoint
+        pre_map = evaluate_map(start, data, imgsz)
+        log(f"{ds}/{name}: pruned to {pre.macs_ratio:.3f} of the MACs first, mAP50-95 {pre_map['map50_95']:.4f} "
+            "right after pruning")
+        opts = {**opts, "sr_mode": "proximal", "sr": 0.0}
     res = yp.sparse_train(str(start), str(data), epochs=epochs, imgsz=imgsz, batch=16, nbs=16, workers=2, seed=0,
                           gamma_threshold=threshold, project=folder, name="train", exist_ok=True, **opts)
     train_s = time.perf_counter() - t0
@@ -178,10 +192,45 @@ def run_condition(folder: Path, ds: str, name: str, epochs: int, imgsz: int, thr
         "curve": curve,
         "torch_threads": torch.get_num_threads(),
     }
+    if target is not None:
+        out["freed"]["macs_ratio"] = pre.macs_ratio * pr.macs_ratio  # of the original model
+        out["sparse"]["free_macs"] = 1 - pre.macs_ratio  # removed before training
+        out["options"]["prune_first"] = target
+        out["pruned_first"] = {"macs_ratio": pre.macs_ratio, "map": pre_map}
     log(f"{ds}/{name}: freed MACs ratio {pr.macs_ratio:.3f}, mAP50-95 {freed_map['map50_95']:.4f} "
         f"(interior change {change['max_abs_change_interior']:.2e}, border {change['max_abs_change']:.2e})")
     folder.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def prune_compare(folder: Path, ds: str, imgsz: int, threshold: float, target: float) -> list[dict[str, Any]]:
+    """Prune the condition's ``last.pt`` to ``target`` MACs with bn / l1 ranking, with and without removing the free
+    channels first (``threshold``); mAP right after pruning (lstsq compensation, no fine-tuning). Cached."""
+    import yolo_prune as yp
+
+    cached = folder / f"prune_compare_{target}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    last = folder / "train" / "weights" / "last.pt"
+    if not last.is_file():
+        return []
+    _, data = dataset(ds)
+    out = []
+    for method in ("bn", "l1"):
+        for thr in (threshold, None):
+            name = f"to{target}_{method}_{'free' if thr else 'rank'}"
+            try:
+                pr = yp.prune(str(last), method=method, target_macs=target, threshold=thr, data=str(data),
+                              imgsz=imgsz, project=folder, name=name, exist_ok=True)
+            except Exception as e:  # a target out of reach is a result too
+                out.append({"method": method, "threshold": thr, "error": str(e)})
+                continue
+            out.append({"method": method, "threshold": thr, "macs_ratio": pr.macs_ratio,
+                        "macs_ratio_free": pr.macs_ratio_free, "map": evaluate_map(pr.checkpoint, data, imgsz)})
+            log(f"{folder.name} -> {target} {method} threshold={thr}: MACs {pr.macs_ratio:.3f} "
+                f"mAP50-95 {out[-1]['map']['map50_95']:.4f}")
+    cached.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -207,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra sparse_train options")
     ap.add_argument("--quick", action="store_true", help="2 conditions, 2 epochs, imgsz 160, fixture")
     ap.add_argument("--collect", action="store_true", help="only assemble the JSON from cached conditions")
+    ap.add_argument("--prune-target", type=float, action="append", default=[],
+                    help="also prune each condition to this MACs fraction with and without taking the free channels "
+                    "first (bn and l1 ranking, no fine-tuning); repeatable")
     ap.add_argument("--work", help="work sub-folder (default: <data>, or <data>_quick)")
     ap.add_argument("--name", help="result JSON name (default sparsity_<data>)")
     args = ap.parse_args(argv)
@@ -239,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             continue
         row = json.loads(path.read_text())
+        row["prune_compare"] = {str(t): prune_compare(work / n, args.data, row["imgsz"], row["threshold"], t)
+                                for t in args.prune_target}
         if row["freed"].get("interior_margin") != MARGIN:  # measured by an older version of this script
             row["freed"].update(measure_change(work / n / "train" / "weights" / "last.pt",
                                                work / n / "free" / "weights" / "pruned.pt", dataset(args.data)[1],
