@@ -383,3 +383,38 @@ def test_ddp_worker_rebuilds_group_and_greg_penalties(synthetic, tmp_path):
     rows = _rows(save_dir / "results.csv")
     assert float(rows[-1]["sparsity/free_macs"]) == pytest.approx(1 - plan["macs_fraction"], abs=1e-6)
     assert "sr_mode: greg" in (save_dir / "args.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_keys_and_target_resolution():
+    from yolo_prune import cli
+    from yolo_prune.config import build
+
+    cfg, _ = build("prune", {"threshold": 0.01})
+    assert cfg["target_macs"] is None and cli.target_macs(cfg) is None  # only the free channels
+    assert cli.target_macs(build("prune", {})[0]) == 0.5
+    assert cli.target_macs(build("prune", {"threshold": 0.01, "target_macs": 0.6})[0]) == 0.6
+    assert cli.target_macs(build("sparse", {"sr_mode": "greg"})[0]) == 0.5
+    cfg, _ = build("sparse", {"sr_mode": "greg", "sr_group": True, "sr_head": False, "greg_ramp": 0.3,
+                              "sr_schedule": "ramp"})
+    assert (cfg["sr_mode"], cfg["sr_group"], cfg["sr_head"], cfg["greg_ramp"]) == ("greg", True, False, 0.3)
+    for over, match in (({"sr_mode": "l0"}, "sr_mode"), ({"greg_ramp": 0}, "greg_ramp"),
+                        ({"threshold": 0}, "threshold"), ({"sr_head": "no"}, "sr_head")):
+        with pytest.raises(UsageError, match=match):
+            build("sparse", over)
+
+
+def test_cli_prune_threshold_removes_only_the_zeros(v8n_big_beta, tmp_path, capsys):
+    from ultralytics.nn.tasks import DetectionModel  # noqa: F401  (the checkpoint pickles it)
+
+    from yolo_prune import cli
+    from yolo_prune.models import save_checkpoint
+
+    zero_gammas(v8n_big_beta, BNGroups.build(v8n_big_beta), fraction=0.25)
+    pt = save_checkpoint(v8n_big_beta, tmp_path / "sparse.pt")
+    assert cli.main(["prune", f"model={pt}", "threshold=0.01", "imgsz=128", f"project={tmp_path}", "name=p"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold=0.01" in out and "removed for free" in out and "then" not in out
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["threshold"] == 0.01 and report["target_macs"] is None and 0.5 < report["macs_ratio"] < 0.95
+    assert len(report["steps"]) == 1 and report["steps"][0]["step"] == 0
