@@ -418,3 +418,32 @@ def test_cli_prune_threshold_removes_only_the_zeros(v8n_big_beta, tmp_path, caps
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["threshold"] == 0.01 and report["target_macs"] is None and 0.5 < report["macs_ratio"] < 0.95
     assert len(report["steps"]) == 1 and report["steps"][0]["step"] == 0
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+@pytest.mark.slow
+def test_pipeline_greg_then_free_channels_first(synthetic, tmp_path):
+    """pipeline(sr_mode=greg): the sparse stage zeroes the target plan, pruning removes those channels for free
+    (threshold defaults to gamma_threshold) and ranks nothing more; the report says how much was free."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_prune.models import save_checkpoint
+    from yolo_prune.pipeline import pipeline
+
+    from .conftest import randomize_bn
+
+    dense = save_checkpoint(randomize_bn(DetectionModel("yolov8n.yaml", nc=3, verbose=False)), tmp_path / "d.pt")
+    result = pipeline(dense, synthetic / "yolo.yaml", sparse_epochs=2, sr_mode="greg", sr=0.1, target_macs=0.6,
+                      finetune_epochs=1, bench=False, imgsz=64, batch=4, workers=0, project=tmp_path, name="p",
+                      train_args={"warmup_epochs": 0, "nbs": 4})
+    d = result.save_dir
+    report = json.loads((d / "report.json").read_text())
+    assert report["args"]["threshold"] == 0.01 and report["args"]["sr_mode"] == "greg"
+    assert report["sparse_free_macs"] == pytest.approx(0.4, abs=0.03)
+    step = report["stages"]["prune"]["steps"][0]
+    assert step["macs_fraction_free"] == pytest.approx(1 - report["sparse_free_macs"], abs=1e-6)
+    assert step["channels_free"] > 0
+    sparse_last = report["stages"]["sparse"]["last"]
+    assert json.loads((d / "prune" / "step1" / "report.json").read_text())["provenance"]["source"] == sparse_last
+    md = (d / "report.md").read_text()
+    assert "removable for free" in md and "sparsity.png" in md and (d / "sparsity.png").is_file()
