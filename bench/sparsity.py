@@ -71,6 +71,8 @@ CONDITIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # greg toward 60% of the MACs
     "adamw_greg": _c("AdamW, greg target_macs=0.6", sr_mode="greg", sr=0.05, target_macs=0.6, **_ADAMW),
     "sgd_greg": _c("SGD, greg target_macs=0.6", sr_mode="greg", sr=0.05, target_macs=0.6, **_SGD),
+    "adamw_greg_sr0.1_r0.3": _c("AdamW, greg target_macs=0.6, sr=0.1, ramp 0.3", sr_mode="greg", sr=0.1,
+                                target_macs=0.6, greg_ramp=0.3, **_ADAMW),
     "adamw_greg_r0.2": _c("AdamW, greg target_macs=0.6, sr=0.2, ramp 0.2", sr_mode="greg", sr=0.2,
                           target_macs=0.6, greg_ramp=0.2, **_ADAMW),
     # the baseline greg must beat: prune to the same target at once (bn ranking, lstsq), then fine-tune as long

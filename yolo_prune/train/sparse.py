@@ -1,8 +1,13 @@
-"""Sparsity training (Network Slimming): an L1 penalty on every BatchNorm gamma.
+"""Sparsity training (Network Slimming): drive BatchNorm gammas to zero inside the ultralytics trainer.
 
-The penalty ``sr * |gamma|`` enters as its sub-gradient: every optimizer step adds exactly
-``sr * sign(gamma)`` to each gamma's gradient (what ``cfg/default.yaml`` promises). Where it is added
-matters, and :func:`l1_step` is the one place that does it:
+How the penalty is applied is ``sr_mode`` (:mod:`yolo_prune.train.penalty`): ``proximal`` soft-thresholds the
+gammas after each optimizer step (per BN, or per coupled channel group with ``sr_group``), ``greg`` fades the
+channels of a pruning plan with a growing L2 penalty, ``subgradient`` is the published L1 sub-gradient.
+This module holds the trainer, the statistics (zeros, free MACs per epoch, ``sparsity.png``) and the API.
+
+In ``subgradient`` mode the penalty ``sr * |gamma|`` enters as its sub-gradient: every optimizer step adds
+exactly ``sr * sign(gamma)`` to each gamma's gradient. Where it is added matters, and :func:`l1_step` is the
+one place that does it:
 
 * after ``GradScaler.unscale_``: ultralytics backpropagates the AMP-*scaled* loss, so a term added to the
   raw ``.grad`` (as many pruning repos do right after ``backward()``) is divided by the loss scale -
@@ -188,13 +193,17 @@ def save_gamma_histogram(
 
 # --------------------------------------------------------------------------------------------- trainer
 class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
-    """ultralytics ``DetectionTrainer`` with an L1 penalty on BatchNorm gammas.
+    """ultralytics ``DetectionTrainer`` with a sparsity penalty on BatchNorm gammas.
 
-    Extra overrides (not ultralytics keys): ``sr`` (float >= 0), ``sr_schedule`` (constant | linear |
-    cosine), ``gamma_threshold`` (float > 0). They are stored in ``self.args`` so DDP workers and resumed
-    runs get them back (see the module docstring). Per epoch the mean |gamma| and the fraction below
-    ``gamma_threshold`` are logged and appended to ``results.csv``; ``gamma_hist_start.png``,
-    ``gamma_hist_end.png`` and ``sparsity.json`` are written to the run folder.
+    Extra overrides (not ultralytics keys, :data:`SPARSE_DEFAULTS`): ``sr``, ``sr_schedule``, ``sr_mode``,
+    ``sr_group``, ``sr_head``, ``greg_ramp``, greg's plan (``target_macs``, ``method``, ``max_layer_ratio``,
+    ``round_to``) and ``gamma_threshold``. They are stored in ``self.args`` so DDP workers and resumed runs
+    get them back (see the module docstring); the penalty itself (channel groups, greg's plan) is rebuilt in
+    :meth:`_setup_train` in every process. Per epoch the mean |gamma|, the fractions of gammas exactly 0 and
+    below ``gamma_threshold`` and the MACs fraction free at the threshold are logged and appended to
+    ``results.csv``; dead channels are retired (:func:`~yolo_prune.train.penalty.retire_dead_channels`);
+    ``gamma_hist_start.png``, ``gamma_hist_end.png``, ``sparsity.png``, ``sparsity.json`` (and for greg
+    ``greg_plan.json``) are written to the run folder.
 
     The architecture of a (pruned) checkpoint is kept, like :class:`~yolo_prune.train.FinetuneTrainer`.
     """
