@@ -447,3 +447,25 @@ def test_pipeline_greg_then_free_channels_first(synthetic, tmp_path):
     assert json.loads((d / "prune" / "step1" / "report.json").read_text())["provenance"]["source"] == sparse_last
     md = (d / "report.md").read_text()
     assert "removable for free" in md and "sparsity.png" in md and (d / "sparsity.png").is_file()
+
+
+def test_retire_snaps_channels_below_the_threshold(v8n_big_beta):
+    """Channels whose coupled gammas are all below the threshold (not exactly 0) are set to 0 and retired, so the
+    saved model equals what pruning at that threshold keeps; a channel with one coupled gamma above it stays."""
+    model = v8n_big_beta
+    groups = BNGroups.build(model)
+    res = next(g for g in groups.groups if g.name == "model.6.m.1.cv2.conv")  # 3 coupled BNs per channel
+    mods = dict(model.named_modules())
+    for m in res.members:
+        mods[m.bn].weight.data[m.idx[m.root < 4]] = 0.005  # channels 0-3: all coupled gammas small
+    first = sorted(res.members, key=lambda m: m.bn)[0]
+    mods[first.bn].weight.data[first.idx[first.root == 3]] = 0.5  # channel 3: one coupled gamma is not
+    assert retire_dead_channels(model, groups, threshold=0.01) == 3
+    for m in res.members:
+        w, b = mods[m.bn].weight.detach(), mods[m.bn].bias.detach()
+        assert (w[m.idx[m.root < 3]] == 0).all() and (b[m.idx[m.root < 3]] == 0).all()
+        assert (w[m.idx[m.root == 3]] != 0).all()
+    pruned = copy.deepcopy(model)
+    remove_free_channels(pruned, 0.01)
+    x = torch.rand(1, 3, 128, 128)
+    assert max_change(model, pruned, x) < 1e-4

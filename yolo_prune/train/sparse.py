@@ -279,11 +279,14 @@ class SparseTrainer(KeepArchitectureMixin, DetectionTrainer):
             self.add_callback("on_train_epoch_end", self._retire_dead_channels)
 
     def _retire_dead_channels(self, trainer: Any = None) -> None:
-        """Each epoch end (before validation and saving): fold dead channels' constants, zero their betas."""
+        """Each epoch end (before validation and saving): channels whose coupled gammas are all below
+        ``gamma_threshold`` get gamma 0, their constant output is folded into the consumers and their betas zeroed,
+        so the validated and saved model is exactly what pruning at the threshold will keep."""
         ema = self.ema.ema if getattr(self, "ema", None) is not None else None
-        n = self.penalty.retire(self.model, ema)
+        n = self.penalty.retire(self.model, ema, threshold=self.args.gamma_threshold)
         if n:
-            LOGGER.info(f"sparsity: {n} channels with all coupled gammas at 0 retired (beta folded into consumers)")
+            LOGGER.info(f"sparsity: {n} channels with all coupled |gamma| < {self.args.gamma_threshold:g} retired "
+                        "(gamma and beta 0, constant folded into consumers)")
 
     def build_penalty(self) -> SparsityPenalty:
         """The :class:`~yolo_prune.train.penalty.SparsityPenalty` of this run's options, bound to ``self.model``."""
