@@ -458,11 +458,60 @@ def block_unstructured(name: str = "unstructured") -> str:
     return "\n".join(out)
 
 
+def block_sparsity(name: str = "sparsity_bccd") -> str:
+    """Sparsity training that frees channels (bench/sparsity.py): one row per condition."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No results yet: `bench/results/{name}.json` is missing._"
+    dense = res["dense"]["map"]["map50_95"]
+    rows = [("dense start model (as given)", "-", "-", "-", f(dense), "-", "-", "1.000", f(dense), "-", "-")]
+    for r in res["rows"]:
+        o, sp, fr = r["options"], r["sparse"], r["freed"]
+        opt = "SGD" if o.get("optimizer") == "SGD" else "AdamW (auto)"
+        mode = o.get("sr_mode", "-") + ("+group" if o.get("sr_group") else "")
+        extra = [] if o.get("sr_head", True) else ["head not penalised"]
+        if o.get("sr_schedule", "constant") != "constant":
+            extra.append(f"schedule {o['sr_schedule']}")
+        if o.get("sr_mode") == "greg":
+            extra.append(f"target {o.get('target_macs')}")
+            if o.get("greg_ramp", 0.5) != 0.5:
+                extra.append(f"ramp {o['greg_ramp']}")
+        if o.get("prune_first"):
+            mode = f"none: pruned (bn, lstsq) to {o['prune_first']} first, then trained"
+        rows.append((r["name"], opt, mode + (f" ({', '.join(extra)})" if extra else ""), f"{o.get('sr'):g}",
+                     f(sp["map"]["map50_95"]), f"{100 * (sp.get('gamma_zero') or 0):.1f}%",
+                     f"{100 * (sp.get('free_macs') or 0):.1f}%", f(fr["macs_ratio"]), f(fr["map"]["map50_95"]),
+                     f"{fr['map']['map50_95'] - dense:+.3f}",
+                     f"{fr['max_abs_change_interior']:.1e} / {fr['max_abs_change']:.1e}"))
+    compare = []
+    for r in res["rows"]:
+        for target, entries in (r.get("prune_compare") or {}).items():
+            cells = {}
+            for e in entries:
+                key = (e["method"], e["threshold"] is not None)
+                cells[key] = (f"{f(e['map']['map50_95'])} ({f(e['macs_ratio'])})" if "map" in e
+                              else "out of reach")
+            compare.append((r["name"], target, *(cells.get(k, "-") for k in
+                                                 (("bn", True), ("bn", False), ("l1", True), ("l1", False)))))
+    tail = ""
+    if compare:
+        tail = ("\n\nPruning the sparse `last.pt` to a MACs target, taking the free channels first (`threshold`) or "
+                "ranking everything; mAP50-95 right after pruning (lstsq compensation, no fine-tuning), MACs kept in "
+                "brackets:\n\n" + md_table(compare, ("condition", "target MACs", "bn, free first", "bn, ranked only",
+                                                      "l1, free first", "l1, ranked only")))
+    head = (f"{res.get('data')} at imgsz {res.get('imgsz')}, {res.get('epochs')} sparse epochs (batch 16, nbs 16), "
+            f"gamma_threshold {res.get('threshold')}; COCO mAP50-95 of `last.pt`; head outputs compared on 4 val images, "
+            f"interior = at least 4 cells from each level's border. {cmd(res)}; {load_note(res)}.\n")
+    return head + "\n" + md_table(rows, ("condition", "optimizer", "mode", "sr", "mAP after sparse", "gammas = 0",
+                                         "MACs free", "MACs kept after free removal", "mAP after removal (no FT)",
+                                         "vs dense", "max abs change of head outputs: interior / all")) + tail
+
+
 def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
                      ("families_quick", block_families), ("distill_quick", block_distill),
-                     ("unstructured_quick", block_unstructured)):
+                     ("unstructured_quick", block_unstructured), ("sparsity_fixture_quick", block_sparsity)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
@@ -476,6 +525,8 @@ def render(text: str) -> str:
     # parameterised frontier blocks: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
     pattern = re.compile(r"(<!-- BEGIN frontier:(\w+) -->\n).*?(<!-- END frontier:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN sparsity:(\w+) -->\n).*?(<!-- END sparsity:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_sparsity(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):

@@ -23,12 +23,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=d["method"] or "bn", choices=["bn", "l1", "l2", "activation", "random"],
                    help="channel ranking (default: %(default)s)")
     goal = p.add_mutually_exclusive_group()
-    goal.add_argument("--target-macs", type=float, default=d["target_macs"],
+    goal.add_argument("--target-macs", type=float, default=d["target_macs"] or 0.5,
                       help="fraction of the original MACs to keep, in (0, 1] (default: %(default)s)")
     goal.add_argument("--ratio", type=float, default=None, help="fraction of prunable channels to remove instead")
     p.add_argument("--sparse-epochs", type=int, default=d["sparse_epochs"],
                    help="sparsity-training epochs before pruning, 0 to skip (default: %(default)s)")
-    p.add_argument("--sr", type=float, default=d["sr"], help="L1 strength on BN gammas (default: %(default)s)")
+    p.add_argument("--sr", type=float, default=d["sr"],
+                   help="sparsity strength; its meaning depends on --sr-mode, see cfg/default.yaml (default: %(default)s)")
+    p.add_argument("--sr-mode", default=d["sr_mode"], choices=["proximal", "subgradient", "greg"],
+                   help="proximal: soft-threshold the gammas (exact zeros); subgradient: published L1; greg: growing "
+                   "L2 on the channels --target-macs would remove (default: %(default)s)")
+    p.add_argument("--sr-group", action=argparse.BooleanOptionalAction, default=d["sr_group"],
+                   help="proximal: group soft-thresholding over coupled channels (default: %(default)s)")
+    p.add_argument("--sr-head", action=argparse.BooleanOptionalAction, default=d["sr_head"],
+                   help="also penalise the Detect head's BatchNorms (default: %(default)s)")
+    p.add_argument("--sr-schedule", default=d["sr_schedule"], choices=["constant", "linear", "cosine", "ramp"],
+                   help="how sr evolves over the sparse epochs (default: %(default)s)")
+    p.add_argument("--greg-ramp", type=float, default=d["greg_ramp"],
+                   help="greg: fraction of the sparse epochs over which the penalty grows (default: %(default)s)")
+    p.add_argument("--gamma-threshold", type=float, default=d["gamma_threshold"],
+                   help="|gamma| below which a channel counts as free (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="prune: remove channels with all coupled gammas below this first, for free (default: "
+                   "--gamma-threshold after proximal/greg sparse training)")
     p.add_argument("--finetune-epochs", type=int, default=d["finetune_epochs"],
                    help="fine-tuning epochs after pruning (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d["steps"],
@@ -62,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model and --data are required (unless --resume)")
     from yolo_prune.cli import main as cli_main
 
-    keys = ("model", "data", "method", "target_macs", "ratio", "sparse_epochs", "sr", "finetune_epochs", "steps",
+    keys = ("model", "data", "method", "target_macs", "ratio", "sparse_epochs", "sr", "sr_mode", "sr_group", "sr_head",
+            "sr_schedule", "greg_ramp", "gamma_threshold", "threshold", "finetune_epochs", "steps",
             "step_epochs", "max_map_drop", "round_to", "max_layer_ratio", "imgsz", "batch", "device", "seed",
             "project", "name", "exist_ok", "resume", "verbose")
     tokens = ["pipeline"] + [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]

@@ -25,7 +25,7 @@ Usage: yolo-prune MODE key=value ...
 Modes:
   demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
   pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
-  sparse    sparsity training: L1 on BatchNorm gammas                            (model= data= sr= epochs=)
+  sparse    sparsity training: drive BatchNorm gammas to 0    (model= data= sr_mode= sr= epochs=)
   prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
   sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)
   finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
@@ -38,6 +38,7 @@ Modes:
 Examples:
   yolo-prune demo
   yolo-prune prune model=best.pt method=bn target_macs=0.5
+  yolo-prune prune model=runs/sparse/sparse/weights/last.pt threshold=0.01   # only the zeroed channels, lossless
   yolo-prune sparsify model=best.pt amount=0.5 data=data.yaml
   yolo-prune pipeline model=best.pt data=coco.yaml cfg=slim.yaml
   yolo-prune val model=runs/prune/prune/weights/pruned.pt data=data.yaml
@@ -66,6 +67,14 @@ def _setup_logging() -> None:
     LOGGER.propagate = False
 
 
+def target_macs(cfg: dict[str, Any]) -> float | None:
+    """``target_macs`` of the configuration: empty means 0.5, except for ``prune`` with a ``threshold`` (then
+    only the free channels are removed)."""
+    if cfg.get("target_macs") is not None:
+        return cfg["target_macs"]
+    return None if cfg.get("mode") == "prune" and cfg.get("threshold") is not None else 0.5
+
+
 def _common(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"project": cfg["project"], "name": cfg["name"], "exist_ok": cfg["exist_ok"]}
 
@@ -80,6 +89,9 @@ def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .train import sparse_train
 
     return sparse_train(cfg["model"], _data(cfg), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
+                        sr_mode=cfg["sr_mode"], sr_group=cfg["sr_group"], sr_head=cfg["sr_head"],
+                        greg_ramp=cfg["greg_ramp"], target_macs=target_macs(cfg), method=cfg["method"],
+                        max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"],
                         gamma_threshold=cfg["gamma_threshold"], epochs=cfg["epochs"], imgsz=cfg["imgsz"],
                         batch=cfg["batch"], device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"],
                         verbose=cfg["verbose"], workers=cfg["workers"], **_distill(cfg), **_common(cfg), **extra)
@@ -88,8 +100,8 @@ def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .pruning import prune
 
-    return prune(cfg["model"], method=cfg["method"], target_macs=cfg["target_macs"], ratio=cfg["ratio"],
-                 data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
+    return prune(cfg["model"], method=cfg["method"], target_macs=target_macs(cfg), ratio=cfg["ratio"],
+                 threshold=cfg["threshold"], data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
                  max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
                  tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
                  seed=cfg["seed"],

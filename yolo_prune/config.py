@@ -140,7 +140,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     from .pruning.importance import METHODS
 
     _number(cfg, "ratio", float, lo=0, hi=1, hi_open=True, optional=True)
-    _number(cfg, "target_macs", float, lo=0, hi=1, lo_open=True)
+    _number(cfg, "target_macs", float, lo=0, hi=1, lo_open=True, optional=True)
+    _number(cfg, "threshold", float, lo=0, lo_open=True, optional=True)
+    _number(cfg, "greg_ramp", float, lo=0, hi=1, lo_open=True)
     _number(cfg, "max_layer_ratio", float, lo=0, hi=1, lo_open=True, hi_open=True)
     _number(cfg, "tolerance", float, lo=0, hi=1, lo_open=True)
     _number(cfg, "round_to", int, lo=1, optional=True)
@@ -174,8 +176,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(key) not in choices:
             raise UsageError(f"unknown {key} {cfg.get(key)!r}{_suggest(str(cfg.get(key)), choices)}; "
                              f"choose one of {', '.join(choices)}")
-    if cfg.get("sr_schedule") not in ("constant", "linear", "cosine"):
-        raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
+    if cfg.get("sr_schedule") not in ("constant", "linear", "cosine", "ramp"):
+        raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear, cosine or ramp")
+    if cfg.get("sr_mode") not in ("proximal", "subgradient", "greg"):
+        raise UsageError(f"sr_mode={cfg.get('sr_mode')!r} must be proximal, subgradient or greg")
     if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
         raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
     _number(cfg, "distill_cls", float, lo=0)
@@ -188,7 +192,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("teacher", "unlabeled"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise UsageError(f"{key}={cfg[key]!r} must be a path")
-    for key in ("global_pruning", "exist_ok", "verbose", "resume", "labels"):
+    for key in ("global_pruning", "exist_ok", "verbose", "resume", "labels", "sr_group", "sr_head"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")
     check_device(cfg.get("device"))

@@ -77,9 +77,14 @@ def pipeline(
     sparse_epochs: int = 10,
     sr: float = 1e-3,
     sr_schedule: str = "constant",
+    sr_mode: str = "subgradient",
+    sr_group: bool = False,
+    sr_head: bool = True,
+    greg_ramp: float = 0.5,
     gamma_threshold: float = 0.01,
     target_macs: float | None = 0.5,
     ratio: float | None = None,
+    threshold: float | None = None,
     steps: int = 1,
     step_epochs: int = 1,
     max_map_drop: float | None = None,
@@ -124,6 +129,12 @@ def pipeline(
     ``data`` or is a yaml (random init); ``None`` / ``"none"`` turns distillation off; a path uses that
     checkpoint. ``distill``, ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels`` and ``unlabeled`` are
     as in :func:`yolo_prune.train.finetune`.
+
+    The sparse stage (``sparse_epochs`` > 0) trains with ``sr_mode`` / ``sr`` / ``sr_group`` / ``sr_head`` /
+    ``sr_schedule`` (``greg`` aims at ``target_macs`` with ``method``); its ``last.pt`` (not ``best.pt``, which
+    may be an early, still dense epoch) goes to pruning. Pruning first removes, for free, every channel whose
+    coupled gammas are all below ``threshold`` (default: ``gamma_threshold`` after ``proximal`` or ``greg``
+    sparse training, none otherwise), then ranks the rest with ``method`` to reach ``target_macs``.
     """
     bad = set(prune_options) - _PRUNE_OPTIONS
     if bad:
@@ -146,10 +157,11 @@ def pipeline(
         kept = _State(save_dir / "pipeline.json", {}).data["args"]
         data = kept.get("data") if data is None else data
         (model, sparse_epochs, sr, sr_schedule, gamma_threshold, target_macs, ratio, steps, step_epochs, max_map_drop,
-         finetune_epochs, imgsz, batch, seed, train_args) = (
+         finetune_epochs, imgsz, batch, seed, train_args, sr_mode, sr_group, sr_head, greg_ramp, threshold) = (
             kept.get(k, v) for k, v in zip(_RESUMED, (model, sparse_epochs, sr, sr_schedule, gamma_threshold,
                                                       target_macs, ratio, steps, step_epochs, max_map_drop,
-                                                      finetune_epochs, imgsz, batch, seed, train_args)))
+                                                      finetune_epochs, imgsz, batch, seed, train_args, sr_mode,
+                                                      sr_group, sr_head, greg_ramp, threshold)))
         prune_options.update({k: v for k, v in kept.items() if k in _PRUNE_OPTIONS})
     elif save_dir is not None:
         save_dir = Path(save_dir).absolute()
@@ -166,7 +178,12 @@ def pipeline(
         raise UsageError("labels=False trains against a teacher's outputs, but this pipeline has no teacher")
     distill_kw = dict(teacher=teacher, distill=distill, distill_cls=distill_cls, distill_box=distill_box,
                       distill_temp=distill_temp, labels=labels, unlabeled=unlabeled) if teacher else {}
+    if threshold is None and sparse_epochs > 0 and sr_mode in ("proximal", "greg"):
+        threshold = gamma_threshold
+    if threshold is not None and ratio is not None:
+        raise UsageError("threshold (free removal of zeroed channels) combines with target_macs, not with ratio")
     args = dict(model=_absolute(model), data=_absolute(data), sparse_epochs=sparse_epochs, sr=sr, sr_schedule=sr_schedule,
+                sr_mode=sr_mode, sr_group=sr_group, sr_head=sr_head, greg_ramp=greg_ramp, threshold=threshold,
                 target_macs=target_macs, ratio=ratio, steps=steps, step_epochs=step_epochs, **prune_options,
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed,
                 gamma_threshold=gamma_threshold, train_args=dict(train_args or {}),
@@ -198,11 +215,19 @@ def pipeline(
     current: Any = model
     sp = state.done("sparse")
     if sp is None and sparse_epochs > 0:
-        LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr=%s)", sparse_epochs, sr)
+        LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", sparse_epochs, sr_mode, sr)
+        greg = {"target_macs": target_macs, "method": method if method != "activation" else "bn",
+                **{k: prune_options[k] for k in ("max_layer_ratio", "round_to") if k in prune_options}} \
+            if sr_mode == "greg" else {}
         sp = state.finish("sparse", stage_training("sparse", "train", sparse_train, model, sparse_epochs, sr=sr,
-                                                   sr_schedule=sr_schedule, gamma_threshold=gamma_threshold))
-    if sp is not None and sp.get("best"):
-        current = sp["best"]
+                                                   sr_schedule=sr_schedule, gamma_threshold=gamma_threshold,
+                                                   sr_mode=sr_mode, sr_group=sr_group, sr_head=sr_head,
+                                                   greg_ramp=greg_ramp, **greg))
+        if sp.get("free_macs_after") is not None:
+            LOGGER.info("sparse: %.1f%% of the gammas are 0; pruning at |gamma| < %g frees %.1f%% of the MACs",
+                        100 * (sp.get("gamma_zero_after") or 0), gamma_threshold, 100 * sp["free_macs_after"])
+    if sp is not None and (sp.get("last") or sp.get("best")):
+        current = sp.get("last") or sp["best"]
 
     # 3. prune (in steps, with short fine-tunes in between) ----------------------------------------------
     pr = state.done("prune")
@@ -217,11 +242,13 @@ def pipeline(
             else:
                 goal = 1 - (1 - target_macs) * step / steps
                 step_kw = {"target_macs": min(1.0, goal * base["macs"] / prev_macs), "ratio": None}
+            free = {"threshold": threshold} if threshold is not None and step == 1 else {}
             res = prune(prev_ckpt, data=data, seed=seed, project=save_dir / "prune", name=f"step{step}",
-                        exist_ok=True, imgsz=imgsz, **prune_options, **step_kw)
+                        exist_ok=True, imgsz=imgsz, **prune_options, **step_kw, **free)
             record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after,
                       "params": res.params_after, "size_mb": res.size_mb_after,
                       "macs_fraction": res.macs_after / base["macs"], "prune_seconds": res.seconds,
+                      "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free,
                       "layers": [dataclasses.asdict(x) for x in res.layers]}
             v = evaluate(res.model, data, save_dir=res.save_dir / "val", **val_kw)
             record.update(map50_95_pruned=v.map50_95, map50_pruned=v.map50)
@@ -311,19 +338,39 @@ def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) 
             points.append((r["macs_fraction"], r["map50_95"], f"step {r['step']} tuned"))
     points.append((va["macs"] / base["macs"], va["map50_95"], "final"))
     plot_map_vs_macs(points, save_dir / "map_vs_macs.png")
-    if sp and sp.get("best"):
-        hists = {"before sparsity training": _abs_gammas(base["source"]), "after": _abs_gammas(sp["best"])}
+    sparse_lines: list[str] = []
+    if sp and (sp.get("last") or sp.get("best")):
+        hists = {"before sparsity training": _abs_gammas(base["source"]),
+                 "after": _abs_gammas(sp.get("last") or sp["best"])}
         plot_gamma_histograms(hists, save_dir / "gamma_hist.png", threshold=sp.get("gamma_threshold"))
+        curve = Path(sp["save_dir"]) / "results.csv"
+        if curve.is_file():
+            from .train.sparse import plot_sparsity_curve
+
+            plot_sparsity_curve(curve, save_dir / "sparsity.png", threshold=sp.get("gamma_threshold") or 0.01)
+        if sp.get("free_macs_after") is not None:
+            sparse_lines = [f"Sparse stage ({sp.get('sr_mode')}, sr={sp.get('sr')}): "
+                            f"{100 * (sp.get('gamma_zero_after') or 0):.1f}% of the BN gammas exactly 0, "
+                            f"{100 * sp['free_macs_after']:.1f}% of the conv MACs removable for free "
+                            f"(|gamma| < {sp.get('gamma_threshold')}).", ""]
+        if kept.get("macs_fraction_free") is not None:
+            sparse_lines += [f"Prune stage: the free removal of {kept.get('channels_free')} zeroed channels kept "
+                             f"{kept['macs_fraction_free']:.3f} of the conv MACs; ranking with the method did "
+                             "the rest.", ""]
 
     report = {"save_dir": str(save_dir), "final_checkpoint": str(final), "seconds": seconds,
+              "sparse_free_macs": (sp or {}).get("free_macs_after"), "sparse_gamma_zero": (sp or {}).get("gamma_zero_after"),
               "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows],
               "stages": state.data["stages"], "args": state.data["args"]}
     write_json(save_dir / "report.json", report)
     md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", "",
           markdown_table(rows, header=("", "before", "after", "ratio")), "",
           "![channels kept per layer](channels.png)", "", "![mAP vs MACs](map_vs_macs.png)", ""]
+    md += sparse_lines
     if (save_dir / "gamma_hist.png").is_file():
         md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]
+    if (save_dir / "sparsity.png").is_file():
+        md += ["![MACs removable for free per sparse epoch](sparsity.png)", ""]
     write_text(save_dir / "report.md", "\n".join(md))
     return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=pr["steps"], seconds=seconds)
 
@@ -401,10 +448,12 @@ def _abs_gammas(model: Any) -> list[float]:
 # arguments a resumed pipeline takes from its pipeline.json, in pipeline()'s order
 _DISTILL_KEYS = ("teacher", "distill", "distill_cls", "distill_box", "distill_temp", "labels", "unlabeled")
 _RESUMED = ("model", "sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
-            "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "seed", "train_args")
+            "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "seed", "train_args", "sr_mode",
+            "sr_group", "sr_head", "greg_ramp", "threshold")
 # options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
 _PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
-_PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
+_PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "sr_mode", "sr_group", "sr_head", "greg_ramp",
+                  "gamma_threshold", "threshold", "target_macs", "ratio", "steps",
                   "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "workers", "device", "seed",
                   "bench_runs", "bench_warmup", "resume", "verbose", "teacher", "distill", "distill_cls",
                   "distill_box", "distill_temp", "labels", "unlabeled", *sorted(_PRUNE_OPTIONS))
@@ -412,7 +461,10 @@ _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "targ
 
 def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
-    return {"backends": backends, "train_args": extra, **{k: cfg[k] for k in _PIPELINE_KEYS}}
+    kw = {"backends": backends, "train_args": extra, **{k: cfg[k] for k in _PIPELINE_KEYS}}
+    if kw["target_macs"] is None:
+        kw["target_macs"] = 0.5
+    return kw
 
 
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:

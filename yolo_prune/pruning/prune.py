@@ -18,7 +18,8 @@ from ..provenance import provenance
 from ..results import Result, table
 from ..stats import model_stats
 from .calibration import load_calibration_images
-from .engine import PruneOutcome, StepRecord, prune_model
+from .engine import PruneOutcome, Reference, StepRecord, prune_model
+from .threshold import remove_free_channels
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -52,6 +53,9 @@ class PruneResult(Result):
     map50_95_after: float | None = None
     map50_before: float | None = None
     map50_after: float | None = None
+    threshold: float | None = None  # channels whose coupled gammas were all below it went first, for free
+    macs_ratio_free: float | None = None  # conv MACs fraction right after that free removal
+    channels_free: int | None = None  # channels it removed
     layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
     steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -82,6 +86,10 @@ class PruneResult(Result):
 
     def __str__(self) -> str:
         goal = f"ratio={self.ratio}" if self.ratio is not None else f"target_macs={self.target_macs}"
+        if self.threshold is not None:
+            free = f"threshold={self.threshold:g} ({self.channels_free} zeroed channels removed for free, conv MACs " \
+                   f"{self.macs_ratio_free:.3f})"
+            goal = free if self.target_macs is None and self.ratio is None else f"{free}, then {goal}"
         head = f"PruneResult: method={self.method} {goal}, {self.seconds:.2f} s"
         if self.checkpoint:
             head += f"\ncheckpoint: {self.checkpoint}"
@@ -92,6 +100,9 @@ class PruneResult(Result):
             "method": self.method,
             "target_macs": self.target_macs,
             "ratio": self.ratio,
+            "threshold": self.threshold,
+            "macs_ratio_free": self.macs_ratio_free,
+            "channels_free": self.channels_free,
             "imgsz": self.imgsz,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
@@ -134,6 +145,7 @@ def prune(
     method: str = "bn",
     target_macs: float | None = 0.5,
     ratio: float | None = None,
+    threshold: float | None = None,
     data: str | Path | None = None,
     imgsz: int = 640,
     global_pruning: bool = True,
@@ -162,37 +174,68 @@ def prune(
     ``calib_images`` train images are used by ``method=activation`` and by ``compensate`` (``lstsq``:
     the layers that consumed removed channels refit their kept weights by least squares; ``mean``: bias
     only; ``none``).
+
+    With ``threshold``, every channel whose coupled BN gammas are all below it (the channels sparsity
+    training zeroed) is removed first, its constant output folded into its consumers so that the model
+    computes the same thing (:func:`~yolo_prune.pruning.threshold.remove_free_channels`); then, if the MACs
+    are still above ``target_macs``, the remaining channels are ranked with ``method`` to reach it (targets
+    stay fractions of the original). ``target_macs=None`` with a threshold removes only the free channels.
     """
     source = model
     yolo = load_model(model)
     module = copy.deepcopy(yolo.model).float().cpu().eval()
     for p in module.parameters():
         p.requires_grad_(True)
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise UsageError(f"threshold={threshold!r} must be a number > 0")
+        if ratio is not None:
+            raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
+        if target_macs is not None and not 0 < target_macs <= 1:
+            raise UsageError(f"target_macs={target_macs} is out of range: it must be in (0, 1]")
     calib = _calibration(method, data, n=calib_images, imgsz=imgsz, seed=seed)
     save_dir = run_dir(project, "prune", name, exist_ok=exist_ok) if save else None
 
     before = model_stats(module, imgsz=imgsz)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    outcome: PruneOutcome = prune_model(
-        module,
-        method=method,
-        target_macs=target_macs,
-        ratio=ratio,
-        global_pruning=global_pruning,
-        max_layer_ratio=max_layer_ratio,
-        round_to=round_to,
-        steps=steps,
-        tolerance=tolerance,
-        seed=seed,
-        calib_images=calib,
-        compensate=compensate,
-        macs_imgsz=imgsz,
-        progress=progress,
-    )
+    free = None
+    if threshold is not None:
+        free = remove_free_channels(module, float(threshold), round_to=round_to, calib_images=calib)
+        LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
+                    threshold, free.channels_removed, free.macs_fraction)
+    if free is None or (target_macs is not None and free.macs_fraction > target_macs):
+        outcome: PruneOutcome = prune_model(
+            module,
+            method=method,
+            target_macs=target_macs,
+            ratio=ratio,
+            global_pruning=global_pruning,
+            max_layer_ratio=max_layer_ratio,
+            round_to=round_to,
+            steps=steps,
+            tolerance=tolerance,
+            seed=seed,
+            calib_images=calib,
+            compensate=compensate,
+            reference=None if free is None else Reference(free.reference_macs, free.reference_channels),
+            macs_imgsz=imgsz,
+            progress=progress,
+        )
+    else:
+        from .engine import layer_widths
+        from .graph import build_graph
+
+        after_layers = layer_widths(module, build_graph(module))
+        outcome = PruneOutcome(steps=[], layers_before=free.layers_before, layers_after=after_layers,
+                               reference=Reference(free.reference_macs, free.reference_channels))
+    if free is not None:
+        outcome.layers_before = free.layers_before
+        outcome.steps.insert(0, StepRecord(step=0, target_macs=None, macs_fraction=free.macs_fraction,
+                                           channels_removed=free.channels_removed))
     seconds = time.perf_counter() - t0
     after = model_stats(module, imgsz=imgsz)
-    args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
+    args = dict(method=method, target_macs=target_macs, ratio=ratio, threshold=threshold, imgsz=imgsz, global_pruning=global_pruning,
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
                 compensate=compensate if calib is not None else "none")
     prov = provenance(source, seed=seed, stage="prune", args=args)
@@ -209,6 +252,9 @@ def prune(
         size_mb_before=before.size_mb,
         size_mb_after=after.size_mb,
         seconds=seconds,
+        threshold=threshold,
+        macs_ratio_free=None if free is None else free.macs_fraction,
+        channels_free=None if free is None else free.channels_removed,
         layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
         steps=outcome.steps,
         provenance=prov,

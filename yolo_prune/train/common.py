@@ -245,12 +245,15 @@ class TrainResult(Result):
     gamma_near_zero_after: float | None = None
     teacher: str | None = None
     distill: str | None = None
+    sr_mode: str | None = None
+    gamma_zero_after: float | None = None  # fraction of gammas exactly 0
+    free_macs_after: float | None = None  # fraction of conv MACs pruning at gamma_threshold removes for free
 
     def rows(self) -> list[tuple[str, Any]]:
         out = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is None and (f.name.startswith(("gamma", "sr")) or f.name in ("teacher", "distill")):
+            if v is None and (f.name.startswith(("gamma", "sr", "free_macs")) or f.name in ("teacher", "distill")):
                 continue  # sparsity fields of a fine-tune, distillation fields of a run without teacher
             out.append((f.name, str(v) if isinstance(v, Path) else v))
         return out

@@ -1,8 +1,13 @@
-"""Sparsity training (Network Slimming): an L1 penalty on every BatchNorm gamma.
+"""Sparsity training (Network Slimming): drive BatchNorm gammas to zero inside the ultralytics trainer.
 
-The penalty ``sr * |gamma|`` enters as its sub-gradient: every optimizer step adds exactly
-``sr * sign(gamma)`` to each gamma's gradient (what ``cfg/default.yaml`` promises). Where it is added
-matters, and :func:`l1_step` is the one place that does it:
+How the penalty is applied is ``sr_mode`` (:mod:`yolo_prune.train.penalty`): ``proximal`` soft-thresholds the
+gammas after each optimizer step (per BN, or per coupled channel group with ``sr_group``), ``greg`` fades the
+channels of a pruning plan with a growing L2 penalty, ``subgradient`` is the published L1 sub-gradient.
+This module holds the trainer, the statistics (zeros, free MACs per epoch, ``sparsity.png``) and the API.
+
+In ``subgradient`` mode the penalty ``sr * |gamma|`` enters as its sub-gradient: every optimizer step adds
+exactly ``sr * sign(gamma)`` to each gamma's gradient. Where it is added matters, and :func:`l1_step` is the
+one place that does it:
 
 * after ``GradScaler.unscale_``: ultralytics backpropagates the AMP-*scaled* loss, so a term added to the
   raw ``.grad`` (as many pruning repos do right after ``backward()``) is divided by the loss scale -
@@ -37,9 +42,11 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import UsageError
 from ..io import atomic_write, write_json
+from ..pruning.bngroups import BNGroups
 from ..sparsify import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
+from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
 
 __all__ = [
     "SparseTrainer",
@@ -54,11 +61,25 @@ __all__ = [
     "sr_at",
 ]
 
-#: Options of :class:`SparseTrainer` that are not ultralytics keys, with their defaults.
-SPARSE_DEFAULTS: dict[str, Any] = {"sr": 1e-3, "sr_schedule": "constant", "gamma_threshold": 0.01}
-SR_SCHEDULES = ("constant", "linear", "cosine")
+#: Options of :class:`SparseTrainer` that are not ultralytics keys, with their defaults (``target_macs``,
+#: ``method``, ``max_layer_ratio``, ``round_to`` only matter to ``sr_mode=greg``, which plans like pruning).
+SPARSE_DEFAULTS: dict[str, Any] = {
+    "sr": 1e-3,
+    "sr_schedule": "constant",
+    "gamma_threshold": 0.01,
+    "sr_mode": "subgradient",
+    "sr_group": False,
+    "sr_head": True,
+    "greg_ramp": 0.5,
+    "target_macs": None,
+    "method": "bn",
+    "max_layer_ratio": 0.75,
+    "round_to": 8,
+}
+SR_SCHEDULES = ("constant", "linear", "cosine", "ramp")
 #: Extra columns SparseTrainer appends to ultralytics' results.csv.
-CSV_COLUMNS = ("sparsity/sr", "sparsity/gamma_mean", "sparsity/gamma_near_zero")
+CSV_COLUMNS = ("sparsity/sr", "sparsity/gamma_mean", "sparsity/gamma_near_zero", "sparsity/gamma_zero",
+               "sparsity/free_macs")
 
 
 # --------------------------------------------------------------------------------------------- pure helpers
@@ -111,12 +132,16 @@ def sr_at(sr: float, schedule: str, epoch: int, epochs: int) -> float:
     """The penalty strength at 0-based ``epoch`` of ``epochs``.
 
     ``constant``: ``sr``; ``linear``: from ``sr`` at the first epoch down to 0 at the last one;
-    ``cosine``: half a cosine from ``sr`` to 0 at the last epoch.
+    ``cosine``: half a cosine from ``sr`` to 0 at the last epoch; ``ramp``: rises linearly from
+    ``sr / n`` at the first epoch to ``sr`` at epoch ``n = ceil(epochs / 2)``, then stays at ``sr``.
     """
     if schedule not in SR_SCHEDULES:
         raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {schedule!r}")
     if schedule == "constant" or epochs <= 1:
         return float(sr)
+    if schedule == "ramp":
+        n = math.ceil(epochs / 2)
+        return float(sr) * min(1.0, (epoch + 1) / n)
     t = min(max(epoch / (epochs - 1), 0.0), 1.0)
     if schedule == "linear":
         return float(sr) * (1.0 - t)
@@ -170,13 +195,17 @@ def save_gamma_histogram(
 
 # --------------------------------------------------------------------------------------------- trainer
 class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, DetectionTrainer):
-    """ultralytics ``DetectionTrainer`` with an L1 penalty on BatchNorm gammas.
+    """ultralytics ``DetectionTrainer`` with a sparsity penalty on BatchNorm gammas.
 
-    Extra overrides (not ultralytics keys): ``sr`` (float >= 0), ``sr_schedule`` (constant | linear |
-    cosine), ``gamma_threshold`` (float > 0). They are stored in ``self.args`` so DDP workers and resumed
-    runs get them back (see the module docstring). Per epoch the mean |gamma| and the fraction below
-    ``gamma_threshold`` are logged and appended to ``results.csv``; ``gamma_hist_start.png``,
-    ``gamma_hist_end.png`` and ``sparsity.json`` are written to the run folder.
+    Extra overrides (not ultralytics keys, :data:`SPARSE_DEFAULTS`): ``sr``, ``sr_schedule``, ``sr_mode``,
+    ``sr_group``, ``sr_head``, ``greg_ramp``, greg's plan (``target_macs``, ``method``, ``max_layer_ratio``,
+    ``round_to``) and ``gamma_threshold``. They are stored in ``self.args`` so DDP workers and resumed runs
+    get them back (see the module docstring); the penalty itself (channel groups, greg's plan) is rebuilt in
+    :meth:`_setup_train` in every process. Per epoch the mean |gamma|, the fractions of gammas exactly 0 and
+    below ``gamma_threshold`` and the MACs fraction free at the threshold are logged and appended to
+    ``results.csv``; dead channels are retired (:func:`~yolo_prune.train.penalty.retire_dead_channels`);
+    ``gamma_hist_start.png``, ``gamma_hist_end.png``, ``sparsity.png``, ``sparsity.json`` (and for greg
+    ``greg_plan.json``) are written to the run folder.
 
     The architecture of a (pruned) checkpoint is kept, like :class:`~yolo_prune.train.FinetuneTrainer`, and
     ``teacher=<checkpoint>`` distils from that model meanwhile (see :mod:`yolo_prune.train.distill`).
@@ -205,10 +234,8 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
                     LOGGER.warning(f"resume keeps {key}={current!r} of the checkpoint, ignoring {key}={given[key]!r}")
                 continue
             setattr(self.args, key, given.get(key, current if current is not None else default))
-        self.args.sr = _check_float("sr", self.args.sr, minimum=0.0)
-        self.args.gamma_threshold = _check_float("gamma_threshold", self.args.gamma_threshold, minimum=0.0, open_=True)
-        if self.args.sr_schedule not in SR_SCHEDULES:
-            raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {self.args.sr_schedule!r}")
+        for key, value in check_sparse_options({k: getattr(self.args, k) for k in SPARSE_DEFAULTS}).items():
+            setattr(self.args, key, value)
 
     # The penalty -----------------------------------------------------------------------------------
     def sparse_bn_layers(self, model: nn.Module | None = None) -> list[nn.BatchNorm2d]:
@@ -220,24 +247,95 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
         """``sr`` of the current epoch according to ``sr_schedule``."""
         return sr_at(self.args.sr, self.args.sr_schedule, getattr(self, "epoch", 0) or 0, self.epochs)
 
+    @property
+    def progress(self) -> float:
+        """Fraction of the training done once the current batch is (resume-safe: from the epoch and batch index)."""
+        nb = len(self.train_loader) if getattr(self, "train_loader", None) is not None else 1
+        done = (getattr(self, "epoch", 0) or 0) + (getattr(self, "_batch_i", 0) + 1) / max(nb, 1)
+        return min(max(done / max(self.epochs, 1), 0.0), 1.0)
+
+    def validate(self) -> tuple[Any, Any]:
+        """ultralytics' validation; with ``greg``, an epoch before the chosen channels are at 0 cannot become
+        ``best.pt`` (it would be a denser model than the one the run trains toward)."""
+        previous = self.best_fitness
+        metrics, fitness = super().validate()
+        if self.args.sr_mode == "greg" and fitness is not None and self.progress < self.args.greg_ramp:
+            self.best_fitness = previous
+        return metrics, fitness
+
+    def _count_batch(self, trainer: Any = None) -> None:
+        self._batch_i = 0 if getattr(self, "_batch_epoch", None) != self.epoch else self._batch_i + 1
+        self._batch_epoch = self.epoch
+
+    def _setup_train(self) -> None:
+        """ultralytics' setup (model, optimizer, EMA; resume state), then the penalty, rebuilt in every process.
+
+        The channel groups are traced from a copy of the model as it is here (on a DDP worker and on resume
+        too: nothing of them is pickled); greg's chosen channels come from ``greg_plan.json`` on resume.
+        """
+        super()._setup_train()
+        self.penalty = self.build_penalty()
+        if RANK in {-1, 0} and not self.resume:
+            self._write_sparsity_json(start=self.sparsity_stats(unwrap_model(self.model)))
+        if self._count_batch not in self.callbacks.get("on_train_batch_start", []):
+            self.add_callback("on_train_batch_start", self._count_batch)
+            self.add_callback("on_train_epoch_end", self._retire_dead_channels)
+
+    def _retire_dead_channels(self, trainer: Any = None) -> None:
+        """Each epoch end (before validation and saving): channels whose coupled gammas are all below
+        ``gamma_threshold`` get gamma 0, their constant output is folded into the consumers and their betas zeroed,
+        so the validated and saved model is exactly what pruning at the threshold will keep."""
+        ema = self.ema.ema if getattr(self, "ema", None) is not None else None
+        n = self.penalty.retire(self.model, ema, threshold=self.args.gamma_threshold)
+        if n:
+            LOGGER.info(f"sparsity: {n} channels with all coupled |gamma| < {self.args.gamma_threshold:g} retired "
+                        "(gamma and beta 0, constant folded into consumers)")
+
+    def build_penalty(self) -> SparsityPenalty:
+        """The :class:`~yolo_prune.train.penalty.SparsityPenalty` of this run's options, bound to ``self.model``."""
+        a = self.args
+        groups = BNGroups.build(self.model)
+        plan = None
+        if a.sr_mode == "greg":
+            path = Path(self.save_dir) / "greg_plan.json"
+            if self.resume and path.is_file():
+                plan = load_plan(path)
+            else:
+                plan = greg_plan(groups, target_macs=a.target_macs, method=a.method, head=a.sr_head,
+                                 max_layer_ratio=a.max_layer_ratio, round_to=a.round_to, seed=a.seed or 0)
+                if RANK in {-1, 0}:
+                    save_plan(plan, path)
+            LOGGER.info(f"sparsity: greg drives {plan.channels} channels to zero (pruning them reaches "
+                        f"{plan.macs_fraction:.3f} of the MACs, target_macs={plan.target_macs})")
+        return SparsityPenalty(a.sr_mode, self.model, groups=groups, group=a.sr_group, head=a.sr_head, plan=plan,
+                               greg_ramp=a.greg_ramp)
+
     def optimizer_step(self) -> None:
-        """``BaseTrainer.optimizer_step`` with ``sr_t * sign(gamma)`` added to the unscaled, clipped gradients.
+        """``BaseTrainer.optimizer_step`` with the sparsity penalty of ``sr_mode``.
 
         Same sequence as ultralytics 8.4 (unscale, clip to norm 10, step, scaler update, zero_grad, EMA
-        update); see :func:`l1_step`.
+        update); ``subgradient`` adds ``sr_t * sign(gamma)`` to the unscaled, clipped gradients (see
+        :func:`l1_step`), ``proximal`` and ``greg`` apply their proximal step right after the optimizer's,
+        and the EMA is kept consistent with the model's zeros (:mod:`yolo_prune.train.penalty`).
         """
+        penalty = getattr(self, "penalty", None)
+        if penalty is None:  # called outside train()
+            penalty = self.penalty = self.build_penalty()
+        sr = self.current_sr
         l1_step(
             self.optimizer,
             self.scaler,
             self.model.parameters(),
-            [m.weight for m in self.sparse_bn_layers() if m.weight is not None],
-            self.current_sr,
+            penalty.subgradient_params(),
+            sr,
             max_norm=10.0,
             foreach=False if self.device.type == "npu" else None,
         )
+        penalty.after_step(self.optimizer, sr, self.progress)
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
+            penalty.sync_ema(self.ema.ema)
         self.keep_zeros()  # a sparsified checkpoint's zeros stay zero (KeepZerosMixin)
 
     # Reporting -------------------------------------------------------------------------------------
@@ -259,15 +357,29 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
                 save_gamma_histogram(layers, hist, title="start", threshold=self.args.gamma_threshold)
         return ckpt
 
+    def sparsity_stats(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Mean |gamma|, fractions of gammas exactly 0 and below ``gamma_threshold``, and the fraction of conv
+        MACs that pruning at ``gamma_threshold`` (with this run's ``round_to``) would free now."""
+        model = self._report_model() if model is None else model
+        stats = gamma_stats(self.sparse_bn_layers(model), self.args.gamma_threshold)
+        penalty = getattr(self, "penalty", None)
+        if penalty is not None:
+            stats.update(penalty.stats(model, self.args.gamma_threshold, round_to=self.args.round_to))
+        return stats
+
     def save_metrics(self, metrics: dict[str, Any]) -> None:
-        """Log the gamma statistics and append them as extra columns of ``results.csv``."""
-        stats = gamma_stats(self.sparse_bn_layers(self._report_model()), self.args.gamma_threshold)
+        """Log the sparsity statistics and append them as extra columns of ``results.csv``."""
+        stats = self.sparsity_stats()
         sr = self.current_sr
+        lam = f" greg lambda={self.penalty.lam:.3g}" if getattr(self, "penalty", None) and self.args.sr_mode == "greg" else ""
         LOGGER.info(
-            f"sparsity: epoch {self.epoch + 1}/{self.epochs} sr={sr:.3g} mean|gamma|={stats['gamma_mean']:.4g} "
-            f"|gamma|<{self.args.gamma_threshold:g}: {stats['gamma_near_zero']:.1%} of {stats['channels']} channels"
+            f"sparsity: epoch {self.epoch + 1}/{self.epochs} {self.args.sr_mode} sr={sr:.3g}{lam} "
+            f"mean|gamma|={stats['gamma_mean']:.4g} zero: {stats.get('gamma_zero', float('nan')):.1%} "
+            f"|gamma|<{self.args.gamma_threshold:g}: {stats['gamma_near_zero']:.1%} of {stats['channels']} channels, "
+            f"MACs free at the threshold: {stats.get('free_macs', float('nan')):.1%}"
         )
-        extra = dict(zip(CSV_COLUMNS, (sr, stats["gamma_mean"], stats["gamma_near_zero"])))
+        extra = dict(zip(CSV_COLUMNS, (sr, stats["gamma_mean"], stats["gamma_near_zero"],
+                                       stats.get("gamma_zero", float("nan")), stats.get("free_macs", float("nan")))))
         super().save_metrics({**metrics, **extra})
 
     def final_eval(self) -> None:
@@ -275,18 +387,81 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
         super().final_eval()
         if RANK in {-1, 0}:
             layers = self.sparse_bn_layers(self._report_model())
-            self._write_sparsity_json(end=gamma_stats(layers, self.args.gamma_threshold))
+            self._write_sparsity_json(end=self.sparsity_stats())
             save_gamma_histogram(
                 layers, Path(self.save_dir) / "gamma_hist_end.png", title="end", threshold=self.args.gamma_threshold
             )
+            if Path(self.csv).is_file():
+                plot_sparsity_curve(self.csv, Path(self.save_dir) / "sparsity.png", threshold=self.args.gamma_threshold)
 
     def _write_sparsity_json(self, **stats: dict[str, float]) -> None:
         path = Path(self.save_dir) / "sparsity.json"
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data.update(
-            sr=self.args.sr, sr_schedule=self.args.sr_schedule, gamma_threshold=self.args.gamma_threshold, **stats
-        )
+        data.update({k: getattr(self.args, k) for k in SPARSE_DEFAULTS}, **stats)
         write_json(path, data)
+
+
+def check_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Validate (and normalise) the sparsity options; :class:`UsageError` on a bad value. Returns them."""
+    o = dict(options)
+    o["sr"] = _check_float("sr", o["sr"], minimum=0.0)
+    o["gamma_threshold"] = _check_float("gamma_threshold", o["gamma_threshold"], minimum=0.0, open_=True)
+    if o["sr_schedule"] not in SR_SCHEDULES:
+        raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {o['sr_schedule']!r}")
+    if o["sr_mode"] not in SR_MODES:
+        raise UsageError(f"sr_mode must be one of {', '.join(SR_MODES)}, got {o['sr_mode']!r}")
+    for key in ("sr_group", "sr_head"):
+        if not isinstance(o[key], bool):
+            raise UsageError(f"{key} must be True or False, got {o[key]!r}")
+    o["greg_ramp"] = _check_float("greg_ramp", o["greg_ramp"], minimum=0.0, open_=True)
+    if o["greg_ramp"] > 1:
+        raise UsageError(f"greg_ramp must be in (0, 1], got {o['greg_ramp']!r}")
+    if o["sr_mode"] == "greg":
+        if o["target_macs"] is None:
+            raise UsageError("sr_mode=greg needs target_macs (the MACs fraction whose pruning plan it trains toward)")
+        t = _check_float("target_macs", o["target_macs"], minimum=0.0, open_=True)
+        if t >= 1:
+            raise UsageError(f"sr_mode=greg needs target_macs < 1, got {o['target_macs']!r}")
+        o["target_macs"] = t
+        from ..pruning.importance import METHODS
+
+        if o["method"] not in METHODS or o["method"] == "activation":
+            raise UsageError(f"sr_mode=greg ranks with method=bn, l1, l2 or random, got {o['method']!r}")
+    return o
+
+
+def plot_sparsity_curve(results_csv: str | Path, path: str | Path, *, threshold: float = 0.01) -> Path | None:
+    """``sparsity.png``: per epoch, the MACs fraction removable for free (and the gammas at 0) with mAP50-95."""
+    import csv
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(results_csv, newline="", encoding="utf-8") as f:
+        rows = [{k.strip(): v for k, v in r.items() if k} for r in csv.DictReader(f)]
+    if not rows or "sparsity/free_macs" not in rows[0]:
+        return None
+
+    def col(key: str) -> list[float]:
+        return [float(r.get(key) or "nan") for r in rows]
+
+    epochs = col("epoch")
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(epochs, col("sparsity/free_macs"), "o-", color="tab:blue", label=f"MACs free at |gamma|<{threshold:g}")
+    ax.plot(epochs, col("sparsity/gamma_zero"), "s--", color="tab:cyan", label="gammas exactly 0")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, col("metrics/mAP50-95(B)"), "^-", color="tab:red", label="mAP50-95")
+    ax2.set_ylabel("mAP50-95", color="tab:red")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)
+    ax.set_title("sparsity training")
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def _check_float(name: str, value: Any, *, minimum: float, open_: bool = False) -> float:
@@ -304,8 +479,16 @@ def sparse_train(
     model: Any,
     data: Any,
     *,
-    sr: float = 1e-3,
+    sr: float = SPARSE_DEFAULTS["sr"],
     sr_schedule: str = "constant",
+    sr_mode: str = SPARSE_DEFAULTS["sr_mode"],
+    sr_group: bool = SPARSE_DEFAULTS["sr_group"],
+    sr_head: bool = SPARSE_DEFAULTS["sr_head"],
+    greg_ramp: float = 0.5,
+    target_macs: float | None = None,
+    method: str = "bn",
+    max_layer_ratio: float = 0.75,
+    round_to: int | None = 8,
     epochs: int = 10,
     imgsz: int = 640,
     batch: int = 16,
@@ -326,14 +509,25 @@ def sparse_train(
     verbose: bool = False,
     **train_args: Any,
 ) -> TrainResult:
-    """Sparsity-train ``model`` on ``data`` with an L1 penalty ``sr`` on every BatchNorm gamma.
+    """Sparsity-train ``model`` on ``data``: drive BatchNorm gammas to zero so that their channels come out for free.
 
     Args:
         model: a ``.pt`` checkpoint path (pruned or not), a model yaml (random init), or an in-memory
             ultralytics ``YOLO`` / ``DetectionModel`` (saved first as ``weights/input.pt`` in the run folder).
         data: a YOLO- or COCO-format dataset yaml; with ``resume``, None takes the one recorded in ``last.pt``.
-        sr: penalty strength; the update adds ``sr * sign(gamma)`` to each gamma's gradient.
-        sr_schedule: ``constant``, ``linear`` (to 0 at the last epoch) or ``cosine``.
+        sr: penalty strength; what it means depends on ``sr_mode`` (see ``cfg/default.yaml``).
+        sr_schedule: ``constant``, ``linear`` (to 0 at the last epoch), ``cosine`` or ``ramp`` (up to ``sr``
+            over the first half, then constant).
+        sr_mode: ``proximal`` (soft-threshold the gammas by ``lr * sr`` after every optimizer step: exact zeros
+            with any optimizer), ``subgradient`` (add ``sr * sign(gamma)`` to the gradient) or ``greg`` (growing
+            L2 on the channels pruning to ``target_macs`` with ``method`` would remove); see
+            :mod:`yolo_prune.train.penalty`.
+        sr_group: ``proximal`` only: group soft-thresholding over the coupled channels pruning removes together.
+        sr_head: also penalise the Detect head's BatchNorms.
+        greg_ramp: ``greg``: fraction of the training over which the penalty grows to ``sr``; the chosen
+            channels are exactly 0 from then on.
+        target_macs, method, max_layer_ratio, round_to: ``greg``'s pruning plan (as in :func:`yolo_prune.prune`);
+            ``round_to`` also shapes the "MACs free at the threshold" statistic.
         epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
             ``"0,1"`` trains with ultralytics DDP).
         project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/sparse/sparse`` (name defaults to ``sparse``,
@@ -351,11 +545,10 @@ def sparse_train(
     Returns:
         :class:`TrainResult` with the checkpoints, final mAP and gamma statistics before/after.
     """
-    extra = {"sr": sr, "sr_schedule": sr_schedule, "gamma_threshold": gamma_threshold}
-    _check_float("sr", sr, minimum=0.0)
-    _check_float("gamma_threshold", gamma_threshold, minimum=0.0, open_=True)
-    if sr_schedule not in SR_SCHEDULES:
-        raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {sr_schedule!r}")
+    extra = {"sr": sr, "sr_schedule": sr_schedule, "gamma_threshold": gamma_threshold, "sr_mode": sr_mode,
+             "sr_group": sr_group, "sr_head": sr_head, "greg_ramp": greg_ramp, "target_macs": target_macs,
+             "method": method, "max_layer_ratio": max_layer_ratio, "round_to": round_to}
+    check_sparse_options(extra)
     extra.update(distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled))
     trainer, result = run_training(
         SparseTrainer,
@@ -388,4 +581,7 @@ def sparse_train(
         result.gamma_near_zero_before = start.get("gamma_near_zero")
         result.gamma_mean_after = end.get("gamma_mean")
         result.gamma_near_zero_after = end.get("gamma_near_zero")
+        result.gamma_zero_after = end.get("gamma_zero")
+        result.free_macs_after = end.get("free_macs")
+    result.sr_mode = str(trainer.args.sr_mode)
     return result
