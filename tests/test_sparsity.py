@@ -167,8 +167,9 @@ def test_prune_threshold_then_target(v8n_big_beta, tmp_path):
     assert free.threshold == 0.01 and free.channels_free > 0
     assert free.macs_ratio_free == pytest.approx(free.steps[0].macs_fraction) and len(free.steps) == 1
     assert 0.6 < free.macs_ratio < 0.9  # the stats' MACs (imgsz 320) agree with the conv-MACs model
-    x = torch.rand(1, 3, 320, 320)
-    assert max_change(model, free.model.model, x, margin=3) < 1e-4
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    # float32 rounding of the folded constants (this fixture's betas are large on purpose): ~1e-4 of outputs ~100
+    assert max_change(model, free.model.model, x, margin=3) < 1e-3
     both = prune(model, method="l1", target_macs=0.5, threshold=0.01, imgsz=320, save=False)
     assert [s.step for s in both.steps] == [0, 1] and both.steps[1].macs_fraction == pytest.approx(0.5, abs=0.03)
     assert "threshold=0.01" in str(both) and "then target_macs=0.5" in str(both)

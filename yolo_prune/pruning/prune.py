@@ -201,7 +201,8 @@ def prune(
     t0 = time.perf_counter()
     free = None
     if threshold is not None:
-        free = remove_free_channels(module, float(threshold), round_to=round_to, calib_images=calib)
+        free = remove_free_channels(module, float(threshold), round_to=round_to, calib_images=calib,
+                                    macs_imgsz=imgsz)
         LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
                     threshold, free.channels_removed, free.macs_fraction)
     if free is None or (target_macs is not None and free.macs_fraction > target_macs):

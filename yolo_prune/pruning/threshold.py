@@ -41,12 +41,14 @@ class FreeOutcome:
 
 
 def remove_free_channels(model: nn.Module, threshold: float, *, round_to: int | None = None,
-                         calib_images: torch.Tensor | None = None, trace_imgsz: int = 64) -> FreeOutcome:
+                         calib_images: torch.Tensor | None = None, trace_imgsz: int = 64,
+                         macs_imgsz: int | None = None) -> FreeOutcome:
     """Remove, in place, every channel of ``model`` whose coupled gammas are all below ``threshold``.
 
     Each channel group keeps at least one channel, and with ``round_to`` a width that is a multiple of it (so
     a few free channels may stay). The constants the removed channels emitted are folded into their
-    consumers first (see the module docstring). Returns a :class:`FreeOutcome`.
+    consumers first (see the module docstring). MACs are counted at ``macs_imgsz`` (default ``trace_imgsz``), as
+    :func:`~yolo_prune.pruning.engine.prune_model` counts them. Returns a :class:`FreeOutcome`.
     """
     from .engine import layer_widths
 
@@ -54,7 +56,7 @@ def remove_free_channels(model: nn.Module, threshold: float, *, round_to: int | 
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)  # torch-pruning traces through autograd
-    graph = build_graph(model, imgsz=trace_imgsz)
+    graph = build_graph(model, imgsz=trace_imgsz, macs_imgsz=macs_imgsz)
     before = layer_widths(model, graph)
     groups = BNGroups.from_graph(graph)
     reference, channels = graph.conv_macs(), sum(g.channels for g in graph.groups())
