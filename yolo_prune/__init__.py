@@ -28,6 +28,7 @@ _API = {
     "save_checkpoint": ("yolo_prune.models", "save_checkpoint"),
     "sparse_train": ("yolo_prune.train", "sparse_train"),
     "prune": ("yolo_prune.pruning", "prune"),
+    "sensitivity": ("yolo_prune.pruning.analysis", "sensitivity"),
     "finetune": ("yolo_prune.train", "finetune"),
     "validate": ("yolo_prune.evaluate", "evaluate"),
     "benchmark": ("yolo_prune.bench", "measure_latency"),
@@ -38,6 +39,7 @@ _API = {
     "SparseTrainer": ("yolo_prune.train", "SparseTrainer"),
     "FinetuneTrainer": ("yolo_prune.train", "FinetuneTrainer"),
     "PruneResult": ("yolo_prune.pruning", "PruneResult"),
+    "SensitivityResult": ("yolo_prune.pruning.analysis", "SensitivityResult"),
     "YoloPruneError": ("yolo_prune.errors", "YoloPruneError"),
 }
 

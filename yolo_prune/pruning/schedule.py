@@ -86,3 +86,80 @@ def solve_for_macs(
     if target - hi_frac <= tolerance or (target - hi_frac) <= (lo_frac - target):
         return hi_plan, hi_frac
     return lo_plan, lo_frac
+
+
+# Per-group allocations ----------------------------------------------------------------------------------------
+# The two planners below keep the same contract as :func:`plan` (an amount in [0, 1] -> per-group counts,
+# monotone in the amount) so that :func:`solve_for_macs` and any other cost model bisect them unchanged.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCurve:
+    """Predicted loss of one group against the fraction of its channels removed, from measured points
+    (``ratios`` ascending, ``losses``); 0 at ratio 0, linear in between, made non-decreasing, extended
+    linearly past the last point."""
+
+    ratios: tuple[float, ...]
+    losses: tuple[float, ...]
+
+    def at(self, ratio: float) -> float:
+        xs = [0.0, *self.ratios]
+        ys = [0.0]
+        for v in self.losses:
+            ys.append(max(ys[-1], float(v)))
+        if ratio <= 0:
+            return 0.0
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if ratio <= x1:
+                return y0 + (y1 - y0) * (ratio - x0) / max(x1 - x0, 1e-12)
+        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+        return ys[-1] + slope * (ratio - xs[-1])
+
+
+def _candidates(channels: int, opts: PlanOptions) -> list[int]:
+    """Every count a group may lose under the layer limit and rounding, ascending."""
+    return sorted({_limit(channels, n, opts) for n in range(channels + 1)})
+
+
+class LossAllocation:
+    """``plan_of`` for ``allocation=sensitivity``: each group loses the count that minimises
+    ``loss_g(n / channels) - lam * n * saved_g`` (Lagrangian relaxation of "least predicted loss at a MACs
+    budget", saved_g = MACs one channel of group g saves). The amount maps to the multiplier
+    ``lam = scale * amount / (1 - amount)``, so a larger amount never removes fewer channels anywhere."""
+
+    def __init__(self, curves: Sequence[LossCurve], channels: Sequence[int], saved: Sequence[float],
+                 opts: PlanOptions):
+        self.table = []
+        for curve, c, s in zip(curves, channels, saved):
+            ns = _candidates(c, opts)
+            self.table.append((ns, [curve.at(n / c) for n in ns], max(float(s), 0.0)))
+        ratios = [(curve.at(0.5), 0.5 * c * s) for curve, c, s in zip(curves, channels, saved)]
+        marginal = sorted(loss / macs for loss, macs in ratios if loss > 0 and macs > 0)
+        self.scale = marginal[len(marginal) // 2] if marginal else 1.0
+
+    def __call__(self, amount: float) -> list[int]:
+        if amount <= 0:
+            return [0] * len(self.table)
+        lam = math.inf if amount >= 1 else self.scale * amount / (1 - amount)
+        counts = []
+        for ns, losses, s in self.table:
+            if math.isinf(lam):
+                counts.append(ns[-1] if s > 0 else 0)
+                continue
+            best = min(range(len(ns)), key=lambda k: (losses[k] - lam * ns[k] * s, ns[k]))
+            counts.append(ns[best])
+        return counts
+
+
+class DirectionAllocation:
+    """``plan_of`` for one random candidate of ``allocation=search``: group g loses the fraction
+    ``min(1, direction_g * amount / (1 - amount))`` of its channels (then the layer limit and rounding)."""
+
+    def __init__(self, directions: Sequence[float], channels: Sequence[int], opts: PlanOptions):
+        self.directions, self.channels, self.opts = list(directions), list(channels), opts
+
+    def __call__(self, amount: float) -> list[int]:
+        if amount <= 0:
+            return [0] * len(self.channels)
+        scale = math.inf if amount >= 1 else amount / (1 - amount)
+        return [_limit(c, int(min(1.0, u * scale) * c), self.opts) for u, c in zip(self.directions, self.channels)]
