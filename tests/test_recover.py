@@ -212,3 +212,29 @@ def test_sensitivity_writes_one_row_per_group(v8n, synthetic, tmp_path):
     # the csv drives allocation=sensitivity without measuring again
     outcome = prune_model(model, target_macs=0.6, allocation="sensitivity", sensitivity=result.csv)
     assert outcome.steps[-1].macs_fraction == pytest.approx(0.6, abs=0.03)
+
+
+def test_cli_sensitivity_then_prune_with_every_option(v8n, synthetic, tmp_path, capsys):
+    import json
+
+    from yolo_prune.cli import main
+    from yolo_prune.models import save_checkpoint
+
+    assert main(["prune", "allocation=magic"]) == 2
+    assert "allocation='magic' must be one of global, sensitivity, search" in capsys.readouterr().err
+    assert main(["prune", "recalibrate=maybe"]) == 2
+    assert main(["prune", "compensate=lstsq_sequential"]) == 2
+    pt = save_checkpoint(v8n, tmp_path / "v8n.pt")
+    data = str(synthetic / "yolo.yaml")
+    assert main(["sensitivity", f"model={pt}", f"data={data}", "imgsz=64", "calib_images=2", f"project={tmp_path}",
+                 "name=sens"]) == 0
+    csv_path = tmp_path / "sens" / "sensitivity.csv"
+    assert csv_path.is_file() and (tmp_path / "sens" / "sensitivity.png").is_file()
+    assert main(["prune", f"model={pt}", f"data={data}", "imgsz=64", "calib_images=4", "compensate=lstsq_seq",
+                 "allocation=sensitivity", f"sensitivity={csv_path}", "target_macs=0.7", f"project={tmp_path}",
+                 "name=pr"]) == 0
+    report = json.loads((tmp_path / "pr" / "report.json").read_text())
+    assert report["compensate"] == "lstsq_seq" and report["recalibrate"] == "match"
+    assert report["allocation"] == "sensitivity"
+    assert report["map50_95_no_recalibration"] is not None  # the report shows mAP with and without it
+    assert "without BN re-estimation" in (tmp_path / "pr" / "report.md").read_text()

@@ -21,7 +21,7 @@ from .errors import UsageError
 
 LOGGER = logging.getLogger("yolo_prune")
 
-MODES = ("sparse", "prune", "finetune", "val", "bench", "export", "pipeline", "demo")
+MODES = ("sparse", "prune", "sensitivity", "finetune", "val", "bench", "export", "pipeline", "demo")
 COMMANDS = ("help", "cfg", "version")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
@@ -146,7 +146,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     _number(cfg, "round_to", int, lo=1, optional=True)
     for key in ("steps", "batch", "bench_runs"):
         _number(cfg, key, int, lo=1)
-    for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed"):
+    for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed",
+                "search_candidates", "sensitivity_validate"):
         _number(cfg, key, int, lo=0)
     _number(cfg, "sr", float, lo=0)
     _number(cfg, "gamma_threshold", float, lo=0)
@@ -163,8 +164,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                          f"choose one of {', '.join(METHODS)}")
     if cfg.get("sr_schedule") not in ("constant", "linear", "cosine"):
         raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear or cosine")
-    if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
-        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
+    if cfg.get("compensate") not in ("lstsq_seq", "lstsq", "mean", "none", True, False):
+        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq_seq, lstsq, mean or none")
+    if cfg.get("recalibrate") not in (True, False, "match", "reset", None):
+        raise UsageError(f"recalibrate={cfg.get('recalibrate')!r} must be True, False, match or reset")
+    from .pruning.allocation import ALLOCATIONS
+
+    if cfg.get("allocation") not in ALLOCATIONS:
+        raise UsageError(f"allocation={cfg.get('allocation')!r} must be one of {', '.join(ALLOCATIONS)}")
     for key in ("global_pruning", "exist_ok", "verbose", "resume"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")

@@ -265,6 +265,8 @@ def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) 
         ("params (M)", base["params"] / 1e6, va["params"] / 1e6),
         (f"GMACs @{imgsz}", base["macs"] / 1e9, va["macs"] / 1e9),
         ("size (MB)", base["size_mb"], va["size_mb"]),
+        ("mAP50-95 right after pruning", base["map50_95"], kept.get("map50_95_pruned")),
+        ("mAP50 right after pruning", base["map50"], kept.get("map50_pruned")),
         ("mAP50-95", base["map50_95"], va["map50_95"]),
         ("mAP50", base["map50"], va["map50"]),
     ]
@@ -320,7 +322,8 @@ def _abs_gammas(model: Any) -> list[float]:
 
 
 # options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
-_PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
+_PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate",
+                  "recalibrate", "allocation", "sensitivity", "search_candidates"}
 _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "target_macs", "ratio", "steps",
                   "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "workers", "device", "seed",
                   "bench_runs", "bench_warmup", "resume", "verbose", *sorted(_PRUNE_OPTIONS))

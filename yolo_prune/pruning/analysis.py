@@ -162,6 +162,8 @@ def sensitivity(
     t0 = time.perf_counter()
     yolo = load_model(model)
     net = copy.deepcopy(yolo.model).float().cpu().eval()
+    for p in net.parameters():
+        p.requires_grad_(True)  # torch-pruning traces the graph through autograd
     prepare(net)
     images = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
     graph = build_graph(net)

@@ -130,6 +130,7 @@ def prune_model(
     trace_imgsz: int = 64,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
+    before_recalibration: Callable[[nn.Module], None] | None = None,
 ) -> PruneOutcome:
     """Remove channels of ``model`` (a DetectionModel) in place.
 
@@ -139,7 +140,12 @@ def prune_model(
     against the original, as the iterative pipeline does. With ``calib_images``, the layers that consume
     removed channels make up for them: ``compensate="lstsq"`` refits their kept weights and bias by least
     squares (:mod:`.reconstruct`), ``"mean"`` folds the removed channels' mean into the bias only
-    (:mod:`.compensate`), ``"none"`` does nothing.
+    (:mod:`.compensate`), ``"lstsq_seq"`` prunes first and then refits every conv layer by layer toward the
+    dense model's outputs (:mod:`.sequential`), ``"none"`` does nothing. ``recalibrate`` then re-estimates the BN
+    statistics on the same images (:mod:`.recalibrate`; True = ``"match"``); ``before_recalibration(model)`` is
+    called right before the last step's re-estimation (the prune report measures the model there too).
+    ``allocation`` chooses how the removal is spread over the groups (:mod:`.allocation`: ``global`` threshold,
+    ``sensitivity`` curves, measured or read from ``sensitivity`` (a sensitivity.csv), or ``search``).
     """
     compensate = _compensation(compensate)
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
@@ -215,6 +221,8 @@ def prune_model(
             if dense is not None:
                 reconstruct_sequential(model, dense, kept, calib_images, seed=seed, progress=progress)
             if recal_mode is not None:
+                if before_recalibration is not None and step == steps:
+                    before_recalibration(model)
                 recalibrate_bn(model, calib_images, reference=bn_ref, kept=kept.out, mode=recal_mode)
         record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
                             channels_removed=int(sum(counts)))

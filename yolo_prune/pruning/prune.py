@@ -18,7 +18,7 @@ from ..provenance import provenance
 from ..results import Result, table
 from ..stats import model_stats
 from .calibration import load_calibration_images
-from .engine import PruneOutcome, StepRecord, prune_model
+from .engine import PruneOutcome, StepRecord, _compensation, _recalibration, prune_model
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -52,6 +52,11 @@ class PruneResult(Result):
     map50_95_after: float | None = None
     map50_before: float | None = None
     map50_after: float | None = None
+    map50_95_no_recalibration: float | None = None  # the same pruned model before BN re-estimation
+    map50_no_recalibration: float | None = None
+    compensate: str | None = None
+    recalibrate: str | None = None
+    allocation: str = "global"
     layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
     steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -78,11 +83,17 @@ class PruneResult(Result):
         if self.map50_95_before is not None:
             rows.append(row("mAP50-95", self.map50_95_before, self.map50_95_after))
             rows.append(row("mAP50", self.map50_before, self.map50_after))
+        if self.map50_95_no_recalibration is not None:
+            rows.append(row("mAP50-95 without BN re-estimation", self.map50_95_before, self.map50_95_no_recalibration))
+            rows.append(row("mAP50 without BN re-estimation", self.map50_before, self.map50_no_recalibration))
         return rows
 
     def __str__(self) -> str:
         goal = f"ratio={self.ratio}" if self.ratio is not None else f"target_macs={self.target_macs}"
         head = f"PruneResult: method={self.method} {goal}, {self.seconds:.2f} s"
+        if self.compensate and self.compensate != "none" or self.recalibrate or self.allocation != "global":
+            head += (f"\ncompensate={self.compensate}, recalibrate={self.recalibrate or False}, "
+                     f"allocation={self.allocation}")
         if self.checkpoint:
             head += f"\ncheckpoint: {self.checkpoint}"
         return head + "\n" + table(self.comparison(), header=("", "before", "after", "ratio"))
@@ -105,6 +116,11 @@ class PruneResult(Result):
             "map50_95_after": self.map50_95_after,
             "map50_before": self.map50_before,
             "map50_after": self.map50_after,
+            "map50_95_no_recalibration": self.map50_95_no_recalibration,
+            "map50_no_recalibration": self.map50_no_recalibration,
+            "compensate": self.compensate,
+            "recalibrate": self.recalibrate,
+            "allocation": self.allocation,
             "prune_seconds": self.seconds,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "steps": [dataclasses.asdict(s) for s in self.steps],
@@ -143,6 +159,10 @@ def prune(
     tolerance: float = 0.03,
     calib_images: int = 32,
     compensate: str | bool = "lstsq",
+    recalibrate: bool | str = True,
+    allocation: str = "global",
+    sensitivity: str | Path | None = None,
+    search_candidates: int = 16,
     seed: int = 0,
     validate: bool = False,
     batch: int = 16,
@@ -160,8 +180,13 @@ def prune(
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
     before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,
     ``calib_images`` train images are used by ``method=activation`` and by ``compensate`` (``lstsq``:
-    the layers that consumed removed channels refit their kept weights by least squares; ``mean``: bias
-    only; ``none``).
+    the layers that consumed removed channels refit their kept weights by least squares; ``lstsq_seq``: every
+    conv is refit layer by layer toward the dense model's outputs; ``mean``: bias only; ``none``), and
+    ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
+    to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
+    mAP before it). ``allocation`` (``global``, ``sensitivity``, ``search``) spreads the removal over the
+    channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring (see
+    :func:`yolo_prune.sensitivity`).
     """
     source = model
     yolo = load_model(model)
@@ -173,6 +198,13 @@ def prune(
 
     before = model_stats(module, imgsz=imgsz)
     torch.manual_seed(seed)
+    recal_mode = _recalibration(recalibrate) if calib is not None else None
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def keep_stats(m: torch.nn.Module) -> None:
+        if validate and data is not None:
+            snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
+
     t0 = time.perf_counter()
     outcome: PruneOutcome = prune_model(
         module,
@@ -187,13 +219,19 @@ def prune(
         seed=seed,
         calib_images=calib,
         compensate=compensate,
+        recalibrate=recal_mode or False,
+        allocation=allocation,
+        sensitivity=sensitivity,
+        search_candidates=search_candidates,
         progress=progress,
+        before_recalibration=keep_stats,
     )
     seconds = time.perf_counter() - t0
     after = model_stats(module, imgsz=imgsz)
     args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
-                compensate=compensate if calib is not None else "none")
+                compensate=_compensation(compensate) if calib is not None else "none", recalibrate=recal_mode,
+                allocation=allocation, sensitivity=str(sensitivity) if sensitivity else None)
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
@@ -211,6 +249,9 @@ def prune(
         layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
         steps=outcome.steps,
         provenance=prov,
+        compensate=args["compensate"],
+        recalibrate=recal_mode,
+        allocation=allocation,
     )
     if save_dir is not None:
         write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})
@@ -229,6 +270,12 @@ def prune(
                       save_dir=save_dir / "val_after" if save_dir else None)
         result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
         result.map50_95_after, result.map50_after = va.map50_95, va.map50
+        if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
+            plain = copy.deepcopy(module)
+            plain.load_state_dict(snapshot)
+            vn = evaluate(wrap_model(plain), data, imgsz=imgsz, batch=batch, device=device,
+                          save_dir=save_dir / "val_no_recalibration" if save_dir else None)
+            result.map50_95_no_recalibration, result.map50_no_recalibration = vn.map50_95, vn.map50
     if save_dir is not None:
         write_report(result, save_dir)
     return result

@@ -29,25 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compensate import bn_after, shift_output
+from .forward import last_use as layer_last_use
+from .forward import layer_input, sources, to_float
 from .graph import KeptChannels
 
 Batches = list[torch.Tensor]
-
-
-def _layer_input(layer: nn.Module, i: int, outputs: dict[int, Batches], images: Batches) -> list[Any]:
-    """Per batch, the input of top-level ``layer`` (index ``i``) as ``DetectionModel._predict_once`` builds it."""
-    f = layer.f
-    src = lambda j: images if (j == -1 and i == 0) else outputs[i - 1 if j == -1 else j]  # noqa: E731
-    if isinstance(f, int):
-        return list(src(f))
-    parts = [src(j) for j in f]
-    return [list(p) for p in zip(*parts)]
-
-
-def _float(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.float()
-    return [_float(v) for v in x]
 
 
 def _units(layer: nn.Module) -> list[tuple[nn.Module, Callable[[Any], Any]]]:
@@ -73,7 +59,7 @@ def _execution_order(unit: nn.Module, select: Callable, x: Any) -> list[nn.Conv2
     convs = [m for m in unit.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
     handles = [c.register_forward_pre_hook(lambda m, i: order.append(m) if m not in order else None) for c in convs]
     try:
-        unit(select(_float(x)))
+        unit(select(to_float(x)))
     finally:
         for h in handles:
             h.remove()
@@ -124,31 +110,26 @@ def reconstruct_sequential(model: nn.Module, dense: nn.Module, kept: KeptChannel
     sampler = _Sampler(per_image, seed)
     batches = [images[i : i + batch].to(device) for i in range(0, len(images), batch)]
     layers, dlayers = list(model.model), list(dense.model)
-    last_use: dict[int, int] = {}
-    for i, layer in enumerate(layers):
-        for j in [layer.f] if isinstance(layer.f, int) else layer.f:
-            last_use[i - 1 if j == -1 else j] = i
-    p_out: dict[int, Batches] = {}
-    d_out: dict[int, Batches] = {}
+    last_use = layer_last_use(model)
+    p_out: dict[int, Batches] = {-1: batches}
+    d_out: dict[int, Batches] = {-1: batches}
     exact: dict[int, bool] = {-1: True}  # pruned output == dense output at the kept channels
     refit = 0
     bar = tqdm(list(enumerate(layers)), desc="sequential reconstruction", disable=not progress, unit="layer")
     try:
         for i, layer in bar:
             dlayer = dlayers[i]
-            p_in = _layer_input(layer, i, p_out, batches)
-            d_in = _layer_input(dlayer, i, d_out, batches)
+            p_in = layer_input(layer, i, p_out)
+            d_in = layer_input(dlayer, i, d_out)
             needed = last_use.get(i, -1) > i  # some later layer reads this output
-            sources = [layer.f] if isinstance(layer.f, int) else layer.f
             convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
-            lossless = all(exact.get(-1 if (j == -1 and i == 0) else (i - 1 if j == -1 else j), False)
-                           for j in sources) and all(len(kept.kept_in(names[c])) == kept.widths[names[c]][1]
-                                                     for c in convs)
+            lossless = all(exact.get(j, False) for j in sources(layer, i)) and all(
+                len(kept.kept_in(names[c])) == kept.widths[names[c]][1] for c in convs)
             exact[i] = lossless
             if lossless or not convs:  # nothing to correct: the kept channels compute what they did
                 if needed:
-                    p_out[i] = [layer(_float(x)).half() for x in p_in]
-                    d_out[i] = [dlayer(_float(x)).half() for x in d_in]
+                    p_out[i] = [layer(to_float(x)).half() for x in p_in]
+                    d_out[i] = [dlayer(to_float(x)).half() for x in d_in]
             else:
                 dense_out = None
                 for (unit, select), (dunit, _) in zip(_units(layer), _units(dlayer)):
@@ -163,9 +144,9 @@ def reconstruct_sequential(model: nn.Module, dense: nn.Module, kept: KeptChannel
                         refit += _refit(unit, select, p_in, conv, names[conv], bns.get(conv),
                                         targets.pop(names[conv]), sampler, ridge)
                 if needed:
-                    p_out[i] = [layer(_float(x)).half() for x in p_in]
-                    d_out[i] = dense_out if dense_out is not None else [dlayer(_float(x)).half() for x in d_in]
-            for j in [j for j, last in last_use.items() if last <= i and j in p_out]:
+                    p_out[i] = [layer(to_float(x)).half() for x in p_in]
+                    d_out[i] = dense_out if dense_out is not None else [dlayer(to_float(x)).half() for x in d_in]
+            for j in [j for j, last in last_use.items() if last <= i and j in p_out and j >= 0]:
                 del p_out[j], d_out[j]
     finally:
         model.train(was[0])
@@ -195,7 +176,7 @@ def _dense_targets(dunit: nn.Module, select: Callable, d_in: list[Any], conv_nam
     try:
         for b, x in enumerate(d_in):
             state["b"] = b
-            y = dunit(select(_float(x)))
+            y = dunit(select(to_float(x)))
             outputs.append(y.half() if isinstance(y, torch.Tensor) else None)
     finally:
         for h in handles:
@@ -231,7 +212,7 @@ def _refit(unit: nn.Module, select: Callable, p_in: list[Any], conv: nn.Conv2d, 
         for b, x in enumerate(p_in):
             state["b"] = b
             try:
-                unit(select(_float(x)))
+                unit(select(to_float(x)))
             except _Stop:
                 pass
     finally:
