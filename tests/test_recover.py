@@ -221,7 +221,7 @@ def test_cli_sensitivity_then_prune_with_every_option(v8n, synthetic, tmp_path, 
     from yolo_prune.models import save_checkpoint
 
     assert main(["prune", "allocation=magic"]) == 2
-    assert "allocation='magic' must be one of global, sensitivity, search" in capsys.readouterr().err
+    assert "allocation='magic' must be one of auto, global, sensitivity, search" in capsys.readouterr().err
     assert main(["prune", "recalibrate=maybe"]) == 2
     assert main(["prune", "compensate=lstsq_sequential"]) == 2
     pt = save_checkpoint(v8n, tmp_path / "v8n.pt")
@@ -238,3 +238,40 @@ def test_cli_sensitivity_then_prune_with_every_option(v8n, synthetic, tmp_path, 
     assert report["allocation"] == "sensitivity"
     assert report["map50_95_no_recalibration"] is not None  # the report shows mAP with and without it
     assert "without BN re-estimation" in (tmp_path / "pr" / "report.md").read_text()
+
+
+def test_recon_sees_that_a_duplicated_channel_costs_nothing(v8n, images):
+    """Once a channel duplicates another one, removing either alone costs (almost) nothing after the consumers
+    are refit: recon's score of both collapses, the other channels' scores stay where they were."""
+    from yolo_prune.pruning.importance import ReconstructionImportance
+
+    prepare(v8n)
+
+    def scores() -> torch.Tensor:
+        graph = build_graph(v8n)
+        group = next(g for g in graph.groups() if g.name == "model.0.conv")
+        recon = ReconstructionImportance(images, ridge=1e-5)  # a small ridge: the exact least-squares error
+        recon.calibrate(v8n)
+        return recon(group.group)
+
+    before = scores()
+    conv, bn = v8n.model[0].conv, v8n.model[0].bn
+    with torch.no_grad():
+        conv.weight[5] = conv.weight[7]
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t[5] = t[7]
+    after = scores()
+    assert float(after[7]) < 0.1 * float(before[7])
+    assert float(after[5]) < 0.1 * float(before[7])
+    others = [i for i in range(len(after)) if i not in (5, 7)]
+    assert float(after[others].median()) == pytest.approx(float(before[others].median()), rel=0.2)
+
+
+def test_auto_method_and_allocation_resolve_from_the_data(v8n, images):
+    no_data = prune_model(copy.deepcopy(v8n), method="auto", allocation="auto", target_macs=0.7, compensate="none")
+    assert (no_data.method, no_data.allocation) == ("bn", "global")
+    names = [g.name for g in build_graph(prepare(copy.deepcopy(v8n))).groups()]
+    curves = {n: LossCurve((0.25, 0.5, 0.75), (0.01, 0.02, 0.04)) for n in names}
+    with_data = prune_model(v8n, method="auto", allocation="auto", target_macs=0.7, calib_images=images[:4],
+                            compensate="lstsq", sensitivity=curves)
+    assert (with_data.method, with_data.allocation) == ("recon", "sensitivity")

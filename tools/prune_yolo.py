@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="ultralytics .pt checkpoint (or model yaml) to prune")
     p.add_argument("--data", required=True, help="dataset yaml: YOLO format or COCO format (train/val + *_json)")
-    p.add_argument("--method", default=d["method"], choices=["bn", "l1", "l2", "activation", "random"],
+    p.add_argument("--method", default=d["method"], choices=["bn", "l1", "l2", "activation", "recon", "random"],
                    help="channel ranking (default: %(default)s)")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-macs", type=float, default=d["target_macs"],

@@ -1,6 +1,8 @@
 """How the channels to remove are spread over the groups: the ``allocation`` option of the schedule.
 
-- ``global``: today's schedule (:func:`.schedule.plan`): one threshold on the channel scores across all groups
+- ``auto`` (default): ``sensitivity`` when there are calibration images (``data=``) or a ``sensitivity.csv``,
+  ``global`` otherwise;
+- ``global``: the original schedule (:func:`.schedule.plan`): one threshold on the channel scores across all groups
   (or the same fraction everywhere with ``global_pruning=False``).
 - ``sensitivity``: per-group loss curves (each group pruned alone at 0.25 / 0.5 / 0.75, scored by
   :func:`.sensitivity.detection_distance` on calibration images, or read from a ``sensitivity.csv``) and the
@@ -31,7 +33,7 @@ from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
 
 LOGGER = logging.getLogger("yolo_prune")
 
-ALLOCATIONS = ("global", "sensitivity", "search")
+ALLOCATIONS = ("auto", "global", "sensitivity", "search")
 PROBE_IMAGES = 32  # calibration images the sensitivity / search probes score on (the first ones)
 
 Planner = Callable[[float], list[int]]
@@ -41,6 +43,14 @@ def check_allocation(allocation: str) -> str:
     if allocation not in ALLOCATIONS:
         raise UsageError(f"allocation={allocation!r} must be one of {', '.join(ALLOCATIONS)}")
     return allocation
+
+
+def resolve_allocation(allocation: str, *, has_images: bool, has_sensitivity: bool, ratio_mode: bool) -> str:
+    """``auto`` -> ``sensitivity`` when it can be measured or read (and a MACs target is set), else ``global``."""
+    check_allocation(allocation)
+    if allocation != "auto":
+        return allocation
+    return "sensitivity" if (has_images or has_sensitivity) and not ratio_mode else "global"
 
 
 def saved_per_channel(scored: Sequence[tuple[ChannelGroup, torch.Tensor]],

@@ -24,7 +24,7 @@ from ..models import load_model
 from ..results import Result, table
 from .calibration import load_calibration_images
 from .graph import build_graph, prepare
-from .importance import CalibratedActivationImportance, make_importance
+from .importance import make_importance, resolve_method
 from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
 
 
@@ -167,8 +167,9 @@ def sensitivity(
     prepare(net)
     images = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
     graph = build_graph(net)
+    method = resolve_method(method, True)
     importance = make_importance(method, seed=seed, calib_images=images)
-    if isinstance(importance, CalibratedActivationImportance):
+    if hasattr(importance, "calibrate"):
         importance.calibrate(net)
     scored = []
     for g in graph.groups():

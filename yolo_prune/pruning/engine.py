@@ -24,8 +24,8 @@ from .reconstruct import reconstruct
 from .recalibrate import RECALIBRATE_MODES, bn_reference, recalibrate_bn
 from .sequential import reconstruct_sequential
 from .graph import KeptChannels, PruneGraph, build_graph, prepare
-from .importance import METHODS, CalibratedActivationImportance, make_importance
-from .allocation import check_allocation, make_planner
+from .importance import METHODS, make_importance, resolve_method
+from .allocation import make_planner, resolve_allocation
 from .schedule import PlanOptions, solve_for_macs
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -55,6 +55,8 @@ class PruneOutcome:
     layers_before: dict[str, int]
     layers_after: dict[str, int]
     reference: Reference
+    allocation: str = "global"  # the allocation used (``auto`` resolved)
+    method: str = "bn"  # the ranking used (``auto`` resolved)
     kept: KeptChannels | None = None  # original indices of the channels every conv and BN keeps
 
 
@@ -123,7 +125,7 @@ def prune_model(
     calib_images: torch.Tensor | None = None,
     compensate: str | bool = "lstsq",
     recalibrate: bool | str = False,
-    allocation: str = "global",
+    allocation: str = "auto",
     sensitivity: str | Path | dict | None = None,
     search_candidates: int = 16,
     reference: Reference | None = None,
@@ -142,14 +144,18 @@ def prune_model(
     squares (:mod:`.reconstruct`), ``"mean"`` folds the removed channels' mean into the bias only
     (:mod:`.compensate`), ``"lstsq_seq"`` prunes first and then refits every conv layer by layer toward the
     dense model's outputs (:mod:`.sequential`), ``"none"`` does nothing. ``recalibrate`` then re-estimates the BN
-    statistics on the same images (:mod:`.recalibrate`; True = ``"match"``); ``before_recalibration(model)`` is
-    called right before the last step's re-estimation (the prune report measures the model there too).
+    statistics on the same images (:mod:`.recalibrate`; True = ``"match"``), before ``lstsq_seq`` (which fits each
+    conv to the dense BN outputs, so it keeps what the re-estimation got right); ``before_recalibration(model)``
+    is called right before the last step's re-estimation when there is no ``lstsq_seq`` (the prune report
+    measures the model there too).
     ``allocation`` chooses how the removal is spread over the groups (:mod:`.allocation`: ``global`` threshold,
     ``sensitivity`` curves, measured or read from ``sensitivity`` (a sensitivity.csv), or ``search``).
     """
     compensate = _compensation(compensate)
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
-    check_allocation(allocation)
+    method = resolve_method(method, calib_images is not None)
+    allocation = resolve_allocation(allocation, has_images=calib_images is not None,
+                                    has_sensitivity=sensitivity is not None, ratio_mode=ratio is not None)
     if allocation != "global" and ratio is not None:
         raise UsageError(f"allocation={allocation} works toward target_macs; it cannot be combined with ratio=")
     prepare(model)
@@ -171,7 +177,7 @@ def prune_model(
     bar = tqdm(range(1, steps + 1), desc="pruning", disable=not progress, unit="step")
     for step in bar:
         groups = graph.groups()
-        if isinstance(importance, CalibratedActivationImportance):
+        if hasattr(importance, "calibrate"):
             importance.calibrate(model)
         scored = []
         for g in groups:
@@ -218,12 +224,12 @@ def prune_model(
         for g, idxs in plans:
             graph.prune(g, idxs, kept)
         if calib_images is not None and plans:
-            if dense is not None:
-                reconstruct_sequential(model, dense, kept, calib_images, seed=seed, progress=progress)
             if recal_mode is not None:
-                if before_recalibration is not None and step == steps:
-                    before_recalibration(model)
+                if before_recalibration is not None and step == steps and dense is None:
+                    before_recalibration(model)  # (with lstsq_seq the statistics are refit afterwards anyway)
                 recalibrate_bn(model, calib_images, reference=bn_ref, kept=kept.out, mode=recal_mode)
+            if dense is not None:  # after the BN statistics: each conv is fit to the dense BN outputs
+                reconstruct_sequential(model, dense, kept, calib_images, seed=seed, progress=progress)
         record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
                             channels_removed=int(sum(counts)))
         records.append(record)
@@ -233,4 +239,4 @@ def prune_model(
         if on_step:
             on_step(record)
     return PruneOutcome(steps=records, layers_before=before, layers_after=layer_widths(model, graph), reference=reference,
-                        kept=kept)
+                        allocation=allocation, method=method, kept=kept)

@@ -132,12 +132,12 @@ class PruneResult(Result):
 def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> torch.Tensor | None:
     """Calibration images from the data's train split: needed by method=activation, used by compensation."""
     if data is None:
-        if method == "activation":
-            raise UsageError("method=activation ranks channels on real images: pass data=<dataset yaml>")
+        if method in ("activation", "recon"):
+            raise UsageError(f"method={method} ranks channels on real images: pass data=<dataset yaml>")
         return None
     if n <= 0:
-        if method == "activation":
-            raise UsageError("method=activation needs calib_images > 0")
+        if method in ("activation", "recon"):
+            raise UsageError(f"method={method} needs calib_images > 0")
         return None
     from ..data import resolve_data
 
@@ -160,7 +160,7 @@ def prune(
     calib_images: int = 32,
     compensate: str | bool = "lstsq",
     recalibrate: bool | str = True,
-    allocation: str = "global",
+    allocation: str = "auto",
     sensitivity: str | Path | None = None,
     search_candidates: int = 16,
     seed: int = 0,
@@ -184,7 +184,8 @@ def prune(
     conv is refit layer by layer toward the dense model's outputs; ``mean``: bias only; ``none``), and
     ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
     to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
-    mAP before it). ``allocation`` (``global``, ``sensitivity``, ``search``) spreads the removal over the
+    mAP before it). ``allocation`` (``auto``: ``sensitivity`` with data, else ``global``; ``global``,
+    ``sensitivity``, ``search``) spreads the removal over the
     channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring (see
     :func:`yolo_prune.sensitivity`).
     """
@@ -228,14 +229,14 @@ def prune(
     )
     seconds = time.perf_counter() - t0
     after = model_stats(module, imgsz=imgsz)
-    args = dict(method=method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
+    args = dict(method=outcome.method, target_macs=target_macs, ratio=ratio, imgsz=imgsz, global_pruning=global_pruning,
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
                 compensate=_compensation(compensate) if calib is not None else "none", recalibrate=recal_mode,
-                allocation=allocation, sensitivity=str(sensitivity) if sensitivity else None)
+                allocation=outcome.allocation, sensitivity=str(sensitivity) if sensitivity else None)
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
-        method=method,
+        method=outcome.method,
         target_macs=None if ratio is not None else target_macs,
         ratio=ratio,
         imgsz=imgsz,
@@ -251,7 +252,7 @@ def prune(
         provenance=prov,
         compensate=args["compensate"],
         recalibrate=recal_mode,
-        allocation=allocation,
+        allocation=outcome.allocation,
     )
     if save_dir is not None:
         write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})

@@ -101,6 +101,7 @@ class LossCurve:
 
     ratios: tuple[float, ...]
     losses: tuple[float, ...]
+    quadratic_start: bool = True  # below the first measured ratio: y1 * (r / r1)^2 instead of a straight line
 
     def at(self, ratio: float) -> float:
         xs = [0.0, *self.ratios]
@@ -109,6 +110,8 @@ class LossCurve:
             ys.append(max(ys[-1], float(v)))
         if ratio <= 0:
             return 0.0
+        if self.quadratic_start and ratio <= xs[1]:
+            return ys[1] * (ratio / xs[1]) ** 2
         for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
             if ratio <= x1:
                 return y0 + (y1 - y0) * (ratio - x0) / max(x1 - x0, 1e-12)
@@ -122,33 +125,47 @@ def _candidates(channels: int, opts: PlanOptions) -> list[int]:
 
 
 class LossAllocation:
-    """``plan_of`` for ``allocation=sensitivity``: each group loses the count that minimises
-    ``loss_g(n / channels) - lam * n * saved_g`` (Lagrangian relaxation of "least predicted loss at a MACs
-    budget", saved_g = MACs one channel of group g saves). The amount maps to the multiplier
-    ``lam = scale * amount / (1 - amount)``, so a larger amount never removes fewer channels anywhere."""
+    """``plan_of`` for ``allocation=sensitivity``: the least predicted loss for the MACs removed.
+
+    Each group's candidate counts give points (MACs saved, predicted loss); the lower convex hull of each
+    group's points is cut into segments, all segments of all groups are taken in increasing order of loss per
+    MACs saved (the Lagrangian solution for every budget at once), and each segment is walked one candidate
+    count at a time, so that the plan moves by one ``round_to`` step of one group, never a whole group at once.
+    ``amount`` in [0, 1] is the fraction of that sequence taken: a larger amount never removes fewer channels.
+    """
 
     def __init__(self, curves: Sequence[LossCurve], channels: Sequence[int], saved: Sequence[float],
                  opts: PlanOptions):
-        self.table = []
-        for curve, c, s in zip(curves, channels, saved):
+        self.n_groups = len(channels)
+        segments: list[tuple[float, int, int, list[int]]] = []  # (slope, group, order in group, counts)
+        for g, (curve, c, s) in enumerate(zip(curves, channels, saved)):
+            s = max(float(s), 0.0)
             ns = _candidates(c, opts)
-            self.table.append((ns, [curve.at(n / c) for n in ns], max(float(s), 0.0)))
-        ratios = [(curve.at(0.5), 0.5 * c * s) for curve, c, s in zip(curves, channels, saved)]
-        marginal = sorted(loss / macs for loss, macs in ratios if loss > 0 and macs > 0)
-        self.scale = marginal[len(marginal) // 2] if marginal else 1.0
+            if s <= 0 or len(ns) < 2:
+                continue
+            pts = [(n * s, curve.at(n / c), n) for n in ns]
+            hull = [pts[0]]
+            for p in pts[1:]:  # lower convex hull (x increasing)
+                while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+                    hull.pop()
+                hull.append(p)
+            for k, (a, b) in enumerate(zip(hull, hull[1:])):
+                slope = (b[1] - a[1]) / max(b[0] - a[0], 1e-18)
+                steps = [n for n in ns if a[2] < n <= b[2]]
+                segments.append((slope, g, k, steps))
+        segments.sort(key=lambda t: (t[0], t[1], t[2]))
+        self.sequence = [(g, n) for _, g, _, steps in segments for n in steps]
 
     def __call__(self, amount: float) -> list[int]:
-        if amount <= 0:
-            return [0] * len(self.table)
-        lam = math.inf if amount >= 1 else self.scale * amount / (1 - amount)
-        counts = []
-        for ns, losses, s in self.table:
-            if math.isinf(lam):
-                counts.append(ns[-1] if s > 0 else 0)
-                continue
-            best = min(range(len(ns)), key=lambda k: (losses[k] - lam * ns[k] * s, ns[k]))
-            counts.append(ns[best])
+        counts = [0] * self.n_groups
+        k = len(self.sequence) if amount >= 1 else int(round(max(amount, 0.0) * len(self.sequence)))
+        for g, n in self.sequence[:k]:
+            counts[g] = n
         return counts
+
+
+def _cross(o: tuple, a: tuple, b: tuple) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
 class DirectionAllocation:

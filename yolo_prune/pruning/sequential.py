@@ -136,8 +136,10 @@ def reconstruct_sequential(model: nn.Module, dense: nn.Module, kept: KeptChannel
                     order = _execution_order(unit, select, p_in[0])
                     if not order:
                         continue
+                    scales = {names[c]: _scale(bns.get(c), dbns.get(dnames[names[c]]), kept, names[c])
+                              for c in order}
                     targets, outs = _dense_targets(dunit, select, d_in, [names[c] for c in order], dnames, dbns,
-                                                   kept, sampler)
+                                                   kept, sampler, scales)
                     if unit is layer:
                         dense_out = outs
                     for conv in order:
@@ -154,8 +156,22 @@ def reconstruct_sequential(model: nn.Module, dense: nn.Module, kept: KeptChannel
     return refit
 
 
+def _scale(bn: nn.BatchNorm2d | None, dbn: nn.BatchNorm2d | None, kept: KeptChannels,
+           name: str) -> torch.Tensor | None:
+    """Per kept output channel, sqrt(pruned running_var + eps) / sqrt(dense running_var + eps): the pruned conv
+    must reproduce the dense BN's *output*, so its pre-norm target is the dense one times this (1 unless the BN
+    statistics were re-estimated)."""
+    if bn is None or dbn is None:
+        return None
+    idx = kept.kept_out(name)
+    sp = (bn.running_var.float() + bn.eps).sqrt()
+    sd = (dbn.running_var.float()[idx] + dbn.eps).sqrt()
+    return (sp / sd).cpu()
+
+
 def _dense_targets(dunit: nn.Module, select: Callable, d_in: list[Any], conv_names: Sequence[str],
-                   dnames: dict[str, nn.Module], dbns: dict, kept: KeptChannels, sampler: _Sampler
+                   dnames: dict[str, nn.Module], dbns: dict, kept: KeptChannels, sampler: _Sampler,
+                   scales: dict[str, torch.Tensor | None] | None = None
                    ) -> tuple[dict[str, list[torch.Tensor]], Batches]:
     """Per conv (by name) and batch: the dense pre-norm output at the sampled positions and kept channels,
     shaped (rows, kept out channels); and the unit's outputs (fp16), per batch."""
@@ -168,6 +184,9 @@ def _dense_targets(dunit: nn.Module, select: Callable, d_in: list[Any], conv_nam
         n, c, h, w = y.shape
         pick = sampler(name, state["b"], n, h * w).to(y.device)
         e = _pre_norm(conv, y.float(), dbns.get(conv))[:, kept.kept_out(name)]
+        scale = (scales or {}).get(name)
+        if scale is not None:
+            e = e * scale.to(e).view(1, -1, 1, 1)
         rows = torch.gather(e.flatten(2), 2, pick.unsqueeze(1).expand(-1, e.shape[1], -1))
         out[name].append(rows.permute(0, 2, 1).reshape(-1, e.shape[1]))
 
