@@ -10,17 +10,18 @@ Rows are cumulative (each adds one thing to the previous one):
 * ``r0_default``  today's default: ``method=bn compensate=lstsq``, no BN re-estimation, global allocation;
 * ``r1_recal``    + BN re-estimation (``recalibrate=match``);
 * ``r2_seq``      + sequential reconstruction (``compensate=lstsq_seq``);
-* ``r3_sens``     + sensitivity allocation (``allocation=sensitivity``);
-* ``r4_search``   ``allocation=search`` instead (EagleEye-style, 16 candidates);
+* ``r3_sens``     + sensitivity allocation (``allocation=sensitivity``, curves from ``yolo_prune.sensitivity``);
+* ``r4_recon``    + ranking by the error left after least-squares compensation (``method=recon``, its own curves);
 
-and prune-only rows for the ranking criteria under the sequential reconstruction (``rank_l1``,
-``rank_activation``; the fixture's gammas are estimates). More rows: ``--add-row NAME BASE key=value ...``
+and prune-only rows: ``search`` (r2 with the EagleEye-style ``allocation=search``, 16 candidates) and the ranking
+criteria under r2's compensation (``rank_l1``, ``rank_activation``, ``rank_recon``; the fixture's gammas are
+estimates). More rows: ``--add-row NAME BASE key=value ...``
 (``ft.key=value`` goes to the fine-tune, e.g. ``ft.teacher=...`` for distillation; other keys to ``prune``).
 
 Also: the dense model fine-tuned with the same recipe (reference), the sensitivity proxy's rank correlation with
 real mAP (``yolo_prune.sensitivity(..., validate=k)``), and the pruning time of each row.
 
-    python bench/accuracy.py --quick          # 0.7 only, r0 + r2, F=2 (a smoke run, ~10 min)
+    python bench/accuracy.py --quick          # 0.7 only, r0 + r4, F=2 (a smoke run)
     python bench/accuracy.py                  # 0.9 / 0.7 / 0.5, every row, F=10
     python bench/accuracy.py --prune-only     # only the mAP right after pruning (cheap)
     python bench/accuracy.py --jobs 2         # two fine-tunes at a time
@@ -54,15 +55,18 @@ RECIPE: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.0001, "warmup_epochs": 
 
 ROWS: dict[str, dict[str, Any]] = {
     "r0_default": {"label": "today's default (bn, lstsq)", "prune": {"method": "bn", "compensate": "lstsq",
-                                                                    "recalibrate": False}},
+                                                                    "recalibrate": False, "allocation": "global"}},
     "r1_recal": {"label": "+ BN re-estimation", "base": "r0_default", "prune": {"recalibrate": "match"}},
     "r2_seq": {"label": "+ sequential reconstruction", "base": "r1_recal", "prune": {"compensate": "lstsq_seq"}},
     "r3_sens": {"label": "+ sensitivity allocation", "base": "r2_seq", "prune": {"allocation": "sensitivity"}},
-    "r4_search": {"label": "allocation=search instead", "base": "r2_seq", "prune": {"allocation": "search"}},
-    "rank_l1": {"label": "ranking l1 (with r2's compensation)", "base": "r2_seq", "prune": {"method": "l1"},
-                "finetune": False},
-    "rank_activation": {"label": "ranking activation (with r2's compensation)", "base": "r2_seq",
-                        "prune": {"method": "activation"}, "finetune": False},
+    "r4_recon": {"label": "+ recon ranking", "base": "r3_sens", "prune": {"method": "recon"}},
+    "search": {"label": "r2 + allocation=search (EagleEye-style, 16 candidates)", "base": "r2_seq",
+               "prune": {"allocation": "search"}, "finetune": False},
+    "rank_l1": {"label": "r2 with ranking l1", "base": "r2_seq", "prune": {"method": "l1"}, "finetune": False},
+    "rank_activation": {"label": "r2 with ranking activation", "base": "r2_seq", "prune": {"method": "activation"},
+                        "finetune": False},
+    "rank_recon": {"label": "r2 with ranking recon", "base": "r2_seq", "prune": {"method": "recon"},
+                   "finetune": False},
 }
 
 
@@ -120,7 +124,7 @@ class Store:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="target 0.7, rows r0_default and r2_seq, F=2")
+    ap.add_argument("--quick", action="store_true", help="target 0.7, rows r0_default and r4_recon, F=2")
     ap.add_argument("--targets", type=float, nargs="+", default=None, help="MACs targets (default 0.9 0.7 0.5)")
     ap.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default: all of {', '.join(ROWS)})")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs F (default 10; --quick 2)")
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             (row["ft"] if key.startswith("ft.") else row["prune"])[key.removeprefix("ft.")] = parse_value(value)
         rows[name] = row
     targets = args.targets or ([0.7] if args.quick else [0.9, 0.7, 0.5])
-    selected = args.rows or (["r0_default", "r2_seq"] if args.quick else list(rows))
+    selected = args.rows or (["r0_default", "r4_recon"] if args.quick else list(rows))
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 10)
     recipe_extra = {k: parse_value(v) for k, v in (p.partition("=")[::2] for p in args.set)}
     name = args.name or ("accuracy_quick" if args.quick else "accuracy")
@@ -170,19 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         store.save()
     log(f"dense mAP50-95 {d['dense']['map50_95']:.4f}")
 
-    # sensitivity (shared by the allocation rows, and the proxy's check against mAP) ---------------------------------
-    needs_sens = any(resolve(rows, r)["prune"].get("allocation") in ("sensitivity", "search") for r in selected)
-    sens_csv = work / "sensitivity" / "sensitivity.csv"
-    if needs_sens and ("sensitivity" not in d or not sens_csv.is_file()):
-        log("sensitivity analysis of the dense model")
+    # sensitivity (one per ranking method used by an allocation row; also the proxy's check against mAP) ----------
+    sens_methods = sorted({resolve(rows, r)["prune"].get("method", "bn") for r in selected
+                           if resolve(rows, r)["prune"].get("allocation") in ("sensitivity", "search")})
+    sens_csv = {m: work / f"sensitivity_{m}" / "sensitivity.csv" for m in sens_methods}
+    d.setdefault("sensitivity", {})
+    for method in sens_methods:
+        if method in d["sensitivity"] and sens_csv[method].is_file():
+            continue
+        log(f"sensitivity analysis of the dense model, method={method}")
         t0 = time.perf_counter()
-        s = yp.sensitivity(str(weights), data, imgsz=IMGSZ, calib_images=32, validate=args.sensitivity_validate,
-                           project=work, name="sensitivity", exist_ok=True)
-        d["sensitivity"] = {"seconds": round(time.perf_counter() - t0, 1), "rank_correlation": s.rank_correlation,
-                            "validation": s.validation, "map50_95_dense": s.map50_95_dense,
-                            "csv": str(s.csv.relative_to(common.ROOT))}
+        s = yp.sensitivity(str(weights), data, method=method, imgsz=IMGSZ, calib_images=32,
+                           validate=args.sensitivity_validate, project=work, name=f"sensitivity_{method}", exist_ok=True)
+        d["sensitivity"][method] = {"seconds": round(time.perf_counter() - t0, 1),
+                                    "rank_correlation": s.rank_correlation, "validation": s.validation,
+                                    "map50_95_dense": s.map50_95_dense, "csv": str(s.csv.relative_to(common.ROOT))}
         store.save()
-        log(f"sensitivity: {d['sensitivity']['seconds']} s, Spearman {s.rank_correlation}")
+        log(f"sensitivity ({method}): {d['sensitivity'][method]['seconds']} s, Spearman {s.rank_correlation}")
 
     # prune every (row, target): mAP right after pruning ------------------------------------------------------------
     jobs: list[tuple[str, dict[str, Any], str]] = []
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             if "pruned" not in row:
                 prune_kw = dict(cfg["prune"])
                 if prune_kw.get("allocation") in ("sensitivity", "search"):
-                    prune_kw["sensitivity"] = sens_csv
+                    prune_kw["sensitivity"] = sens_csv[prune_kw.get("method", "bn")]
                 t0 = time.perf_counter()
                 r = yp.prune(str(weights), target_macs=target, data=data, imgsz=IMGSZ, calib_images=CALIB,
                              validate=True, project=work / "prune", name=rid.replace("@", "_"), exist_ok=True,

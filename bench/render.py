@@ -306,10 +306,9 @@ def block_accuracy(name: str = "accuracy") -> str:
     out.append(md_table(table_rows, ("target MACs", "row", "MACs kept", "mAP50-95 right after pruning",
                                      "same, before BN re-estimation", f"after F={res['epochs']}",
                                      "vs dense fine-tuned (points)", "prune s")))
-    s = res.get("sensitivity")
-    if s:
-        out.append(f"\nSensitivity analysis of the dense model: {s['seconds']} s; proxy vs real mAP50-95 drop on "
-                   f"{len(s['validation'])} groups pruned alone at 0.5: Spearman "
+    for method, s in (res.get("sensitivity") or {}).items():
+        out.append(f"\nSensitivity analysis of the dense model (ranking {method}): {s['seconds']} s; proxy vs real "
+                   f"mAP50-95 drop on {len(s['validation'])} groups pruned alone at 0.5: Spearman "
                    f"{f(s['rank_correlation'])} (`{s['csv']}`).")
     return "\n".join(out)
 

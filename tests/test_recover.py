@@ -230,11 +230,11 @@ def test_cli_sensitivity_then_prune_with_every_option(v8n, synthetic, tmp_path, 
                  "name=sens"]) == 0
     csv_path = tmp_path / "sens" / "sensitivity.csv"
     assert csv_path.is_file() and (tmp_path / "sens" / "sensitivity.png").is_file()
-    assert main(["prune", f"model={pt}", f"data={data}", "imgsz=64", "calib_images=4", "compensate=lstsq_seq",
-                 "allocation=sensitivity", f"sensitivity={csv_path}", "target_macs=0.7", f"project={tmp_path}",
-                 "name=pr"]) == 0
+    assert main(["prune", f"model={pt}", f"data={data}", "imgsz=64", "calib_images=4", "compensate=lstsq",
+                 "method=recon", "allocation=sensitivity", f"sensitivity={csv_path}", "target_macs=0.7",
+                 f"project={tmp_path}", "name=pr"]) == 0
     report = json.loads((tmp_path / "pr" / "report.json").read_text())
-    assert report["compensate"] == "lstsq_seq" and report["recalibrate"] == "match"
+    assert report["compensate"] == "lstsq" and report["recalibrate"] == "match" and report["method"] == "recon"
     assert report["allocation"] == "sensitivity"
     assert report["map50_95_no_recalibration"] is not None  # the report shows mAP with and without it
     assert "without BN re-estimation" in (tmp_path / "pr" / "report.md").read_text()

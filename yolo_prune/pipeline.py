@@ -113,7 +113,7 @@ def pipeline(
     bad = set(prune_options) - _PRUNE_OPTIONS
     if bad:
         raise UsageError(f"unknown pipeline option(s): {', '.join(sorted(bad))}")
-    method = prune_options.get("method", "bn")
+    method = prune_options.get("method", "auto")
     from .data import resolve_data
     from .evaluate import evaluate
     from .models import load_model

@@ -130,7 +130,7 @@ def sensitivity(
     model: Any,
     data: str | Path,
     *,
-    method: str = "bn",
+    method: str = "auto",
     ratios: Sequence[float] = RATIOS,
     imgsz: int = 640,
     calib_images: int = 32,

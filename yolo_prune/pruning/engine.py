@@ -125,7 +125,7 @@ def prune_model(
     calib_images: torch.Tensor | None = None,
     compensate: str | bool = "lstsq",
     recalibrate: bool | str = False,
-    allocation: str = "auto",
+    allocation: str = "global",
     sensitivity: str | Path | dict | None = None,
     search_candidates: int = 16,
     reference: Reference | None = None,
