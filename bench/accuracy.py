@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         s = yp.sensitivity(str(weights), data, method=method, imgsz=IMGSZ, calib_images=32,
                            validate=args.sensitivity_validate, project=work, name=f"sensitivity_{method}", exist_ok=True)
-        d["sensitivity"][method] = {"seconds": round(time.perf_counter() - t0, 1),
+        d["sensitivity"][method] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(s.cpu_seconds, 1),
                                     "rank_correlation": s.rank_correlation, "validation": s.validation,
                                     "map50_95_dense": s.map50_95_dense, "csv": str(s.csv.relative_to(common.ROOT))}
         store.save()
@@ -203,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 prune_kw = dict(cfg["prune"])
                 if prune_kw.get("allocation") in ("sensitivity", "search"):
                     prune_kw["sensitivity"] = sens_csv[prune_kw.get("method", "bn")]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 r = yp.prune(str(weights), target_macs=target, data=data, imgsz=IMGSZ, calib_images=CALIB,
                              validate=True, project=work / "prune", name=rid.replace("@", "_"), exist_ok=True,
                              **prune_kw)
                 row.update({"macs_ratio": round(r.macs_ratio, 4), "params_ratio": round(r.params_ratio, 4),
                             "prune_seconds": round(r.seconds, 1), "total_prune_seconds": round(time.perf_counter() - t0, 1),
+                            "prune_call_cpu_seconds": round(time.process_time() - c0, 1),
                             "pruned": {"map50_95": r.map50_95_after, "map50": r.map50_after},
                             "pruned_no_recalibration": ({"map50_95": r.map50_95_no_recalibration,
                                                          "map50": r.map50_no_recalibration}

@@ -514,3 +514,30 @@ def test_finetune_real_pruned_model_validates_like_trainer(shared_fixtures, tmp_
     metrics = YOLO(res.best).val(data=data, imgsz=160, batch=8, device="cpu", plots=False,
                                  project=str(tmp_path / "val"), name="v", verbose=False)
     assert abs(metrics.box.map - res.map50_95) < 0.005
+
+
+def test_pruned_coco_model_moves_to_bccd(shared_fixtures, tmp_path):
+    """The 80-class COCO fixture, pruned, set up for training on bccd (3 blood-cell classes): the class convs are
+    new (3 outputs, the pruned widths), every other tensor is the pruned model's."""
+    from yolo_prune.data import resolve_data
+    from yolo_prune.pruning import prune
+
+    pruned = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="bn", target_macs=0.8,
+                   imgsz=64, project=tmp_path, name="p")
+    data = resolve_data(shared_fixtures / "bccd" / "bccd_coco.yaml")
+    trainer = FinetuneTrainer(overrides={"model": str(pruned.checkpoint), "data": str(data.yaml),
+                                         "save_dir": str(tmp_path / "ft"), "plots": False, **FAST})
+    trainer.setup_model()
+    model = trainer.model
+    assert model.model[-1].nc == 3 and model.nc == 3
+    before = pruned.model.model.state_dict()
+    after = model.state_dict()
+    changed = {k for k in before if before[k].shape != after[k].shape}
+    assert changed == {f"model.22.cv3.{i}.2.{p}" for i in range(3) for p in ("weight", "bias")}
+    from ultralytics.nn.tasks import DetectionModel
+
+    unpruned = shapes(DetectionModel("yolov8n.yaml", nc=80, verbose=False))
+    assert sum(tuple(before[k].shape) != v for k, v in unpruned.items() if k in before) > 10  # really pruned
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 3

@@ -37,6 +37,7 @@ class SensitivityResult(Result):
     images: int
     groups_measured: int
     seconds: float
+    cpu_seconds: float = 0.0  # process CPU time (the machine may be shared)
     rank_correlation: float | None = None  # Spearman, proxy loss vs mAP50-95 drop, on the validated groups
     save_dir: Path | None = None
     csv: Path | None = None
@@ -65,6 +66,7 @@ class SensitivityResult(Result):
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "imgsz": self.imgsz, "images": self.images, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
                 "rank_correlation": self.rank_correlation, "map50_95_dense": self.map50_95_dense,
                 "groups": [dataclasses.asdict(g) for g in self.groups], "validation": self.validation}
 
@@ -159,7 +161,7 @@ def sensitivity(
         raise UsageError(f"ratios={ratios} must lie in (0, 1)")
     from ..data import resolve_data
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     yolo = load_model(model)
     net = copy.deepcopy(yolo.model).float().cpu().eval()
     for p in net.parameters():
@@ -190,6 +192,7 @@ def sensitivity(
         _validate(result, yolo, net, scored, data, imgsz=imgsz, batch=batch, device=device, seed=seed,
                   images=images, k=validate, ratio=ratios[len(ratios) // 2], progress=progress)
     result.seconds = time.perf_counter() - t0
+    result.cpu_seconds = time.process_time() - c0
     if save:
         save_dir = run_dir(project, "sensitivity", name, exist_ok=exist_ok)
         result.save_dir = save_dir
