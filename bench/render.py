@@ -511,14 +511,73 @@ def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
                      ("families_quick", block_families), ("distill_quick", block_distill),
-                     ("unstructured_quick", block_unstructured), ("sparsity_fixture_quick", block_sparsity)):
+                     ("unstructured_quick", block_unstructured), ("sparsity_fixture_quick", block_sparsity),
+                     ("accuracy_quick", block_accuracy)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
 
 
+def block_accuracy(name: str = "accuracy") -> str:
+    """Issue 12: mAP right after pruning and after F fine-tune epochs, row by row (bench/accuracy.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/accuracy.py`._"
+    dense = res["dense"]["map50_95"]
+    dft = (res.get("dense_finetuned") or {}).get("final", {}).get("map50_95")
+    out = [f"Command: {cmd(res)}. {load_note(res)}.",
+           f"\nFixture: `{res['data']}` (96 train / 32 val), imgsz {res['imgsz']}, {res['calib_images']} calibration "
+           f"images from the train split; dense mAP50-95 {f(dense)}"
+           + (f", dense fine-tuned {res['epochs']} epochs {f(dft)}" if dft is not None else "")
+           + f". Fine-tune recipe (every row): `{res['recipe']}`, F = {res['epochs']} epochs, `last.pt` evaluated."]
+    rows_by_target: dict[float, list] = {}
+    for rid, r in res["rows"].items():
+        if "pruned" in r:
+            rows_by_target.setdefault(r["target_macs"], []).append(r)
+    table_rows = []
+    for t in sorted(rows_by_target, reverse=True):
+        for r in rows_by_target[t]:
+            final = (r.get("final") or {}).get("map50_95")
+            norecal = (r.get("pruned_no_recalibration") or {}).get("map50_95")
+            ref = dft if dft is not None else dense
+            table_rows.append((t, r["label"], f(r.get("macs_ratio")), f(r["pruned"]["map50_95"]),
+                               f(norecal) if norecal is not None else "-", f(final) if final is not None else "-",
+                               f"{100 * (final - ref):+.1f}" if final is not None else "-",
+                               f(r.get("prune_seconds"), 1)))
+    out.append("")
+    out.append(md_table(table_rows, ("target MACs", "row", "MACs kept", "mAP50-95 right after pruning",
+                                     "same, before BN re-estimation", f"after F={res['epochs']}",
+                                     "vs dense fine-tuned (points)", "prune s")))
+    for method, s in (res.get("sensitivity") or {}).items():
+        out.append(f"\nSensitivity analysis of the dense model (ranking {method}): {s['seconds']} s; proxy vs real "
+                   f"mAP50-95 drop on {len(s['validation'])} groups pruned alone at 0.5: Spearman "
+                   f"{f(s['rank_correlation'])} (`{s['csv']}`).")
+    return "\n".join(out)
+
+
+def block_accuracy_targets(name: str = "accuracy") -> str:
+    res = common.read_result(name)
+    if not res:
+        return "_No results yet._"
+    dense = res["dense"]["map50_95"]
+    rows = []
+    best70 = max(((r.get("final") or {}).get("map50_95", -1), r["label"]) for r in res["rows"].values()
+                 if r["target_macs"] == 0.7) if any(r["target_macs"] == 0.7 for r in res["rows"].values()) else None
+    if best70 and best70[0] >= 0:
+        rows.append((f"fixture at 70% MACs: >= 0.35 mAP50-95 after F={res['epochs']}", f"{best70[0]:.3f} ({best70[1]})",
+                     "met" if best70[0] >= 0.35 else "**missed**"))
+    best90 = [(r["pruned"]["map50_95"], r["label"]) for r in res["rows"].values() if r["target_macs"] == 0.9 and "pruned" in r]
+    if best90:
+        m, label = max(best90)
+        rows.append(("fixture at 90% MACs, right after pruning: within 3 points of dense",
+                     f"{m:.3f} vs dense {dense:.3f} ({100 * (m - dense):+.1f} points; {label})",
+                     "met" if m >= dense - 0.03 else "**missed**"))
+    return md_table(rows, ("target", "measured", "verdict")) if rows else "_No results yet._"
+
+
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
-          "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured, "quick": block_quick}
+          "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured,
+          "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "quick": block_quick}
 
 
 def render(text: str) -> str:

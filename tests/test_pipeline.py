@@ -59,6 +59,12 @@ def test_pipeline_writes_the_report(run):
     assert report["args"]["teacher"] and report["args"]["distill"] == "output"
     for stage in ("sparse/train", "finetune/final"):
         assert "train/kd_loss" in (d / stage / "results.csv").read_text().splitlines()[0]
+    # what each stage did: the pruned model before any fine-tuning has its own row, measured on the val split
+    pruned = metrics["mAP50-95 right after pruning"]
+    step = json.loads((d / "pipeline.json").read_text())["stages"]["prune"]["steps"][0]
+    assert pruned["after"] == step["map50_95_pruned"] and pruned["before"] == metrics["mAP50-95"]["before"]
+    assert "| mAP50-95 right after pruning |" in (d / "report.md").read_text()
+    assert "mAP50-95 right after pruning" in str(result)
 
 
 def test_pipeline_never_touches_its_inputs(run):

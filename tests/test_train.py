@@ -304,10 +304,59 @@ def test_unpruned_model_with_other_classes_gets_a_new_head(data, tmp_path):
     assert differ and all(k.startswith("model.22.cv3.") for k in differ)  # only the class outputs changed
 
 
-def test_class_count_mismatch_of_pruned_model_is_refused(data, tmp_path):
-    wrong = save_like_ultralytics(make_pruned_model(nc=5), tmp_path / "nc5.pt")
-    with pytest.raises(DatasetError, match="5 classes"):
-        finetune(wrong, data, project=tmp_path, epochs=1, **FAST)
+def test_pruned_model_moves_to_other_classes(data, tmp_path):
+    """A pruned 5-class model on 3-class data: only Detect's final class convs change (new nc rows, the pruned
+    input widths); every other tensor keeps its shape and its values, and the model runs."""
+    source = make_pruned_model(nc=5)
+    path = save_like_ultralytics(source, tmp_path / "nc5.pt")
+    trainer = FinetuneTrainer(overrides={"model": str(path), "data": data, "save_dir": str(tmp_path / "ft"),
+                                         "plots": False, **FAST})
+    trainer.setup_model()
+    model = trainer.model
+    head = model.model[-1]
+    assert head.nc == NC and head.no == NC + 4 * head.reg_max and model.nc == NC
+    before, after = source.state_dict(), model.state_dict()
+    changed = {k for k in before if before[k].shape != after[k].shape}
+    assert changed == {f"model.22.cv3.{i}.2.{p}" for i in range(3) for p in ("weight", "bias")}
+    for i, branch in enumerate(head.cv3):
+        assert branch[-1].out_channels == NC
+        assert branch[-1].in_channels == source.model[-1].cv3[i][-1].in_channels  # the pruned width
+    same = [k for k in before if k not in changed]
+    assert all(torch.equal(before[k].half().float(), after[k].float()) for k in same)  # saved as fp16
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 64, 64))[0]
+    assert y.shape[1] == 4 + NC
+
+
+def test_reset_class_head_keeps_rows_of_classes_by_name():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_prune.models import reset_class_head
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=4, verbose=False)
+    model.names = {0: "cat", 1: "dog", 2: "car", 3: "bus"}
+    old = [b[-1].weight.detach().clone() for b in model.model[-1].cv3]
+    kept = reset_class_head(model, 2, names={0: "Dog", 1: "zebra"})
+    assert kept == 1 and model.names == {0: "Dog", 1: "zebra"} and model.yaml["nc"] == 2
+    for w, branch in zip(old, model.model[-1].cv3):
+        assert torch.equal(branch[-1].weight[0], w[1])  # "Dog" is the old "dog"
+        assert not torch.equal(branch[-1].weight[1], w[0])
+
+
+@pytest.mark.slow
+def test_pruned_model_finetunes_on_other_classes_and_reloads(data, tmp_path):
+    source = make_pruned_model(nc=5)
+    path = save_like_ultralytics(source, tmp_path / "nc5.pt")
+    result = finetune(path, data, project=tmp_path, name="ft", epochs=1, **FAST)
+    tuned = shapes(result.last)
+    want = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+    assert {k for k in want if want[k] != tuned[k]} == {f"model.22.cv3.{i}.2.{p}" for i in range(3)
+                                                       for p in ("weight", "bias")}
+    from ultralytics import YOLO
+
+    assert len(YOLO(str(result.last)).names) == NC
 
 
 def test_ddp_launcher_wipe_keeps_input_checkpoint(tmp_path, pruned_pt):
@@ -532,3 +581,30 @@ def test_finetune_real_pruned_model_validates_like_trainer(shared_fixtures, tmp_
     metrics = YOLO(res.best).val(data=data, imgsz=160, batch=8, device="cpu", plots=False,
                                  project=str(tmp_path / "val"), name="v", verbose=False)
     assert abs(metrics.box.map - res.map50_95) < 0.005
+
+
+def test_pruned_coco_model_moves_to_bccd(shared_fixtures, tmp_path):
+    """The 80-class COCO fixture, pruned, set up for training on bccd (3 blood-cell classes): the class convs are
+    new (3 outputs, the pruned widths), every other tensor is the pruned model's."""
+    from yolo_prune.data import resolve_data
+    from yolo_prune.pruning import prune
+
+    pruned = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="bn", target_macs=0.8,
+                   imgsz=64, project=tmp_path, name="p")
+    data = resolve_data(shared_fixtures / "bccd" / "bccd_coco.yaml")
+    trainer = FinetuneTrainer(overrides={"model": str(pruned.checkpoint), "data": str(data.yaml),
+                                         "save_dir": str(tmp_path / "ft"), "plots": False, **FAST})
+    trainer.setup_model()
+    model = trainer.model
+    assert model.model[-1].nc == 3 and model.nc == 3
+    before = pruned.model.model.state_dict()
+    after = model.state_dict()
+    changed = {k for k in before if before[k].shape != after[k].shape}
+    assert changed == {f"model.22.cv3.{i}.2.{p}" for i in range(3) for p in ("weight", "bias")}
+    from ultralytics.nn.tasks import DetectionModel
+
+    unpruned = shapes(DetectionModel("yolov8n.yaml", nc=80, verbose=False))
+    assert sum(tuple(before[k].shape) != v for k, v in unpruned.items() if k in before) > 10  # really pruned
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 3

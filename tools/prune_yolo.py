@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="ultralytics .pt checkpoint (or model yaml) to prune; with --resume: the run folder")
     p.add_argument("--data", help="dataset yaml: YOLO format or COCO format (train/val + *_json); not with --resume")
-    p.add_argument("--method", default=d["method"] or "bn", choices=["bn", "l1", "l2", "activation", "random"],
+    p.add_argument("--method", default=d["method"] or "auto", choices=["auto", "bn", "l1", "l2", "activation", "recon", "random"],
                    help="channel ranking (default: %(default)s)")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-macs", type=float, default=d["target_macs"] or 0.5,
@@ -53,6 +53,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-epochs", type=int, default=d["step_epochs"], help="fine-tuning epochs between steps")
     p.add_argument("--max-map-drop", type=float, default=None,
                    help="with --steps > 1: stop and keep the last model within this mAP50-95 drop")
+    p.add_argument("--compensate", default=d["compensate"], choices=["lstsq_seq", "lstsq", "mean", "none"],
+                   help="how the pruned model makes up for removed channels on calibration images (default: %(default)s)")
+    p.add_argument("--recalibrate", default=str(d["recalibrate"]), choices=["True", "False", "match", "reset"],
+                   help="re-estimate BatchNorm statistics after pruning (default: %(default)s)")
+    p.add_argument("--allocation", default=d["allocation"], choices=["global", "sensitivity", "search"],
+                   help="how the removal is spread over channel groups (default: %(default)s)")
+    p.add_argument("--sensitivity", default=None, help="a sensitivity.csv for --allocation sensitivity/search")
+    p.add_argument("--calib-images", type=int, default=d["calib_images"],
+                   help="train images for compensation, BN re-estimation and allocation (default: %(default)s)")
     p.add_argument("--round-to", type=int, default=d["round_to"], help="channel multiple (default: %(default)s)")
     p.add_argument("--max-layer-ratio", type=float, default=d["max_layer_ratio"],
                    help="largest fraction of a layer's channels that may go (default: %(default)s)")
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("model", "data", "method", "target_macs", "ratio", "sparse_epochs", "sr", "sr_mode", "sr_group", "sr_head",
             "sr_schedule", "greg_ramp", "gamma_threshold", "threshold", "finetune_epochs", "steps",
             "step_epochs", "max_map_drop", "round_to", "max_layer_ratio", "imgsz", "batch", "device", "seed",
-            "project", "name", "exist_ok", "resume", "verbose")
+            "project", "name", "exist_ok", "resume", "verbose", "compensate", "recalibrate", "allocation",
+            "sensitivity", "calib_images")
     tokens = ["pipeline"] + [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
     if args.no_bench:
         tokens.append("backends=")

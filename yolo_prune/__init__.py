@@ -30,6 +30,7 @@ _API = {
     "sparse_train": ("yolo_prune.train", "sparse_train"),
     "prune": ("yolo_prune.pruning", "prune"),
     "sparsify": ("yolo_prune.sparsify", "sparsify"),
+    "sensitivity": ("yolo_prune.pruning.analysis", "sensitivity"),
     "finetune": ("yolo_prune.train", "finetune"),
     "validate": ("yolo_prune.evaluate", "evaluate"),
     "benchmark": ("yolo_prune.bench", "measure_latency"),
@@ -41,6 +42,7 @@ _API = {
     "FinetuneTrainer": ("yolo_prune.train", "FinetuneTrainer"),
     "PruneResult": ("yolo_prune.pruning", "PruneResult"),
     "SparsifyResult": ("yolo_prune.sparsify", "SparsifyResult"),
+    "SensitivityResult": ("yolo_prune.pruning.analysis", "SensitivityResult"),
     "YoloPruneError": ("yolo_prune.errors", "YoloPruneError"),
 }
 

@@ -28,6 +28,7 @@ Modes:
   sparse    sparsity training: drive BatchNorm gammas to 0    (model= data= sr_mode= sr= epochs=)
   prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
   sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)
+  sensitivity  per channel group: the loss when it alone is pruned at 25/50/75%  (model= data=)
   finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
   bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
@@ -40,6 +41,7 @@ Examples:
   yolo-prune prune model=best.pt method=bn target_macs=0.5
   yolo-prune prune model=runs/sparse/sparse/weights/last.pt threshold=0.01   # only the zeroed channels, lossless
   yolo-prune sparsify model=best.pt amount=0.5 data=data.yaml
+  yolo-prune sensitivity model=best.pt data=data.yaml
   yolo-prune pipeline model=best.pt data=coco.yaml cfg=slim.yaml
   yolo-prune val model=runs/prune/prune/weights/pruned.pt data=data.yaml
 
@@ -104,7 +106,8 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
                  threshold=cfg["threshold"], data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
                  max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
                  tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
-                 seed=cfg["seed"],
+                 recalibrate=cfg["recalibrate"], allocation=cfg["allocation"], sensitivity=cfg["sensitivity"],
+                 search_candidates=cfg["search_candidates"], seed=cfg["seed"],
                  validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
                  **_common(cfg))
 
@@ -113,6 +116,14 @@ def run_sparsify(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .sparsify import sparsify_from_cfg
 
     return sparsify_from_cfg(cfg, extra)
+
+
+def run_sensitivity(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    from .pruning.analysis import sensitivity
+
+    return sensitivity(cfg["model"], _need(cfg, "data"), method=cfg["method"], imgsz=cfg["imgsz"],
+                       calib_images=cfg["calib_images"], validate=cfg["sensitivity_validate"], batch=cfg["batch"],
+                       device=cfg["device"], seed=cfg["seed"], progress=True, **_common(cfg))
 
 
 def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
@@ -193,6 +204,7 @@ RUNNERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
     "sparse": run_sparse,
     "prune": run_prune,
     "sparsify": run_sparsify,
+    "sensitivity": run_sensitivity,
     "finetune": run_finetune,
     "val": run_val,
     "bench": run_bench,

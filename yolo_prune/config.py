@@ -21,7 +21,7 @@ from .errors import UsageError
 
 LOGGER = logging.getLogger("yolo_prune")
 
-MODES = ("sparse", "prune", "sparsify", "finetune", "val", "bench", "export", "pipeline", "demo")
+MODES = ("sparse", "prune", "sparsify", "sensitivity", "finetune", "val", "bench", "export", "pipeline", "demo")
 COMMANDS = ("help", "cfg", "version")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
@@ -148,7 +148,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     _number(cfg, "round_to", int, lo=1, optional=True)
     for key in ("steps", "batch", "bench_runs"):
         _number(cfg, key, int, lo=1)
-    for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed"):
+    for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed",
+                "search_candidates", "sensitivity_validate"):
         _number(cfg, key, int, lo=0)
     _number(cfg, "sr", float, lo=0)
     _number(cfg, "gamma_threshold", float, lo=0)
@@ -180,8 +181,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear, cosine or ramp")
     if cfg.get("sr_mode") not in ("proximal", "subgradient", "greg"):
         raise UsageError(f"sr_mode={cfg.get('sr_mode')!r} must be proximal, subgradient or greg")
-    if cfg.get("compensate") not in ("lstsq", "mean", "none", True, False):
-        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq, mean or none")
+    if cfg.get("compensate") not in ("lstsq_seq", "lstsq", "mean", "none", True, False):
+        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq_seq, lstsq, mean or none")
+    if cfg.get("recalibrate") not in (True, False, "match", "reset", None):
+        raise UsageError(f"recalibrate={cfg.get('recalibrate')!r} must be True, False, match or reset")
+    from .pruning.allocation import ALLOCATIONS
+
+    if cfg.get("allocation") not in ALLOCATIONS:
+        raise UsageError(f"allocation={cfg.get('allocation')!r} must be one of {', '.join(ALLOCATIONS)}")
     _number(cfg, "distill_cls", float, lo=0)
     _number(cfg, "distill_box", float, lo=0)
     _number(cfg, "distill_temp", float, lo=0, lo_open=True)

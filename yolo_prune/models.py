@@ -180,3 +180,53 @@ def read_provenance(path: str | Path) -> dict:
     """The ``yolo_prune`` provenance dict stored in a checkpoint written by :func:`save_checkpoint`."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     return dict(ckpt.get("yolo_prune") or {})
+
+
+def reset_class_head(model: nn.Module, nc: int, names: dict[int, str] | list[str] | None = None) -> int:
+    """Give a detection model a new class count, in place, keeping everything but Detect's final class convs.
+
+    Only ``cv3[i][-1]`` (and ``one2one_cv3[i][-1]``) are replaced: ``nn.Conv2d(width, nc, 1)`` with the width
+    the model has (pruned or not). Classes whose name matches one of the model's current class names
+    (case-insensitive) keep their rows; the others start as ultralytics initialises a class head (default
+    weights, bias log(5 / nc / (640 / stride)^2)). ``model.nc``, ``model.names`` (when ``names`` is given), the
+    head's ``nc`` / ``no`` and ``model.yaml["nc"]`` follow. Returns the number of class rows carried over.
+    """
+    import math
+
+    head = model.model[-1]
+    if not hasattr(head, "cv3") or not hasattr(head, "reg_max"):
+        raise ModelLoadError(f"cannot change the classes of a {type(head).__name__} head")
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    old_names = getattr(model, "names", None)
+    match: dict[int, int] = {}
+    if isinstance(old_names, dict) and isinstance(names, dict):
+        lookup = {str(v).strip().lower(): int(k) for k, v in old_names.items()}
+        match = {k: lookup[str(v).strip().lower()] for k, v in names.items() if str(v).strip().lower() in lookup}
+        if any(str(k) == str(v) for k, v in old_names.items()):
+            match = {}  # placeholder names {0: "0", ...} say nothing about the classes
+    stride = getattr(head, "stride", None)
+    for attr in ("cv3", "one2one_cv3"):
+        branches = getattr(head, attr, None)
+        if branches is None:
+            continue
+        for i, branch in enumerate(branches):
+            old = branch[-1]
+            new = nn.Conv2d(old.in_channels, nc, 1).to(old.weight.device, old.weight.dtype)
+            with torch.no_grad():
+                s = float(stride[i]) if stride is not None and len(stride) > i and float(stride[i]) > 0 else 8.0 * 2**i
+                new.bias.fill_(math.log(5 / nc / (640 / s) ** 2))
+                for dst, src in match.items():
+                    new.weight[dst] = old.weight[src]
+                    new.bias[dst] = old.bias[src]
+            new.weight.requires_grad_(old.weight.requires_grad)
+            new.bias.requires_grad_(old.weight.requires_grad)
+            branch[-1] = new
+    head.nc = nc
+    head.no = nc + head.reg_max * 4
+    model.nc = nc
+    if names is not None:
+        model.names = dict(names)
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml["nc"] = nc
+    return len(match)

@@ -139,7 +139,7 @@ def pipeline(
     bad = set(prune_options) - _PRUNE_OPTIONS
     if bad:
         raise UsageError(f"unknown pipeline option(s): {', '.join(sorted(bad))}")
-    method = prune_options.get("method", "bn")
+    method = prune_options.get("method", "auto")
     from .data import resolve_data
     from .evaluate import evaluate
     from .models import load_model
@@ -216,7 +216,7 @@ def pipeline(
     sp = state.done("sparse")
     if sp is None and sparse_epochs > 0:
         LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", sparse_epochs, sr_mode, sr)
-        greg = {"target_macs": target_macs, "method": method if method != "activation" else "bn",
+        greg = {"target_macs": target_macs, "method": method if method in ("bn", "l1", "l2", "random") else "bn",
                 **{k: prune_options[k] for k in ("max_layer_ratio", "round_to") if k in prune_options}} \
             if sr_mode == "greg" else {}
         sp = state.finish("sparse", stage_training("sparse", "train", sparse_train, model, sparse_epochs, sr=sr,
@@ -319,6 +319,8 @@ def _report(save_dir, state, base, sp, pr, kept, va, be, final, imgsz, seconds) 
         ("params (M)", base["params"] / 1e6, va["params"] / 1e6),
         (f"GMACs @{imgsz}", base["macs"] / 1e9, va["macs"] / 1e9),
         ("size (MB)", base["size_mb"], va["size_mb"]),
+        ("mAP50-95 right after pruning", base["map50_95"], kept.get("map50_95_pruned")),
+        ("mAP50 right after pruning", base["map50"], kept.get("map50_pruned")),
         ("mAP50-95", base["map50_95"], va["map50_95"]),
         ("mAP50", base["map50"], va["map50"]),
     ]
@@ -451,7 +453,8 @@ _RESUMED = ("model", "sparse_epochs", "sr", "sr_schedule", "gamma_threshold", "t
             "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "seed", "train_args", "sr_mode",
             "sr_group", "sr_head", "greg_ramp", "threshold")
 # options pipeline() forwards to prune(), and configuration keys that map one to one onto its arguments
-_PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate"}
+_PRUNE_OPTIONS = {"method", "global_pruning", "max_layer_ratio", "round_to", "tolerance", "calib_images", "compensate",
+                  "recalibrate", "allocation", "sensitivity", "search_candidates"}
 _PIPELINE_KEYS = ("sparse_epochs", "sr", "sr_schedule", "sr_mode", "sr_group", "sr_head", "greg_ramp",
                   "gamma_threshold", "threshold", "target_macs", "ratio", "steps",
                   "step_epochs", "max_map_drop", "finetune_epochs", "imgsz", "batch", "workers", "device", "seed",

@@ -27,6 +27,9 @@ def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> s
         "",
         f"method={result.method}, {goal}, pruning time {result.seconds:.2f} s",
         "",
+        f"compensate={getattr(result, 'compensate', None)}, recalibrate={getattr(result, 'recalibrate', None) or False}, "
+        f"allocation={getattr(result, 'allocation', 'global')}",
+        "",
         markdown_table(result.comparison(), header=("", "before", "after", "ratio")),
         "",
         f"source: `{prov.get('source')}` (sha256 {prov.get('source_sha256')}), seed {prov.get('seed')}",

@@ -1,7 +1,7 @@
 """Stage 3 of the pipeline: rank channels and remove them for real.
 
 - :mod:`.graph`: what depends on what (torch-pruning's dependency graph over the prunable model form);
-- :mod:`.importance`: what to cut (one score per channel: bn, l1, l2, activation, random);
+- :mod:`.importance`: what to cut (one score per channel: bn, l1, l2, activation, recon, random);
 - :mod:`.schedule`: how much to cut where (global ranking, layer limits, round_to, MACs targets);
 - :mod:`.engine`: one pruning pass over an ``nn.Module``;
 - :mod:`.prune`: the user-facing :func:`prune` (load, prune, measure, save a checkpoint and a report).

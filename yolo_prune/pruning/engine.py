@@ -7,8 +7,10 @@ files; :func:`yolo_prune.pruning.prune` is the user-facing operation around it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,9 +21,12 @@ from ..errors import PruningError, UsageError
 from .compensate import compensate as compensate_means
 from .compensate import input_means
 from .reconstruct import reconstruct
-from .graph import PruneGraph, build_graph, prepare
-from .importance import METHODS, CalibratedActivationImportance, make_importance
-from .schedule import PlanOptions, plan, solve_for_macs
+from .recalibrate import RECALIBRATE_MODES, bn_reference, recalibrate_bn
+from .sequential import reconstruct_sequential
+from .graph import KeptChannels, PruneGraph, build_graph, prepare
+from .importance import METHODS, make_importance, resolve_method
+from .allocation import make_planner, resolve_allocation
+from .schedule import PlanOptions, solve_for_macs
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -50,6 +55,9 @@ class PruneOutcome:
     layers_before: dict[str, int]
     layers_after: dict[str, int]
     reference: Reference
+    allocation: str = "global"  # the allocation used (``auto`` resolved)
+    method: str = "bn"  # the ranking used (``auto`` resolved)
+    kept: KeptChannels | None = None  # original indices of the channels every conv and BN keeps
 
 
 def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
@@ -62,7 +70,7 @@ def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
     }
 
 
-COMPENSATIONS = ("lstsq", "mean", "none")
+COMPENSATIONS = ("lstsq_seq", "lstsq", "mean", "none")
 
 
 def _compensation(value: str | bool | None) -> str:
@@ -73,6 +81,17 @@ def _compensation(value: str | bool | None) -> str:
         return "none"
     if value not in COMPENSATIONS:
         raise UsageError(f"compensate={value!r} must be one of {', '.join(COMPENSATIONS)}")
+    return value
+
+
+def _recalibration(value: bool | str | None) -> str | None:
+    """Normalise ``recalibrate``: True -> match (moment matching to the dense model), False/None -> off."""
+    if value is True:
+        return "match"
+    if value in (False, None, "none"):
+        return None
+    if value not in RECALIBRATE_MODES:
+        raise UsageError(f"recalibrate={value!r} must be True, False or one of {', '.join(RECALIBRATE_MODES)}")
     return value
 
 
@@ -105,11 +124,16 @@ def prune_model(
     seed: int = 0,
     calib_images: torch.Tensor | None = None,
     compensate: str | bool = "lstsq",
+    recalibrate: bool | str = False,
+    allocation: str = "global",
+    sensitivity: str | Path | dict | None = None,
+    search_candidates: int = 16,
     reference: Reference | None = None,
     trace_imgsz: int = 64,
     macs_imgsz: int = 640,
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
+    before_recalibration: Callable[[nn.Module], None] | None = None,
 ) -> PruneOutcome:
     """Remove channels of ``model`` (a DetectionModel) in place.
 
@@ -119,11 +143,23 @@ def prune_model(
     against the original, as the iterative pipeline does. With ``calib_images``, the layers that consume
     removed channels make up for them: ``compensate="lstsq"`` refits their kept weights and bias by least
     squares (:mod:`.reconstruct`), ``"mean"`` folds the removed channels' mean into the bias only
-    (:mod:`.compensate`), ``"none"`` does nothing. MACs fractions are counted at ``macs_imgsz`` (they depend
-    on the input size when the model has attention blocks).
+    (:mod:`.compensate`), ``"lstsq_seq"`` prunes first and then refits every conv layer by layer toward the
+    dense model's outputs (:mod:`.sequential`), ``"none"`` does nothing. MACs fractions are counted at ``macs_imgsz`` (they depend on the input
+    size when the model has attention blocks). ``recalibrate`` then re-estimates the BN
+    statistics on the same images (:mod:`.recalibrate`; True = ``"match"``), before ``lstsq_seq`` (which fits each
+    conv to the dense BN outputs, so it keeps what the re-estimation got right); ``before_recalibration(model)``
+    is called right before the last step's re-estimation when there is no ``lstsq_seq`` (the prune report
+    measures the model there too).
+    ``allocation`` chooses how the removal is spread over the groups (:mod:`.allocation`: ``global`` threshold,
+    ``sensitivity`` curves, measured or read from ``sensitivity`` (a sensitivity.csv), or ``search``).
     """
     compensate = _compensation(compensate)
     _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
+    method = resolve_method(method, calib_images is not None)
+    allocation = resolve_allocation(allocation, has_images=calib_images is not None,
+                                    has_sensitivity=sensitivity is not None, ratio_mode=ratio is not None)
+    if allocation != "global" and ratio is not None:
+        raise UsageError(f"allocation={allocation} works toward target_macs; it cannot be combined with ratio=")
     prepare(model)
     graph = build_graph(model, imgsz=trace_imgsz, macs_imgsz=macs_imgsz)
     importance = make_importance(method, seed=seed, calib_images=calib_images)
@@ -132,11 +168,18 @@ def prune_model(
     if reference is None:
         reference = Reference(conv_macs=graph.conv_macs(), channels=sum(g.channels for g in graph.groups()))
 
+    kept = graph.start_tracking()
+    dense = bn_ref = None
+    if calib_images is not None and compensate == "lstsq_seq":
+        dense = copy.deepcopy(model).eval()
+    recal_mode = _recalibration(recalibrate)
+    if calib_images is not None and recal_mode == "match":
+        bn_ref = bn_reference(model, calib_images)
     records: list[StepRecord] = []
     bar = tqdm(range(1, steps + 1), desc="pruning", disable=not progress, unit="step")
     for step in bar:
         groups = graph.groups()
-        if isinstance(importance, CalibratedActivationImportance):
+        if hasattr(importance, "calibrate"):
             importance.calibrate(model)
         scored = []
         for g in groups:
@@ -154,10 +197,12 @@ def prune_model(
                         delta[(conv, is_out)] = delta.get((conv, is_out), 0.0) + n * k
             return graph.conv_macs(delta) / reference.conv_macs
 
-        def plan_of(amount: float) -> list[int]:
-            return plan(scores, channels, amount, opts)
-
         current = sum(channels)
+        goal = None if ratio is not None else 1 - (1 - target_macs) * step / steps
+        plan_of, _ = make_planner(allocation, model=model, graph=graph, scored=scored, opts=opts, macs_of=macs_of,
+                                  target=goal, tolerance=tolerance, calib_images=calib_images,
+                                  sensitivity=sensitivity if step == 1 else None,
+                                  search_candidates=search_candidates, seed=seed, progress=progress)
         if ratio is not None:
             goal_removed = ratio * step / steps * reference.channels
             already = reference.channels - current
@@ -165,7 +210,7 @@ def prune_model(
             counts, target = plan_of(amount), None
             reached = macs_of(counts)
         else:
-            target = 1 - (1 - target_macs) * step / steps
+            target = goal
             counts, reached = solve_for_macs(macs_of, plan_of, target, tolerance=tolerance, max_amount=1.0)
             if reached > target + tolerance:
                 raise PruningError(
@@ -179,7 +224,14 @@ def prune_model(
             elif compensate == "mean":
                 compensate_means(graph, plans, input_means(model, calib_images))
         for g, idxs in plans:
-            graph.prune(g, idxs)
+            graph.prune(g, idxs, kept)
+        if calib_images is not None and plans:
+            if recal_mode is not None:
+                if before_recalibration is not None and step == steps and dense is None:
+                    before_recalibration(model)  # (with lstsq_seq the statistics are refit afterwards anyway)
+                recalibrate_bn(model, calib_images, reference=bn_ref, kept=kept.out, mode=recal_mode)
+            if dense is not None:  # after the BN statistics: each conv is fit to the dense BN outputs
+                reconstruct_sequential(model, dense, kept, calib_images, seed=seed, progress=progress)
         record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
                             channels_removed=int(sum(counts)))
         records.append(record)
@@ -188,4 +240,5 @@ def prune_model(
                     step, steps, record.channels_removed, record.macs_fraction)
         if on_step:
             on_step(record)
-    return PruneOutcome(steps=records, layers_before=before, layers_after=layer_widths(model, graph), reference=reference)
+    return PruneOutcome(steps=records, layers_before=before, layers_after=layer_widths(model, graph), reference=reference,
+                        allocation=allocation, method=method, kept=kept)

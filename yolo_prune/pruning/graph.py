@@ -121,6 +121,51 @@ class ChannelGroup:
 
 
 @dataclasses.dataclass
+class KeptChannels:
+    """Which channels of the model as it was when tracking started each conv and BN still has.
+
+    ``out[name]`` / ``inp[name]`` are the original indices (ascending) of the output / input channels a
+    module (by its name in the model) keeps; modules never touched are absent. Sequential reconstruction and
+    BN re-estimation use it to compare a pruned layer with the same layer of the dense model.
+    """
+
+    widths: dict[str, tuple[int, int]]
+    out: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    inp: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, names: dict[nn.Module, str] | None = None) -> KeptChannels:
+        widths = {}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                widths[name] = (m.out_channels, m.in_channels)
+            elif isinstance(m, nn.BatchNorm2d):
+                widths[name] = (m.num_features, m.num_features)
+        return cls(widths=widths)
+
+    def kept_out(self, name: str) -> list[int]:
+        return self.out.get(name, list(range(self.widths[name][0])))
+
+    def kept_in(self, name: str) -> list[int]:
+        return self.inp.get(name, list(range(self.widths[name][1])))
+
+    def update(self, graph: PruneGraph, pruning_group: tp.dependency.Group) -> None:
+        """Remove from the record the channels ``pruning_group`` (not yet pruned) is about to remove."""
+        removed: dict[tuple[str, bool], set[int]] = {}
+        for dep, idxs in pruning_group:
+            m = dep.target.module
+            name = graph.names.get(m)
+            if name is None or name not in self.widths:
+                continue
+            is_out = isinstance(m, nn.BatchNorm2d) or graph.dg.is_out_channel_pruning_fn(dep.handler)
+            removed.setdefault((name, is_out), set()).update(int(i) for i in idxs)
+        for (name, is_out), idx in removed.items():
+            current = self.kept_out(name) if is_out else self.kept_in(name)
+            left = [c for pos, c in enumerate(current) if pos not in idx]
+            (self.out if is_out else self.inp)[name] = left
+
+
+@dataclasses.dataclass
 class PruneGraph:
     """A traced model: its dependency graph, its channel groups, and the spatial size of every conv and
     the token count of every attention at the input size MACs are counted for."""
@@ -158,10 +203,21 @@ class PruneGraph:
             )
         return out
 
-    def prune(self, group: ChannelGroup, idxs: list[int]) -> None:
-        """Remove channels ``idxs`` of ``group``'s root, and every coupled channel, for real."""
-        if idxs:
-            self.dg.get_pruning_group(group.root, group.handler, sorted(int(i) for i in idxs)).prune()
+    def prune(self, group: ChannelGroup, idxs: list[int], kept: KeptChannels | None = None) -> None:
+        """Remove channels ``idxs`` of ``group``'s root, and every coupled channel, for real.
+
+        With ``kept``, record which of the original channels every touched conv and BN keeps.
+        """
+        if not idxs:
+            return
+        pg = self.dg.get_pruning_group(group.root, group.handler, sorted(int(i) for i in idxs))
+        if kept is not None:
+            kept.update(self, pg)
+        pg.prune()
+
+    def start_tracking(self) -> KeptChannels:
+        """A :class:`KeptChannels` record of every conv and BN at its current width (before pruning)."""
+        return KeptChannels.of(self.model, self.names)
 
     def conv_macs(self, delta: dict[tuple[nn.Conv2d, bool], float] | None = None) -> float:
         """MACs of the model (convs and attention products, as ultralytics-thop counts them), optionally as

@@ -18,7 +18,8 @@ from ..provenance import provenance
 from ..results import Result, table
 from ..stats import model_stats
 from .calibration import load_calibration_images
-from .engine import PruneOutcome, Reference, StepRecord, prune_model
+from .engine import PruneOutcome, Reference, StepRecord, _compensation, _recalibration, prune_model
+from .importance import resolve_method
 from .threshold import remove_free_channels
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -56,6 +57,11 @@ class PruneResult(Result):
     threshold: float | None = None  # channels whose coupled gammas were all below it went first, for free
     macs_ratio_free: float | None = None  # conv MACs fraction right after that free removal
     channels_free: int | None = None  # channels it removed
+    map50_95_no_recalibration: float | None = None  # the same pruned model before BN re-estimation
+    map50_no_recalibration: float | None = None
+    compensate: str | None = None
+    recalibrate: str | None = None
+    allocation: str = "global"
     layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
     steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -82,6 +88,9 @@ class PruneResult(Result):
         if self.map50_95_before is not None:
             rows.append(row("mAP50-95", self.map50_95_before, self.map50_95_after))
             rows.append(row("mAP50", self.map50_before, self.map50_after))
+        if self.map50_95_no_recalibration is not None:
+            rows.append(row("mAP50-95 without BN re-estimation", self.map50_95_before, self.map50_95_no_recalibration))
+            rows.append(row("mAP50 without BN re-estimation", self.map50_before, self.map50_no_recalibration))
         return rows
 
     def __str__(self) -> str:
@@ -91,6 +100,9 @@ class PruneResult(Result):
                    f"{self.macs_ratio_free:.3f})"
             goal = free if self.target_macs is None and self.ratio is None else f"{free}, then {goal}"
         head = f"PruneResult: method={self.method} {goal}, {self.seconds:.2f} s"
+        if self.compensate and self.compensate != "none" or self.recalibrate or self.allocation != "global":
+            head += (f"\ncompensate={self.compensate}, recalibrate={self.recalibrate or False}, "
+                     f"allocation={self.allocation}")
         if self.checkpoint:
             head += f"\ncheckpoint: {self.checkpoint}"
         return head + "\n" + table(self.comparison(), header=("", "before", "after", "ratio"))
@@ -116,6 +128,11 @@ class PruneResult(Result):
             "map50_95_after": self.map50_95_after,
             "map50_before": self.map50_before,
             "map50_after": self.map50_after,
+            "map50_95_no_recalibration": self.map50_95_no_recalibration,
+            "map50_no_recalibration": self.map50_no_recalibration,
+            "compensate": self.compensate,
+            "recalibrate": self.recalibrate,
+            "allocation": self.allocation,
             "prune_seconds": self.seconds,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "steps": [dataclasses.asdict(s) for s in self.steps],
@@ -127,12 +144,12 @@ class PruneResult(Result):
 def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> torch.Tensor | None:
     """Calibration images from the data's train split: needed by method=activation, used by compensation."""
     if data is None:
-        if method == "activation":
-            raise UsageError("method=activation ranks channels on real images: pass data=<dataset yaml>")
+        if method in ("activation", "recon"):
+            raise UsageError(f"method={method} ranks channels on real images: pass data=<dataset yaml>")
         return None
     if n <= 0:
-        if method == "activation":
-            raise UsageError("method=activation needs calib_images > 0")
+        if method in ("activation", "recon"):
+            raise UsageError(f"method={method} needs calib_images > 0")
         return None
     from ..data import resolve_data
 
@@ -142,7 +159,7 @@ def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> to
 def prune(
     model: Any,
     *,
-    method: str = "bn",
+    method: str = "auto",
     target_macs: float | None = 0.5,
     ratio: float | None = None,
     threshold: float | None = None,
@@ -153,8 +170,12 @@ def prune(
     round_to: int | None = 8,
     steps: int = 1,
     tolerance: float = 0.03,
-    calib_images: int = 32,
-    compensate: str | bool = "lstsq",
+    calib_images: int = 64,
+    compensate: str | bool = "lstsq_seq",
+    recalibrate: bool | str = True,
+    allocation: str = "auto",
+    sensitivity: str | Path | None = None,
+    search_candidates: int = 16,
     seed: int = 0,
     validate: bool = False,
     batch: int = 16,
@@ -180,6 +201,14 @@ def prune(
     computes the same thing (:func:`~yolo_prune.pruning.threshold.remove_free_channels`); then, if the MACs
     are still above ``target_macs``, the remaining channels are ranked with ``method`` to reach it (targets
     stay fractions of the original). ``target_macs=None`` with a threshold removes only the free channels.
+    the layers that consumed removed channels refit their kept weights by least squares; ``lstsq_seq``: every
+    conv is refit layer by layer toward the dense model's outputs; ``mean``: bias only; ``none``), and
+    ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
+    to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
+    mAP before it). ``allocation`` (``auto``: ``sensitivity`` with data, else ``global``; ``global``,
+    ``sensitivity``, ``search``) spreads the removal over the
+    channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring (see
+    :func:`yolo_prune.sensitivity`).
     """
     source = model
     yolo = load_model(model)
@@ -198,6 +227,13 @@ def prune(
 
     before = model_stats(module, imgsz=imgsz)
     torch.manual_seed(seed)
+    recal_mode = _recalibration(recalibrate) if calib is not None else None
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def keep_stats(m: torch.nn.Module) -> None:
+        if validate and data is not None:
+            snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
+
     t0 = time.perf_counter()
     free = None
     if threshold is not None:
@@ -219,9 +255,14 @@ def prune(
             seed=seed,
             calib_images=calib,
             compensate=compensate,
+            recalibrate=recal_mode or False,
+            allocation=allocation,
+            sensitivity=sensitivity,
+            search_candidates=search_candidates,
             reference=None if free is None else Reference(free.reference_macs, free.reference_channels),
             macs_imgsz=imgsz,
             progress=progress,
+            before_recalibration=keep_stats,
         )
     else:
         from .engine import layer_widths
@@ -229,20 +270,22 @@ def prune(
 
         after_layers = layer_widths(module, build_graph(module))
         outcome = PruneOutcome(steps=[], layers_before=free.layers_before, layers_after=after_layers,
-                               reference=Reference(free.reference_macs, free.reference_channels))
+                               reference=Reference(free.reference_macs, free.reference_channels),
+                               method=resolve_method(method, calib is not None))
     if free is not None:
         outcome.layers_before = free.layers_before
         outcome.steps.insert(0, StepRecord(step=0, target_macs=None, macs_fraction=free.macs_fraction,
                                            channels_removed=free.channels_removed))
     seconds = time.perf_counter() - t0
     after = model_stats(module, imgsz=imgsz)
-    args = dict(method=method, target_macs=target_macs, ratio=ratio, threshold=threshold, imgsz=imgsz, global_pruning=global_pruning,
+    args = dict(method=outcome.method, target_macs=target_macs, ratio=ratio, threshold=threshold, imgsz=imgsz, global_pruning=global_pruning,
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
-                compensate=compensate if calib is not None else "none")
+                compensate=_compensation(compensate) if calib is not None else "none", recalibrate=recal_mode,
+                allocation=outcome.allocation, sensitivity=str(sensitivity) if sensitivity else None)
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
-        method=method,
+        method=outcome.method,
         target_macs=None if ratio is not None else target_macs,
         ratio=ratio,
         imgsz=imgsz,
@@ -259,6 +302,9 @@ def prune(
         layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
         steps=outcome.steps,
         provenance=prov,
+        compensate=args["compensate"],
+        recalibrate=recal_mode,
+        allocation=outcome.allocation,
     )
     if save_dir is not None:
         write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})
@@ -277,6 +323,12 @@ def prune(
                       save_dir=save_dir / "val_after" if save_dir else None)
         result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
         result.map50_95_after, result.map50_after = va.map50_95, va.map50
+        if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
+            plain = copy.deepcopy(module)
+            plain.load_state_dict(snapshot)
+            vn = evaluate(wrap_model(plain), data, imgsz=imgsz, batch=batch, device=device,
+                          save_dir=save_dir / "val_no_recalibration" if save_dir else None)
+            result.map50_95_no_recalibration, result.map50_no_recalibration = vn.map50_95, vn.map50
     if save_dir is not None:
         write_report(result, save_dir)
     return result

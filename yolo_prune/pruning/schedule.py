@@ -86,3 +86,97 @@ def solve_for_macs(
     if target - hi_frac <= tolerance or (target - hi_frac) <= (lo_frac - target):
         return hi_plan, hi_frac
     return lo_plan, lo_frac
+
+
+# Per-group allocations ----------------------------------------------------------------------------------------
+# The two planners below keep the same contract as :func:`plan` (an amount in [0, 1] -> per-group counts,
+# monotone in the amount) so that :func:`solve_for_macs` and any other cost model bisect them unchanged.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCurve:
+    """Predicted loss of one group against the fraction of its channels removed, from measured points
+    (``ratios`` ascending, ``losses``); 0 at ratio 0, linear in between, made non-decreasing, extended
+    linearly past the last point."""
+
+    ratios: tuple[float, ...]
+    losses: tuple[float, ...]
+    quadratic_start: bool = True  # below the first measured ratio: y1 * (r / r1)^2 instead of a straight line
+
+    def at(self, ratio: float) -> float:
+        xs = [0.0, *self.ratios]
+        ys = [0.0]
+        for v in self.losses:
+            ys.append(max(ys[-1], float(v)))
+        if ratio <= 0:
+            return 0.0
+        if self.quadratic_start and ratio <= xs[1]:
+            return ys[1] * (ratio / xs[1]) ** 2
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if ratio <= x1:
+                return y0 + (y1 - y0) * (ratio - x0) / max(x1 - x0, 1e-12)
+        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+        return ys[-1] + slope * (ratio - xs[-1])
+
+
+def _candidates(channels: int, opts: PlanOptions) -> list[int]:
+    """Every count a group may lose under the layer limit and rounding, ascending."""
+    return sorted({_limit(channels, n, opts) for n in range(channels + 1)})
+
+
+class LossAllocation:
+    """``plan_of`` for ``allocation=sensitivity``: the least predicted loss for the MACs removed.
+
+    Each group's candidate counts give points (MACs saved, predicted loss); the lower convex hull of each
+    group's points is cut into segments, all segments of all groups are taken in increasing order of loss per
+    MACs saved (the Lagrangian solution for every budget at once), and each segment is walked one candidate
+    count at a time, so that the plan moves by one ``round_to`` step of one group, never a whole group at once.
+    ``amount`` in [0, 1] is the fraction of that sequence taken: a larger amount never removes fewer channels.
+    """
+
+    def __init__(self, curves: Sequence[LossCurve], channels: Sequence[int], saved: Sequence[float],
+                 opts: PlanOptions):
+        self.n_groups = len(channels)
+        segments: list[tuple[float, int, int, list[int]]] = []  # (slope, group, order in group, counts)
+        for g, (curve, c, s) in enumerate(zip(curves, channels, saved)):
+            s = max(float(s), 0.0)
+            ns = _candidates(c, opts)
+            if s <= 0 or len(ns) < 2:
+                continue
+            pts = [(n * s, curve.at(n / c), n) for n in ns]
+            hull = [pts[0]]
+            for p in pts[1:]:  # lower convex hull (x increasing)
+                while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+                    hull.pop()
+                hull.append(p)
+            for k, (a, b) in enumerate(zip(hull, hull[1:])):
+                slope = (b[1] - a[1]) / max(b[0] - a[0], 1e-18)
+                steps = [n for n in ns if a[2] < n <= b[2]]
+                segments.append((slope, g, k, steps))
+        segments.sort(key=lambda t: (t[0], t[1], t[2]))
+        self.sequence = [(g, n) for _, g, _, steps in segments for n in steps]
+
+    def __call__(self, amount: float) -> list[int]:
+        counts = [0] * self.n_groups
+        k = len(self.sequence) if amount >= 1 else int(round(max(amount, 0.0) * len(self.sequence)))
+        for g, n in self.sequence[:k]:
+            counts[g] = n
+        return counts
+
+
+def _cross(o: tuple, a: tuple, b: tuple) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+class DirectionAllocation:
+    """``plan_of`` for one random candidate of ``allocation=search``: group g loses the fraction
+    ``min(1, direction_g * amount / (1 - amount))`` of its channels (then the layer limit and rounding)."""
+
+    def __init__(self, directions: Sequence[float], channels: Sequence[int], opts: PlanOptions):
+        self.directions, self.channels, self.opts = list(directions), list(channels), opts
+
+    def __call__(self, amount: float) -> list[int]:
+        if amount <= 0:
+            return [0] * len(self.channels)
+        scale = math.inf if amount >= 1 else amount / (1 - amount)
+        return [_limit(c, int(min(1.0, u * scale) * c), self.opts) for u, c in zip(self.directions, self.channels)]

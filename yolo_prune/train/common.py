@@ -95,7 +95,8 @@ class KeepArchitectureMixin:
         Without ``weights`` (a ``.yaml`` model, i.e. random init) this is the ultralytics behaviour.
         If the dataset has a different class count than the checkpoint, the ultralytics rebuild (new
         class head, all other weights copied) is used when it reproduces every other shape, i.e.
-        for an unpruned model; for a pruned model that is impossible and :class:`DatasetError` is raised.
+        for an unpruned model; a pruned model keeps its architecture and only Detect's final class convs
+        are replaced for the new class count (:func:`yolo_prune.models.reset_class_head`).
         """
         if not isinstance(weights, nn.Module):
             return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
@@ -105,10 +106,11 @@ class KeepArchitectureMixin:
             if _rebuild_keeps_shapes(model, model_nc):
                 LOGGER.info(f"model has nc={model_nc}, data nc={nc}: rebuilding the class head (model is unpruned)")
                 return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
-            raise DatasetError(
-                f"the model has {model_nc} classes but the dataset has {nc}; a pruned model keeps its head, "
-                "train it on data with the same classes"
-            )
+            from ..models import reset_class_head
+
+            kept = reset_class_head(model, nc, names=self.data.get("names"))
+            LOGGER.info(f"model has nc={model_nc}, data nc={nc}: new class output convs for the pruned head "
+                        f"({kept} class(es) kept by name), every other weight kept")
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)

@@ -117,8 +117,9 @@ def greg_plan(groups: BNGroups, *, target_macs: float, method: str = "bn", head:
     from ..pruning.importance import make_importance
     from ..pruning.schedule import PlanOptions, plan, solve_for_macs
 
-    if method == "activation":
-        raise UsageError("sr_mode=greg ranks channels with bn, l1, l2 or random (activation needs calibration images)")
+    method = "bn" if method == "auto" else method  # auto without calibration images is bn
+    if method in ("activation", "recon"):
+        raise UsageError(f"sr_mode=greg ranks channels with bn, l1, l2 or random ({method} needs calibration images)")
     if not 0 < target_macs < 1:
         raise UsageError(f"sr_mode=greg needs target_macs in (0, 1), got {target_macs!r}")
     importance = make_importance(method, seed=seed)

@@ -1,0 +1,238 @@
+"""``sensitivity()``: the user-facing sensitivity analysis (``yolo-prune sensitivity model=... data=...``).
+
+For every prunable channel group, the degradation when that group alone loses 25 / 50 / 75 % of its channels
+(lowest-ranked first, one-shot least-squares compensation), measured by the output-distortion proxy of
+:mod:`.sensitivity` on calibration images from the train split. Writes ``sensitivity.csv`` (one row per
+group; ``prune allocation=sensitivity sensitivity=.../sensitivity.csv`` reuses it) and ``sensitivity.png``
+(heatmap). With ``validate=k``, k groups spread over the loss range are also pruned for real at ratio 0.5 and
+validated (COCO mAP on the val split), and the rank correlation between proxy and mAP drop is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import UsageError
+from ..io import run_dir, write_json, write_text
+from ..models import load_model
+from ..results import Result, table
+from .calibration import load_calibration_images
+from .graph import build_graph, prepare
+from .importance import make_importance, resolve_method
+from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+
+
+@dataclasses.dataclass
+class SensitivityResult(Result):
+    """Per-group sensitivity; ``str()`` lists the most and least sensitive groups."""
+
+    method: str
+    imgsz: int
+    images: int
+    groups_measured: int
+    seconds: float
+    cpu_seconds: float = 0.0  # process CPU time (the machine may be shared)
+    rank_correlation: float | None = None  # Spearman, proxy loss vs mAP50-95 drop, on the validated groups
+    save_dir: Path | None = None
+    csv: Path | None = None
+    heatmap: Path | None = None
+    groups: list[GroupSensitivity] = dataclasses.field(default_factory=list, repr=False)
+    validation: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+    map50_95_dense: float | None = None
+
+    def __str__(self) -> str:
+        head = (f"SensitivityResult: {self.groups_measured} groups x ratios "
+                f"{', '.join(f'{r:g}' for r in (self.groups[0].ratios if self.groups else RATIOS))}, "
+                f"method={self.method}, {self.images} images @{self.imgsz}, {self.seconds:.1f} s")
+        if self.csv:
+            head += f"\ncsv: {self.csv}"
+        ranked = sorted(self.groups, key=lambda g: -g.losses[len(g.losses) // 2])
+        rows = [(g.name, g.channels, *g.losses) for g in ranked[:8]]
+        if len(ranked) > 8:
+            rows.append(("...", None, *([None] * len(ranked[0].losses))))
+            rows += [(g.name, g.channels, *g.losses) for g in ranked[-3:]]
+        ratios = ranked[0].ratios if ranked else list(RATIOS)
+        text = head + "\n" + table(rows, header=("group", "channels", *(f"loss@{r:g}" for r in ratios)))
+        if self.rank_correlation is not None:
+            text += (f"\nproxy vs real mAP drop on {len(self.validation)} groups: Spearman "
+                     f"{self.rank_correlation:.3f}")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "imgsz": self.imgsz, "images": self.images, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
+                "rank_correlation": self.rank_correlation, "map50_95_dense": self.map50_95_dense,
+                "groups": [dataclasses.asdict(g) for g in self.groups], "validation": self.validation}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side."""
+    if len(a) < 3:
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = torch.tensor(ranks(a)), torch.tensor(ranks(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return None if den == 0 else float((ra * rb).sum()) / den
+
+
+def write_sensitivity_csv(groups: Sequence[GroupSensitivity], path: Path) -> Path:
+    ratios = groups[0].ratios if groups else list(RATIOS)
+    head = ["group", "channels"] + [f"{k}@{r:g}" for r in ratios for k in ("removed", "macs_saved", "loss")]
+    lines = [",".join(head)]
+    for g in groups:
+        cells = [g.name, str(g.channels)]
+        for n, saved, loss in zip(g.removed, g.macs_saved, g.losses):
+            cells += [str(n), f"{saved:.6g}", f"{loss:.6g}"]
+        lines.append(",".join(cells))
+    return write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_sensitivity(groups: Sequence[GroupSensitivity], path: Path) -> Path:
+    """Heatmap: one row per group (model order), one column per ratio, colour = proxy loss (log scale)."""
+    from matplotlib.colors import LogNorm
+
+    from ..report import _pyplot, _save
+
+    plt = _pyplot()
+    data = torch.tensor([g.losses for g in groups], dtype=torch.float64).clamp(min=1e-6).numpy()
+    fig, ax = plt.subplots(figsize=(4.5, max(4, 0.16 * len(groups) + 1)))
+    im = ax.imshow(data, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=max(data.min(), 1e-4), vmax=data.max()))
+    ax.set_xticks(range(len(groups[0].ratios)))
+    ax.set_xticklabels([f"{r:g}" for r in groups[0].ratios])
+    ax.set_xlabel("fraction of the group's channels removed")
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([g.name.replace("model.", "").replace(".conv", "") for g in groups], fontsize=5)
+    ax.set_title("sensitivity (output distortion)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sensitivity(
+    model: Any,
+    data: str | Path,
+    *,
+    method: str = "auto",
+    ratios: Sequence[float] = RATIOS,
+    imgsz: int = 640,
+    calib_images: int = 32,
+    validate: int = 0,
+    batch: int = 16,
+    device: str | None = None,
+    seed: int = 0,
+    project: str | Path | None = None,
+    name: str | None = None,
+    exist_ok: bool = False,
+    save: bool = True,
+    progress: bool = False,
+) -> SensitivityResult:
+    """Measure how much each prunable channel group of ``model`` costs when pruned alone (see module doc).
+
+    ``calib_images`` train images of ``data`` (letterboxed to ``imgsz``) are scored; the run folder
+    ``project/name`` (default ``runs/sensitivity/sensitivity``) receives ``sensitivity.csv``, ``sensitivity.png``
+    and ``sensitivity.json``.
+    """
+    if data is None:
+        raise UsageError("sensitivity is measured on images: pass data=<dataset yaml>")
+    if calib_images < 1:
+        raise UsageError(f"calib_images={calib_images} must be at least 1")
+    ratios = sorted(float(r) for r in ratios)
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise UsageError(f"ratios={ratios} must lie in (0, 1)")
+    from ..data import resolve_data
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    yolo = load_model(model)
+    net = copy.deepcopy(yolo.model).float().cpu().eval()
+    for p in net.parameters():
+        p.requires_grad_(True)  # torch-pruning traces the graph through autograd
+    prepare(net)
+    images = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
+    graph = build_graph(net)
+    method = resolve_method(method, True)
+    importance = make_importance(method, seed=seed, calib_images=images)
+    if hasattr(importance, "calibrate"):
+        importance.calibrate(net)
+    scored = []
+    for g in graph.groups():
+        s = importance(g.group)
+        if s is not None:
+            scored.append((g, s.detach().float().cpu()))
+    scored.sort(key=lambda gs: _name_key(gs[0].name))
+    reference = graph.conv_macs()
+    saved = []
+    for g, _ in scored:
+        delta = {(conv, is_out): k for conv, is_out, k in g.convs}
+        saved.append((reference - graph.conv_macs(delta)) / reference)
+    probe = Probe(net, graph, images, seed=seed)
+    measured = measure_sensitivity(probe, scored, macs_saved=saved, ratios=ratios, progress=progress)
+    result = SensitivityResult(method=method, imgsz=imgsz, images=len(images), groups_measured=len(measured),
+                               seconds=0.0, groups=measured)
+    if validate:
+        _validate(result, yolo, net, scored, data, imgsz=imgsz, batch=batch, device=device, seed=seed,
+                  images=images, k=validate, ratio=ratios[len(ratios) // 2], progress=progress)
+    result.seconds = time.perf_counter() - t0
+    result.cpu_seconds = time.process_time() - c0
+    if save:
+        save_dir = run_dir(project, "sensitivity", name, exist_ok=exist_ok)
+        result.save_dir = save_dir
+        result.csv = write_sensitivity_csv(measured, save_dir / "sensitivity.csv")
+        result.heatmap = plot_sensitivity(measured, save_dir / "sensitivity.png")
+        write_json(save_dir / "sensitivity.json", result.to_dict())
+    return result
+
+
+def _name_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def _validate(result: SensitivityResult, yolo: Any, net: torch.nn.Module, scored: list, data: Any, *, imgsz: int,
+              batch: int, device: str | None, seed: int, images: torch.Tensor, k: int, ratio: float,
+              progress: bool) -> None:
+    """Prune ``k`` groups for real (alone, at ``ratio``, one-shot lstsq) and compare the proxy with mAP."""
+    from ..evaluate import evaluate
+    from ..models import wrap_model
+    from .reconstruct import reconstruct
+
+    col = result.groups[0].ratios.index(ratio)
+    ranked = sorted(range(len(result.groups)), key=lambda i: result.groups[i].losses[col])
+    picks = sorted({ranked[round(j * (len(ranked) - 1) / max(k - 1, 1))] for j in range(min(k, len(ranked)))})
+    dense = evaluate(yolo, data, imgsz=imgsz, batch=batch, device=device)
+    result.map50_95_dense = dense.map50_95
+    rows = []
+    for i in picks:
+        gs = result.groups[i]
+        copy_net = copy.deepcopy(net)
+        g2 = build_graph(copy_net)
+        group = next(g for g in g2.groups() if g.name == gs.name)
+        scores = dict((g.name, s) for g, s in scored)[gs.name]
+        idxs = torch.argsort(scores, stable=True)[: gs.removed[col]].tolist()
+        if not idxs:
+            continue
+        reconstruct(g2, [(group, idxs)], images, seed=seed)
+        g2.prune(group, idxs)
+        v = evaluate(wrap_model(copy_net), data, imgsz=imgsz, batch=batch, device=device)
+        rows.append({"group": gs.name, "ratio": ratio, "removed": gs.removed[col], "loss": gs.losses[col],
+                     "map50_95": v.map50_95, "map_drop": dense.map50_95 - v.map50_95})
+    result.validation = rows
+    result.rank_correlation = spearman([r["loss"] for r in rows], [r["map_drop"] for r in rows])
