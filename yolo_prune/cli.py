@@ -26,10 +26,10 @@ Modes:
   demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
   pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
   sparse    sparsity training: L1 on BatchNorm gammas                            (model= data= sr= epochs=)
-  prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
+  prune     rank channels and remove them       (model= method= target_macs= | target_latency= runtime= | ratio=)
   finetune  train a pruned checkpoint, keeping its architecture                  (model= data= epochs=)
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
-  bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
+  bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
   export    export with ultralytics                                              (model= format=onnx)
   cfg       print the default configuration with every key documented
   version   print the version
@@ -77,7 +77,8 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
                  data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
                  max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
                  tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
-                 seed=cfg["seed"],
+                 seed=cfg["seed"], target_latency=cfg["target_latency"], target_ms=cfg["target_ms"],
+                 runtime=cfg["runtime"], threads=cfg["threads"],
                  validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
                  **_common(cfg))
 
@@ -108,7 +109,7 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     save_dir = _run_folder(cfg, "bench")
     backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
     result = measure_latency(models, imgsz=cfg["imgsz"], backends=backends, runs=cfg["bench_runs"],
-                             warmup=cfg["bench_warmup"], seed=cfg["seed"], progress=True)
+                             warmup=cfg["bench_warmup"], seed=cfg["seed"], threads=cfg["threads"], progress=True)
     write_json(save_dir / "latency.json", result.to_dict())
     write_text(save_dir / "latency.md", result.markdown() + "\n")
     return result
