@@ -18,13 +18,14 @@ Result: ``bench/results/latency[_quick].json``; tables with ``python bench/rende
 coco128 split's val @320) and the bccd-fine-tuned yolov8n @416 (``common.bccd_dense()``, bccd val @416), on each
 runtime (onnxruntime, OpenVINO) and thread count (1, 2): the runtime's latency table (``yolo_prune.latency``,
 cached in ``bench/work/cache/latency``) and its validation on random pruned variants (predicted vs measured), then
-three pruned models (method bn, compensate lstsq on 32 train images, no fine-tune):
+four pruned models (method bn, compensate lstsq on 32 train images, no fine-tune):
 
 * ``macs``: ``target_macs=0.5 round_to=8`` (the project's default before issue 15);
 * ``macs_auto``: ``target_macs=0.5 round_to=auto`` (the same MACs, widths on the runtime's quanta);
-* ``latency``: ``target_latency=0.5 round_to=auto`` (latency-aware ranking on that runtime's table).
+* ``latency``: ``target_latency=0.5 round_to=auto`` (latency-aware ranking on that runtime's table);
+* ``latency_plain``: the same with ``latency_aware=False`` (channels ranked by importance alone).
 
-All three and the dense model are exported and timed in one interleaved run (clock: CPU time with 1 thread, wall
+All four and the dense model are exported and timed in one interleaved run (clock: CPU time with 1 thread, wall
 with 2; medians). Columns: measured latency ratio, the table's predicted ratio, MACs ratio, mAP50-95 right after
 pruning. Result: ``bench/results/latency_target[_quick].json``.
 """
@@ -76,6 +77,15 @@ def build_models(targets: list[float], round_tos: list[int | None], method: str)
             models[name] = {"model": p.model.model, "target": t, "round_to": rt, "prune_seconds": p.seconds}
             log(f"pruned {name}: MACs ratio {p.macs_ratio:.3f} ({p.seconds:.2f} s)")
     return models
+
+
+def _finish(name: str, payload: dict, t_start: float) -> int:
+    """Record the total time and the final load average, write the result."""
+    payload["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    payload["loadavg_end"] = list(os.getloadavg())
+    path = common.write_result(name, payload)
+    log(f"done in {payload['total_seconds'] / 60:.1f} min -> {path}")
+    return 0
 
 
 def _evaluate(ckpt, data, imgsz: int, save_dir, cache: dict) -> dict:
@@ -154,6 +164,10 @@ def compare(args: argparse.Namespace) -> int:
                     run_arms["latency"] = prune(str(weights), target_latency=args.target, round_to="auto",
                                                 runtime=runtime, threads=threads, latency_table=table,
                                                 verify_latency=False, name=f"latency_{tag}", **common_kw)
+                    run_arms["latency_plain"] = prune(str(weights), target_latency=args.target, round_to="auto",
+                                                      runtime=runtime, threads=threads, latency_table=table,
+                                                      latency_aware=False, verify_latency=False,
+                                                      name=f"latency_plain_{tag}", **common_kw)
                 log(f"{ds}: timing dense + {', '.join(run_arms)} ({args.runs} interleaved runs)")
                 models = {"dense": load_model(str(weights)).model, **{k: r.model.model for k, r in run_arms.items()}}
                 times = measure_models(models, runtime=runtime, imgsz=imgsz, threads=threads, runs=args.runs)
@@ -187,11 +201,7 @@ def compare(args: argparse.Namespace) -> int:
                           f"{r['predicted_ratio']:.3f}) MACs {r['macs_ratio']:.3f} mAP {r['map']['map50_95']:.3f}",
                           flush=True)
                 common.write_result(name, payload)
-    payload["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    payload["loadavg_end"] = list(os.getloadavg())
-    path = common.write_result(name, payload)
-    log(f"done in {payload['total_seconds'] / 60:.1f} min -> {path}")
-    return 0
+    return _finish(name, payload, t_start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,11 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "busy_processes_before": busy, "rows": rows})
             print(res, flush=True)
             common.write_result(name, payload)
-    payload["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    payload["loadavg_end"] = list(os.getloadavg())
-    path = common.write_result(name, payload)
-    log(f"done in {payload['total_seconds']:.0f} s -> {path}")
-    return 0
+    return _finish(name, payload, t_start)
 
 
 if __name__ == "__main__":

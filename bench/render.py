@@ -2,7 +2,7 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency_target``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -152,6 +152,48 @@ def block_latency(name: str = "latency") -> str:
     return "\n".join(out)
 
 
+ARM_TEXT = {"dense": "dense", "macs": "target_macs=0.5, round_to=8", "macs_auto": "target_macs=0.5, round_to=auto",
+            "latency": "target_latency=0.5, round_to=auto", "latency_plain": "target_latency=0.5, auto, not aware"}
+
+
+def block_latency_target(name: str = "latency_target") -> str:
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py --compare`._"
+    m = res.get("machine", {})
+    out = [f"Command: {cmd(res)}. {load_note(res)}. CPU: {m.get('cpu_isa', m.get('cpu'))}; onnxruntime "
+           f"{m.get('onnxruntime')}, OpenVINO {m.get('openvino')}. Pruning method `{res['method']}`, compensate "
+           f"lstsq on 32 train images, no fine-tune. Latency: the exported dense and pruned models in one interleaved "
+           f"run per setting ({res['runs']} runs, medians; clock: process CPU time with 1 thread, wall with 2). "
+           f"ratio = pruned / dense; predicted = the latency table's prediction; mAP50-95 right after pruning. "
+           f"The column after fine-tune is left for the same fine-tune of every arm."]
+    for ds, entry in res["datasets"].items():
+        rows = []
+        notes = []
+        for st in entry["settings"]:
+            for r in st["rows"]:
+                if r["arm"] == "dense":
+                    continue
+                rows.append((st["runtime"], st["threads"], ARM_TEXT.get(r["arm"], r["arm"]), f(r["ratio"]),
+                             f(r["predicted_ratio"]), f(r["macs_ratio"]), f(r["map"]["map50_95"]), ""))
+            t, v = st["table"], st["table"].get("validation") or {}
+            notes.append(
+                f"- {st['runtime']}, {st['threads']} thread(s): dense {t['dense_ms']:.1f} ms; fixed part "
+                f"{t['fixed_ms']:.1f} ms = **{100 * t['fixed_share']:.0f}%** of it; predicted floor (every layer at a "
+                f"quarter of its width) {t['floor_ratio']:.3f}; table built in {t['build_seconds'] / 60:.1f} min "
+                f"(in-context scale {t['scale']:.3f}, runtime-wide quantum {t['common_quantum']})"
+                + (f"; validation on {v['n']} random variants: |ratio error| mean {v['mean_abs_ratio_error']:.3f}, "
+                   f"max {v['max_abs_ratio_error']:.3f} (uncalibrated {v.get('uncalibrated_mean_abs_ratio_error', 0):.3f}"
+                   f" / {v.get('uncalibrated_max_abs_ratio_error', 0):.3f})" if v else "")
+                + f"; 1-min load average {st['loadavg_1min_before']:.1f} -> {st['loadavg_1min_after']:.1f}.")
+        dm = entry["dense_map"]["map50_95"]
+        out.append(f"\n**{ds}** (latency @{entry['imgsz']}, mAP @{entry['val_imgsz']}; dense mAP50-95 {f(dm)})\n")
+        out.append(md_table(rows, ("runtime", "threads", "pruning", "latency ratio", "predicted", "MACs ratio",
+                                   "mAP50-95 pruned", "mAP50-95 fine-tuned")))
+        out.append("\n" + "\n".join(notes))
+    return "\n".join(out)
+
+
 def block_cost(name: str = "cost") -> str:
     res = common.read_result(name)
     if not res:
@@ -229,6 +271,17 @@ def block_targets() -> str:
                                  f"{run['threads']} thr, round_to {info['round_to']})"),
                                  f"{r['ratio_vs_reference']:.3f} (MACs ratio {r['macs_ratio']:.3f})",
                                  "met" if ok else "**missed**"))
+    lt = common.read_result("latency_target")
+    if lt:
+        for ds, entry in lt["datasets"].items():
+            for st in entry["settings"]:
+                by = {r["arm"]: r for r in st["rows"]}
+                if st["runtime"] == "onnxruntime" and "latency" in by:
+                    r, mac = by["latency"], by.get("macs")
+                    rows.append((f"{ds}: onnxruntime latency ratio <= 0.55 at target_latency=0.5 "
+                                 f"({st['threads']} thr)",
+                                 f"{r['ratio']:.3f} (target_macs=0.5: {mac['ratio']:.3f})" if mac else f"{r['ratio']:.3f}",
+                                 "met" if r["ratio"] <= 0.55 else "**missed**"))
     cost = common.read_result("cost")
     if cost and cost.get("prune"):
         p = cost["prune"]
@@ -269,14 +322,15 @@ def block_pruneonly(name: str = "frontier_pruneonly") -> str:
 
 def block_quick() -> str:
     out = []
-    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost)):
+    for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
+                     ("latency_target_quick", block_latency_target)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
 
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
-          "cost": block_cost, "quick": block_quick}
+          "latency_target": block_latency_target, "cost": block_cost, "quick": block_quick}
 
 
 def render(text: str) -> str:

@@ -292,7 +292,7 @@ def measure_latency(
     models: dict[str, ModelLike],
     *,
     imgsz: int = 640,
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] | str = ("torch", "onnx"),
     runs: int = 50,
     warmup: int = 10,
     batch: int = 1,

@@ -1,6 +1,4 @@
-"""A latency model of a detection model on a CPU runtime, measured on this machine.
-
-    latency(widths) = fixed + sum over prunable convs of T_conv(input width, output width)
+"""A latency model of a detection model on a CPU runtime, measured on this machine (HALP-style lookup tables).
 
 ``T_conv`` is a lookup table per prunable convolution (HALP-style): the conv alone, as the exporters emit it
 (BatchNorm folded into the conv, bias, SiLU), as a tiny model on the runtime at its real input resolution,
@@ -13,10 +11,18 @@ AVX-512, 8 with AVX2) and a partly filled block costs a full one. Each conv's *q
 it by less than the quantum saves nothing), the grid lies on multiples of it, and a width is rounded up to it
 before the lookup. ``round_to=auto`` prunes every group to multiples of its convs' quantum.
 
-``fixed`` is everything pruning cannot change (the Detect head's DFL softmax and box decoding, its fixed output
-convs, concatenations, upsampling, reorders, per-call overhead): the whole dense model's measured time minus
-the table's sum at the dense widths. :func:`validate_table` checks that decomposition on randomly pruned
-variants (predicted against measured latency).
+A conv alone is not quite a conv in the whole model. The tiny model converts its input and output to and from
+the runtime's blocked layout, which consecutive convs in the whole model do not: only the conv's own nodes of the
+runtime's per-node profile are counted (:class:`ConvBench`). What remains (caches, fusions) is one in-context
+``scale``:
+
+    latency(widths) = fixed + scale * sum over prunable convs of T_conv(input width, output width)
+
+``scale`` and ``fixed`` are fitted on the dense model and a few randomly pruned variants, measured whole
+(:func:`calibrate_table`); ``fixed`` is everything pruning cannot change (the Detect head's DFL softmax and box
+decoding, its fixed output convs, concatenations, upsampling, per-call overhead), set so that the dense model is
+predicted exactly. :func:`validate_table` checks the model on other random variants (predicted against measured
+latency, with and without the calibration).
 
 Timing: interleaved rounds, medians. ``clock="auto"`` uses the process CPU time with one thread (equal to the
 latency of a quiet machine, and stable while other processes share the cores) and the wall clock with more.
@@ -701,8 +707,9 @@ def build_table(model: Any, *, imgsz: int = 640, runtime: str = "onnxruntime", t
         calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup)
         result.build_seconds = time.perf_counter() - t0
     if result.fixed_ms < 0:
-        LOGGER.warning("latency table: the convs alone (%.1f ms) take longer than the whole model (%.1f ms); "
-                       "the machine was probably busy while measuring", conv_ms, dense_ms)
+        LOGGER.warning("latency table: the convs alone (%.1f ms scaled) take longer than the whole model (%.1f ms): "
+                       "the fixed part is taken as negative; the machine was probably busy while measuring",
+                       result.scale * conv_ms, result.dense_ms)
     if cache:
         result.save(path)
     LOGGER.info("latency table built in %.0f s: dense %.1f ms, fixed part %.1f ms (%.0f%%), in-context scale %.3f",
