@@ -153,7 +153,7 @@ def block_latency(name: str = "latency") -> str:
 
 
 ARM_TEXT = {"dense": "dense", "macs": "target_macs=0.5, round_to=8", "macs_auto": "target_macs=0.5, round_to=auto",
-            "latency": "target_latency=0.5, round_to=auto", "latency_plain": "target_latency=0.5, auto, not aware"}
+            "latency": "target_latency=0.5, round_to=auto", "latency_aware": "target_latency=0.5, auto, latency_aware"}
 
 
 def block_latency_target(name: str = "latency_target") -> str:

@@ -61,6 +61,7 @@ _ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "pyto
 _BACKEND = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}  # names in yolo_prune.bench
 QUANTA = (4, 8, 16, 32)  # narrowing steps probed for a conv's quantum
 TABLE_VERSION = 1
+NOISY = 0.3  # (p90 - p10) / median above which measurements are reported as unreliable
 
 
 def check_runtime(runtime: Any) -> str:
@@ -706,7 +707,7 @@ def build_table(model: Any, *, imgsz: int = 640, runtime: str = "onnxruntime", t
     if calibrate:
         calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup)
         result.build_seconds = time.perf_counter() - t0
-    if result.fixed_ms < 0:
+    if result.fixed_ms < -0.05 * result.dense_ms:  # (a few % below 0 is within the fit's noise)
         LOGGER.warning("latency table: the convs alone (%.1f ms scaled) take longer than the whole model (%.1f ms): "
                        "the fixed part is taken as negative; the machine was probably busy while measuring",
                        result.scale * conv_ms, result.dense_ms)
@@ -741,16 +742,25 @@ def calibrate_table(table: LatencyTable, model: Any, *, n: int = 6, seed: int = 
     dense = times["dense"]
     table.dense_ms = med["dense"]
     table.dense_spread = float((np.percentile(dense, 90) - np.percentile(dense, 10)) / table.dense_ms)
-    scale, intercept = (np.polyfit([sums[k] for k in med], [med[k] for k in med], 1) if n >= 2 else (1.0, 0.0))
-    ok = 0.5 <= scale <= 1.5
+    xs, ys = np.asarray([sums[k] for k in med]), np.asarray([med[k] for k in med])
+    scale, intercept = np.polyfit(xs, ys, 1) if n >= 2 else (1.0, 0.0)
+    resid = ys - (scale * xs + intercept)
+    r2 = float(1 - (resid ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-12)) if n >= 2 else 1.0
+    ok = bool(0.5 <= scale <= 1.5 and r2 >= 0.8)
     table.scale = float(scale) if ok else 1.0
     table.fixed_ms = table.dense_ms - table.scale * table.conv_ms
+    spread = {k: float((np.percentile(v, 90) - np.percentile(v, 10)) / np.median(v)) for k, v in times.items()}
     table.calibration = {"n": n, "seed": seed, "runs": runs, "fit_scale": float(scale), "fit_intercept_ms": float(intercept),
-                         "used": ok, "fixed_ms_by_subtraction": table.dense_ms - table.conv_ms,
+                         "fit_r2": r2, "used": ok, "max_spread": max(spread.values()), "fixed_ms_by_subtraction": table.dense_ms - table.conv_ms,
                          "points": [{"name": k, "conv_sum_ms": sums[k], "measured_ms": med[k]} for k in med],
                          "loadavg": list(os.getloadavg())}
     if not ok:
-        LOGGER.warning("latency table: in-context scale %.2f is implausible (busy machine?); using 1", scale)
+        LOGGER.warning("latency table: the calibration fit (scale %.2f, R^2 %.2f) is implausible; using scale 1",
+                       scale, r2)
+    if max(spread.values()) > NOISY:
+        LOGGER.warning("latency measurements vary by up to %.0f%% (p90-p10 of the median): other processes are using "
+                       "the CPU and the table is unreliable; rebuild it on a quiet machine (or time 1 thread: its CPU "
+                       "clock hardly minds)", 100 * max(spread.values()))
     return table
 
 
@@ -840,18 +850,22 @@ class LatencyCost:
     ``fraction(graph, delta)`` is the predicted latency of the model with ``delta[(conv, is_output)]`` channels
     removed, as a fraction of the dense model's measured latency; ``target`` is the fraction to reach (``None``:
     the table only serves ``round_to=auto``). ``quantum(graph, group)`` is the width multiple a group keeps with
-    ``round_to=auto``. With ``aware``, :meth:`rank_weights` gives every group the time one of its channels
-    costs, so that channels are ranked by importance per millisecond saved (HALP's latency-aware knapsack,
-    greedily) instead of by importance alone.
+    ``round_to=auto``. With ``aware`` (an exponent a in [0, 1]; True = 1), :meth:`rank_weights` gives every group
+    the time t one of its channels costs and channels are ranked by importance / t**a: a = 1 is importance per
+    millisecond saved (HALP's latency-aware knapsack, greedily), a = 0 importance alone.
     """
 
     label = "latency"
 
-    def __init__(self, table: LatencyTable, target: float | None = None, *, aware: bool = True,
+    def __init__(self, table: LatencyTable, target: float | None = None, *, aware: bool | float = True,
                  reference_ms: float | None = None):
+        if isinstance(aware, bool):
+            aware = 1.0 if aware else 0.0
+        if not isinstance(aware, (int, float)) or not 0 <= aware <= 1:
+            raise UsageError(f"latency_aware={aware!r} must be True, False or an exponent in [0, 1]")
         self.table = table
         self.target = target
-        self.aware = aware
+        self.aware = float(aware)
         self.reference_ms = reference_ms or table.dense_ms
 
     def _widths(self, graph: Any, delta: Mapping[tuple[nn.Conv2d, bool], float]) -> dict[str, tuple[float, float]]:
@@ -869,14 +883,15 @@ class LatencyCost:
         return group_quantum(self.table, group, graph.names)
 
     def rank_weights(self, graph: Any, groups: Sequence[Any]) -> list[float]:
-        """Milliseconds one channel of each group costs now (removing one quantum of it, per channel)."""
+        """Milliseconds one channel of each group costs now (removing one quantum of it, per channel), to the
+        power ``aware``: importance is divided by it (1: importance per millisecond, 0.5: a milder tilt)."""
         base = self.table.predict_ms(self._widths(graph, {}))
         out = []
         for g in groups:
             q = max(1, min(self.quantum(graph, g), g.channels - 1))
             delta = {(conv, is_out): q * k for conv, is_out, k in g.convs}
             saved = base - self.table.predict_ms(self._widths(graph, delta))
-            out.append(max(saved / q, 1e-6))
+            out.append(max(saved / q, 1e-6) ** self.aware)
         return out
 
     def unreachable(self, reached: float, *, max_layer_ratio: float, round_to: Any) -> str:

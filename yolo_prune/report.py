@@ -48,6 +48,7 @@ def _latency_markdown(lat: dict) -> str:
     if lat.get("measured_ms") is not None:
         rows.append(("measured (exported models, interleaved)", lat["measured_dense_ms"], lat["measured_ms"],
                      lat["measured_ratio"]))
+    spread = lat.get("measured_spread") or {}
     text = [
         f"Runtime {lat.get('runtime')} {lat.get('runtime_version')}, {threads} thread(s), imgsz {lat.get('imgsz')}, "
         f"clock {lat.get('clock')}, CPU {lat.get('cpu')}.",
@@ -59,6 +60,11 @@ def _latency_markdown(lat: dict) -> str:
         + (f"{lat['target_fraction']:.3f} of the dense latency." if lat.get("target_fraction") is not None
            else "none (the table served round_to=auto)."),
     ]
+    if lat.get("measured_ms") is not None:
+        text += ["", f"Measured over {lat.get('measured_runs')} interleaved runs each (medians); spread (p90-p10)/median: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in spread.items())
+                 + (" (above 0.3: a busy machine, the numbers are unreliable)." if any(v > 0.3 for v in spread.values())
+                    else ".")]
     v = lat.get("table_validation")
     if v:
         text += ["", f"Latency table validation on {v['n']} random pruned variants: mean |error| of the latency ratio "

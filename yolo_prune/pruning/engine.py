@@ -161,7 +161,7 @@ def prune_model(
         if latency is not None:
             if round_to == "auto":
                 step_opts = dataclasses.replace(opts, round_to=tuple(latency.quantum(graph, g) for g, _ in scored))
-            if by_latency and latency.aware:  # importance per millisecond a channel costs
+            if by_latency and latency.aware > 0:  # importance per millisecond (to a power) a channel costs
                 weights = latency.rank_weights(graph, [g for g, _ in scored])
                 scores = [s / w for s, w in zip(scores, weights)]
 

@@ -170,7 +170,7 @@ def prune(
     target_ms: float | None = None,
     runtime: str = "onnxruntime",
     threads: int | None = None,
-    latency_aware: bool = True,
+    latency_aware: bool | float = False,
     verify_latency: bool = True,
     latency_table: Any = None,
     validate: bool = False,
@@ -195,7 +195,8 @@ def prune(
     ``target_latency`` (a fraction of the dense model's latency) or ``target_ms`` replaces ``target_macs`` by
     a latency target on ``runtime`` (``onnxruntime``, ``openvino``, ``torch``) with ``threads`` threads: a
     latency table of the model is measured on this machine (:mod:`yolo_prune.latency`, cached) and the schedule
-    solves for its prediction, ranking channels by importance per millisecond (``latency_aware``). With
+    solves for its prediction (channels ranked by importance as for MACs targets; ``latency_aware=True`` ranks
+    them by importance per millisecond they cost, a float in (0, 1] by importance / ms**latency_aware). With
     ``verify_latency`` the pruned model is exported and measured against the dense one; the report shows
     predicted and measured latency. ``round_to="auto"`` keeps each group at the width multiple its convs run
     fastest at on ``runtime``. ``latency_table``: a :class:`~yolo_prune.latency.LatencyTable` (or its json) to
@@ -295,7 +296,7 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
 
 
 def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float | None, runtime: str,
-                  threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool, table: Any,
+                  threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
                   progress: bool) -> Any:
     """The latency model for a latency target or round_to=auto (None when neither is asked for)."""
     from ..bench import check_threads
@@ -351,3 +352,8 @@ def _verify_latency(result: PruneResult, dense: Any, pruned: Any, latency: Any, 
                           measured_spread=spread)
     LOGGER.info("latency on %s: predicted %.3f, measured %.3f of the dense model (%.1f -> %.1f ms)", t.runtime,
                 result.latency["predicted_ratio"], p / d, d, p)
+    from ..latency import NOISY
+
+    if max(spread.values()) > NOISY:
+        LOGGER.warning("the latency measurements varied by up to %.0f%%: the machine is busy, measured and predicted "
+                       "latency are unreliable", 100 * max(spread.values()))
