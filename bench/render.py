@@ -2,7 +2,8 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency_target``, ``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
+``cost``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -127,19 +128,25 @@ def block_latency(name: str = "latency") -> str:
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py`._"
+    clock = res.get("clock", "wall")
+    m = res.get("machine", {})
     out = [(f"Command: {cmd(res)}. Pruning method `{res['method']}` on the fixture's COCO yolov8n, no fine-tune. "
            f"batch 1, {res['runs']} timed runs after {res['warmup']} warm-up runs per model and backend, medians; "
-           f"ratio = pruned median / dense median of the same interleaved run.")]
+           f"ratio = pruned median / dense median of the same interleaved run."
+           + (" Clock: process CPU time (1 thread: the latency of a quiet machine)." if clock == "cpu" else "")
+           + (f" CPU: {m['cpu_isa']}." if m.get("cpu_isa") else ""))]
+    labels = {"torch": "torch", "onnx": "onnxruntime", "openvino": "OpenVINO"}
     for run in res["runs_by_setting"]:
         imgsz, threads = run["imgsz"], run["threads"]
         by = {(r["model"], r["backend"]): r for r in run["rows"]}
         models = list(dict.fromkeys(r["model"] for r in run["rows"]))
+        backends = [b for b in ("torch", "onnx", "openvino") if any(r["backend"] == b for r in run["rows"])]
         rows = []
         for mname in models:
             info = res["models"][mname]
             row = [mname, info["round_to"] if info["round_to"] else ("-" if mname == "dense" else "None"),
                    f(info[f"macs_ratio@{imgsz}"]), f(info["params_ratio"])]
-            for backend in ("torch", "onnx"):
+            for backend in backends:
                 r = by.get((mname, backend))
                 row += [f(r["median_ms"], 1), f(r["ratio_vs_reference"])] if r else ["-", "-"]
             rows.append(row)
@@ -147,8 +154,10 @@ def block_latency(name: str = "latency") -> str:
         out.append(f"\n**imgsz {imgsz}, {threads} thread(s)** ({run['seconds']:.0f} s; 1-min load average "
                    f"{run['loadavg_1min_before']:.2f} before, {run['loadavg_1min_after']:.2f} after"
                    + (f"; busy before: {'; '.join('`' + b + '`' for b in busy[:2])}" if busy else "") + ")\n")
-        out.append(md_table(rows, ("model", "round_to", "MACs ratio", "params ratio", "torch ms", "torch ratio",
-                                   "onnxruntime ms", "onnxruntime ratio")))
+        head = ["model", "round_to", "MACs ratio", "params ratio"]
+        for b in backends:
+            head += [f"{labels[b]} ms", f"{labels[b]} ratio"]
+        out.append(md_table(rows, head))
     return "\n".join(out)
 
 
@@ -337,6 +346,8 @@ def render(text: str) -> str:
     # parameterised frontier blocks: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
     pattern = re.compile(r"(<!-- BEGIN frontier:(\w+) -->\n).*?(<!-- END frontier:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN latency:(\w+) -->\n).*?(<!-- END latency:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_latency(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):

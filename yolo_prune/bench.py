@@ -12,10 +12,13 @@ What is timed
       ``openvino`` package (``pip install yolo-prune[openvino]``).
 
 How
-    All sessions are built first, then every (model, backend) gets ``warmup`` untimed passes and
-    ``runs`` timed passes in *interleaved rounds*: each round times every pair once, with the
-    starting pair rotated from round to round, so thermal/frequency drift and background load hit
-    all models alike. Medians and 90th percentiles are reported, and each model's ratio to the first
+    All sessions are built first. Then, backend after backend, every model gets ``warmup`` untimed passes
+    and ``runs`` timed passes in *interleaved rounds*: each round times every model once, with the
+    starting model rotated from round to round, so thermal/frequency drift and background load hit
+    all models alike. Backends are not interleaved with each other: a runtime's idle worker threads
+    (torch's OpenMP, OpenVINO's TBB) keep spinning for a while after a pass and would slow down the
+    next runtime's pass (measured: onnxruntime's ratio 0.647 interleaved with OpenVINO and torch, 0.615
+    alone). Medians and 90th percentiles are reported, and each model's ratio to the first
     model (the reference) in the same backend: ``ratio_vs_reference = median / reference median``
     (below 1 means faster than the reference).
 
@@ -325,8 +328,11 @@ def measure_latency(
                 for backend in backends:
                     runners[(name, backend)] = make_runner(backend, modules[name], x, Path(tmp) / f"{i}_{backend}",
                                                            threads)
+            times: dict[tuple[str, str], list[float]] = {}
             with torch_threads(want):
-                times = interleaved_times(runners, runs=runs, warmup=warmup, progress=progress, clock=clock)
+                for backend in backends:
+                    times.update(interleaved_times({k: r for k, r in runners.items() if k[1] == backend}, runs=runs,
+                                                   warmup=warmup, progress=progress, clock=clock))
     finally:
         torch.set_num_threads(before)
     return LatencyResult(
