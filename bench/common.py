@@ -25,7 +25,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORK = BENCH / "work"
 RESULTS = BENCH / "results"
-SHARED = ROOT.parent / "shared" / "fixtures"
+# ``../shared/fixtures`` from the checkout; $YOLO_PRUNE_FIXTURES points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("YOLO_PRUNE_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 WEIGHTS = SHARED / "weights" / "yolov8n_coco_int8rebuild.pt"
 COCO128 = SHARED / "coco128"
 
@@ -54,8 +55,17 @@ def machine() -> dict[str, Any]:
         fce = faster_coco_eval.__version__
     except ImportError:
         fce = None
+    from yolo_prune.latency import cpu_model
+
+    try:
+        import openvino
+
+        ov = openvino.__version__
+    except ImportError:
+        ov = None
     return {
         "cpu": cpu,
+        "cpu_isa": cpu_model(),  # model name and avx2/avx512 flags: onnxruntime's and OpenVINO's kernels depend on them
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -63,6 +73,7 @@ def machine() -> dict[str, Any]:
         "ultralytics": ultralytics.__version__,
         "torch_pruning": torch_pruning.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": ov,
         "faster_coco_eval": fce,
         "loadavg_start": list(os.getloadavg()),
     }

@@ -2,7 +2,9 @@
 
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
-``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``cost``, ``families``, ``distill``, ``unstructured``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
+``cost``, ``families``, ``distill``, ``unstructured``, ``sparsity:<result name>``, ``accuracy``, ``accuracy_targets``,
+``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -127,19 +129,25 @@ def block_latency(name: str = "latency") -> str:
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py`._"
+    clock = res.get("clock", "wall")
+    m = res.get("machine", {})
     out = [(f"Command: {cmd(res)}. Pruning method `{res['method']}` on the fixture's COCO yolov8n, no fine-tune. "
            f"batch 1, {res['runs']} timed runs after {res['warmup']} warm-up runs per model and backend, medians; "
-           f"ratio = pruned median / dense median of the same interleaved run.")]
+           f"ratio = pruned median / dense median of the same interleaved run."
+           + (" Clock: process CPU time (1 thread: the latency of a quiet machine)." if clock == "cpu" else "")
+           + (f" CPU: {m['cpu_isa']}." if m.get("cpu_isa") else ""))]
+    labels = {"torch": "torch", "onnx": "onnxruntime", "openvino": "OpenVINO"}
     for run in res["runs_by_setting"]:
         imgsz, threads = run["imgsz"], run["threads"]
         by = {(r["model"], r["backend"]): r for r in run["rows"]}
         models = list(dict.fromkeys(r["model"] for r in run["rows"]))
+        backends = [b for b in ("torch", "onnx", "openvino") if any(r["backend"] == b for r in run["rows"])]
         rows = []
         for mname in models:
             info = res["models"][mname]
             row = [mname, info["round_to"] if info["round_to"] else ("-" if mname == "dense" else "None"),
                    f(info[f"macs_ratio@{imgsz}"]), f(info["params_ratio"])]
-            for backend in ("torch", "onnx"):
+            for backend in backends:
                 r = by.get((mname, backend))
                 row += [f(r["median_ms"], 1), f(r["ratio_vs_reference"])] if r else ["-", "-"]
             rows.append(row)
@@ -147,8 +155,52 @@ def block_latency(name: str = "latency") -> str:
         out.append(f"\n**imgsz {imgsz}, {threads} thread(s)** ({run['seconds']:.0f} s; 1-min load average "
                    f"{run['loadavg_1min_before']:.2f} before, {run['loadavg_1min_after']:.2f} after"
                    + (f"; busy before: {'; '.join('`' + b + '`' for b in busy[:2])}" if busy else "") + ")\n")
-        out.append(md_table(rows, ("model", "round_to", "MACs ratio", "params ratio", "torch ms", "torch ratio",
-                                   "onnxruntime ms", "onnxruntime ratio")))
+        head = ["model", "round_to", "MACs ratio", "params ratio"]
+        for b in backends:
+            head += [f"{labels[b]} ms", f"{labels[b]} ratio"]
+        out.append(md_table(rows, head))
+    return "\n".join(out)
+
+
+ARM_TEXT = {"dense": "dense", "macs": "target_macs=0.5, round_to=8", "macs_auto": "target_macs=0.5, round_to=auto",
+            "latency": "target_latency=0.5, round_to=auto", "latency_aware": "target_latency=0.5, auto, latency_aware"}
+
+
+def block_latency_target(name: str = "latency_target") -> str:
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py --compare`._"
+    m = res.get("machine", {})
+    out = [f"Command: {cmd(res)}. {load_note(res)}. CPU: {m.get('cpu_isa', m.get('cpu'))}; onnxruntime "
+           f"{m.get('onnxruntime')}, OpenVINO {m.get('openvino')}. Pruning method `{res['method']}`, compensate "
+           f"lstsq on 32 train images, no fine-tune. Latency: the exported dense and pruned models in one interleaved "
+           f"run per setting ({res['runs']} runs, medians; clock: process CPU time with 1 thread, wall with 2). "
+           f"ratio = pruned / dense; predicted = the latency table's prediction; mAP50-95 right after pruning. "
+           f"The column after fine-tune is left for the same fine-tune of every arm."]
+    for ds, entry in res["datasets"].items():
+        rows = []
+        notes = []
+        for st in entry["settings"]:
+            for r in st["rows"]:
+                if r["arm"] == "dense":
+                    continue
+                rows.append((st["runtime"], st["threads"], ARM_TEXT.get(r["arm"], r["arm"]), f(r["ratio"]),
+                             f(r["predicted_ratio"]), f(r["macs_ratio"]), f(r["map"]["map50_95"]), ""))
+            t, v = st["table"], st["table"].get("validation") or {}
+            notes.append(
+                f"- {st['runtime']}, {st['threads']} thread(s): dense {t['dense_ms']:.1f} ms; fixed part "
+                f"{t['fixed_ms']:.1f} ms = **{100 * t['fixed_share']:.0f}%** of it; predicted floor (every layer at a "
+                f"quarter of its width) {t['floor_ratio']:.3f}; table built in {t['build_seconds'] / 60:.1f} min "
+                f"(in-context scale {t['scale']:.3f}, runtime-wide quantum {t['common_quantum']})"
+                + (f"; validation on {v['n']} random variants: |ratio error| mean {v['mean_abs_ratio_error']:.3f}, "
+                   f"max {v['max_abs_ratio_error']:.3f} (uncalibrated {v.get('uncalibrated_mean_abs_ratio_error', 0):.3f}"
+                   f" / {v.get('uncalibrated_max_abs_ratio_error', 0):.3f})" if v else "")
+                + f"; 1-min load average {st['loadavg_1min_before']:.1f} -> {st['loadavg_1min_after']:.1f}.")
+        dm = entry["dense_map"]["map50_95"]
+        out.append(f"\n**{ds}** (latency @{entry['imgsz']}, mAP @{entry['val_imgsz']}; dense mAP50-95 {f(dm)})\n")
+        out.append(md_table(rows, ("runtime", "threads", "pruning", "latency ratio", "predicted", "MACs ratio",
+                                   "mAP50-95 pruned", "mAP50-95 fine-tuned")))
+        out.append("\n" + "\n".join(notes))
     return "\n".join(out)
 
 
@@ -229,6 +281,17 @@ def block_targets() -> str:
                                  f"{run['threads']} thr, round_to {info['round_to']})"),
                                  f"{r['ratio_vs_reference']:.3f} (MACs ratio {r['macs_ratio']:.3f})",
                                  "met" if ok else "**missed**"))
+    lt = common.read_result("latency_target")
+    if lt:
+        for ds, entry in lt["datasets"].items():
+            for st in entry["settings"]:
+                by = {r["arm"]: r for r in st["rows"]}
+                if st["runtime"] == "onnxruntime" and "latency" in by:
+                    r, mac = by["latency"], by.get("macs")
+                    rows.append((f"{ds}: onnxruntime latency ratio <= 0.55 at target_latency=0.5 "
+                                 f"({st['threads']} thr)",
+                                 f"{r['ratio']:.3f} (target_macs=0.5: {mac['ratio']:.3f})" if mac else f"{r['ratio']:.3f}",
+                                 "met" if r["ratio"] <= 0.55 else "**missed**"))
     cost = common.read_result("cost")
     if cost and cost.get("prune"):
         p = cost["prune"]
@@ -512,7 +575,8 @@ def block_quick() -> str:
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
                      ("families_quick", block_families), ("distill_quick", block_distill),
                      ("unstructured_quick", block_unstructured), ("sparsity_fixture_quick", block_sparsity),
-                     ("accuracy_quick", block_accuracy)):
+                     ("accuracy_quick", block_accuracy),
+                     ("latency_target_quick", block_latency_target)):
         if common.read_result(name):
             out.append(f"\n#### `{name}.json`\n\n" + fn(name))
     return "\n".join(out) if out else "_No quick results yet._"
@@ -577,7 +641,8 @@ def block_accuracy_targets(name: str = "accuracy") -> str:
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
           "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured,
-          "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "quick": block_quick}
+          "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "latency_target": block_latency_target,
+          "quick": block_quick}
 
 
 def render(text: str) -> str:
@@ -586,6 +651,8 @@ def render(text: str) -> str:
     text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
     pattern = re.compile(r"(<!-- BEGIN sparsity:(\w+) -->\n).*?(<!-- END sparsity:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_sparsity(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN latency:(\w+) -->\n).*?(<!-- END latency:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_latency(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):

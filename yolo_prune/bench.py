@@ -1,4 +1,4 @@
-"""CPU latency benchmark of several models in torch eager and onnxruntime.
+"""CPU latency benchmark of several models in torch eager, onnxruntime and OpenVINO.
 
 What is timed
     * ``torch``: the model as ultralytics runs it for inference (a deep copy, FP32, eval mode,
@@ -6,20 +6,29 @@ What is timed
       forward (including the Detect head's box decoding) is timed: no pre-processing or NMS.
     * ``onnx``: the same model exported with :func:`yolo_prune.export.export_onnx` (the ultralytics
       ONNX exporter, static shape, onnxslim) and run by onnxruntime's CPUExecutionProvider.
+    * ``openvino``: the same model exported by the ultralytics OpenVINO exporter (FP32 IR) and compiled
+      for OpenVINO's CPU plugin with the LATENCY hint and the plugin's default inference precision (bf16 on
+      CPUs with AVX512-BF16 or AMX, else f32: what an ultralytics user deploying the export gets). Needs the
+      ``openvino`` package (``pip install yolo-prune[openvino]``).
 
 How
-    All sessions are built first, then every (model, backend) gets ``warmup`` untimed passes and
-    ``runs`` timed passes in *interleaved rounds*: each round times every pair once, with the
-    starting pair rotated from round to round, so thermal/frequency drift and background load hit
-    all models alike. Medians and 90th percentiles are reported, and each model's ratio to the first
+    All sessions are built first. Then, backend after backend, every model gets ``warmup`` untimed passes
+    and ``runs`` timed passes in *interleaved rounds*: each round times every model once, with the
+    starting model rotated from round to round, so thermal/frequency drift and background load hit
+    all models alike. Backends are not interleaved with each other: a runtime's idle worker threads
+    (torch's OpenMP, OpenVINO's TBB) keep spinning for a while after a pass and would slow down the
+    next runtime's pass (measured: onnxruntime's ratio 0.647 interleaved with OpenVINO and torch, 0.615
+    alone). Medians and 90th percentiles are reported, and each model's ratio to the first
     model (the reference) in the same backend: ``ratio_vs_reference = median / reference median``
     (below 1 means faster than the reference).
 
-``threads`` sets torch's intra-op threads (restored afterwards) and onnxruntime's
-``intra_op_num_threads``; ``None`` keeps each runtime's default. onnxruntime's thread spinning is
+``threads`` sets torch's intra-op threads (restored afterwards), onnxruntime's
+``intra_op_num_threads`` and OpenVINO's ``INFERENCE_NUM_THREADS``; ``None`` keeps each runtime's default. onnxruntime's thread spinning is
 turned off so that an idle session does not slow down the pass timed after it. Latency on a shared
 machine is noisy: compare models through ``ratio_vs_reference`` of one run, and prefer ``threads=1``
-when other processes compete for the cores.
+when other processes compete for the cores. ``clock="cpu"`` times the process's CPU time instead of the
+wall clock: with one thread it equals the latency of a quiet machine and hardly moves when other processes
+take turns on the cores (it is not a latency with several threads).
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from .errors import UsageError
 from .results import Result, markdown_table, table
 from .stats import ModelLike, as_module, inference_copy, input_channels
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
+CLOCKS = ("wall", "cpu")
 Runner = Callable[[], Any]
 
 
@@ -65,6 +75,7 @@ class LatencyResult(Result):
     runs: int
     warmup: int
     threads: int | None
+    clock: str = "wall"
 
     HEADER = ("model", "backend", "imgsz", "median_ms", "p90_ms", "ratio_vs_reference")
 
@@ -98,12 +109,41 @@ class LatencyResult(Result):
         return head + "\n" + table(self.table_rows(), self.HEADER)
 
 
+def parse_backends(backends: str | Sequence[str]) -> list[str]:
+    """``"torch,onnx"`` or a sequence -> unique lower-case names (``onnxruntime`` -> ``onnx``); checked."""
+    if isinstance(backends, str):  # "torch,onnx" as in cfg/default.yaml
+        backends = backends.split(",")
+    aliases = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino"}
+    names = [str(b).strip().lower() for b in backends if str(b).strip()]
+    names = list(dict.fromkeys(aliases.get(b, b) for b in names))
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    if "openvino" in names:
+        require_openvino()
+    return names
+
+
+def require_openvino():
+    """Import and return the ``openvino`` module, or raise a one-line :class:`UsageError` naming the extra."""
+    try:
+        import openvino
+    except ImportError:
+        raise UsageError("the openvino runtime is not installed: pip install 'yolo-prune[openvino]' "
+                         "(or pip install openvino)") from None
+    return openvino
+
+
+def check_threads(threads: Any) -> int | None:
+    """``None``/0 (the runtime's default) or a positive integer; anything else raises :class:`UsageError`."""
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0):
+        return threads or None
+    raise UsageError(f"threads={threads!r} must be a positive integer (0 or null: the runtime's default)")
+
+
 def _check_args(models: dict[str, ModelLike], backends: Sequence[str], runs: int, warmup: int, batch: int) -> None:
     if not models:
         raise UsageError("measure_latency needs at least one model")
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
     if runs < 1 or warmup < 0 or batch < 1:
         raise UsageError(f"need runs >= 1, warmup >= 0, batch >= 1 (got runs={runs}, warmup={warmup}, batch={batch})")
 
@@ -131,8 +171,8 @@ def torch_runner(model: ModelLike, x: torch.Tensor) -> Runner:
     return run
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path`` with ``intra_op_num_threads`` = ``threads`` (or default)."""
+def onnx_session(path: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` (or ONNX bytes) with ``intra_op_num_threads`` = ``threads`` (or default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -141,7 +181,8 @@ def onnx_session(path: str | Path, threads: int | None = None):
     # Idle onnxruntime workers otherwise busy-wait after each run and steal the CPU from the next
     # interleaved pass (seen on 2 cores: passes timed right after a spinning session up to 3x slower).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)  # a file or the serialized model
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
@@ -154,6 +195,54 @@ def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | No
     return lambda: session.run(None, feed)
 
 
+def openvino_compiled(model: Any, threads: int | None = None, *, precision: str | None = None,
+                      perf_count: bool = False):
+    """An OpenVINO CPU ``CompiledModel`` of ``model`` (an IR .xml / .onnx path, ONNX bytes or ``ov.Model``).
+
+    LATENCY hint, ``INFERENCE_NUM_THREADS`` = ``threads`` (default: the plugin's choice), inference precision
+    ``precision`` (``"f32"``, ``"bf16"``; default: the plugin's, bf16 where the CPU has it).
+    """
+    ov = require_openvino()
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if perf_count:  # per-node times in request.profiling_info
+        config["PERF_COUNT"] = True
+    source = model if isinstance(model, (bytes, ov.Model)) else str(model)
+    return core.compile_model(core.read_model(source) if not isinstance(source, ov.Model) else source, "CPU", config)
+
+
+def export_openvino(model: ModelLike, save_dir: str | Path, *, imgsz: int = 640, batch: int = 1) -> Path:
+    """Export ``model`` with the ultralytics OpenVINO exporter (FP32 IR, static shape); return the ``.xml``."""
+    from .export import export_model
+
+    folder = export_model(model, format="openvino", imgsz=imgsz, save_dir=save_dir, batch=batch)
+    return next(Path(folder).glob("*.xml"))
+
+
+def openvino_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
+    """Export ``model`` to OpenVINO under ``folder`` and return a callable running one inference on ``x``."""
+    ov = require_openvino()
+    compiled = openvino_compiled(export_openvino(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), threads)
+    request = compiled.create_infer_request()
+    request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+    return request.infer
+
+
+def make_runner(backend: str, model: ModelLike, x: torch.Tensor, folder: Path, threads: int | None) -> Runner:
+    """The runner of ``model`` in ``backend`` (``torch``, ``onnx``, ``openvino``) on the input ``x``."""
+    if backend == "torch":
+        return torch_runner(model, x)
+    if backend == "onnx":
+        return onnx_runner(model, x.numpy(), folder, threads)
+    if backend == "openvino":
+        return openvino_runner(model, x.numpy(), folder, threads)
+    raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
 def _progress_bar(total: int, enabled: bool):
     """A tqdm bar (ultralytics' tqdm-compatible TQDM when the tqdm package is not installed)."""
     try:
@@ -164,18 +253,24 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def interleaved_times(
-    runners: dict[tuple[str, str], Runner], *, runs: int, warmup: int, progress: bool = True
-) -> dict[tuple[str, str], list[float]]:
-    """Milliseconds of ``runs`` timed calls of every runner, in rotating interleaved rounds after ``warmup`` rounds."""
+    runners: dict[Any, Runner], *, runs: int, warmup: int, progress: bool = True, clock: str = "wall"
+) -> dict[Any, list[float]]:
+    """Milliseconds of ``runs`` timed calls of every runner, in rotating interleaved rounds after ``warmup`` rounds.
+
+    ``clock="wall"`` times elapsed time, ``"cpu"`` the CPU time of the whole process (all its threads).
+    """
+    if clock not in CLOCKS:
+        raise UsageError(f"clock={clock!r} must be one of {', '.join(CLOCKS)}")
+    now = time.perf_counter if clock == "wall" else time.process_time
     keys = list(runners)
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    times: dict[Any, list[float]] = {k: [] for k in keys}
     with _progress_bar(warmup + runs, progress) as bar:
         for i in range(warmup + runs):
             start = i % len(keys)
             for key in keys[start:] + keys[:start]:
-                t0 = time.perf_counter()
+                t0 = now()
                 runners[key]()
-                dt = (time.perf_counter() - t0) * 1e3
+                dt = (now() - t0) * 1e3
                 if i >= warmup:
                     times[key].append(dt)
             bar.update()
@@ -200,23 +295,23 @@ def measure_latency(
     models: dict[str, ModelLike],
     *,
     imgsz: int = 640,
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] | str = ("torch", "onnx"),
     runs: int = 50,
     warmup: int = 10,
     batch: int = 1,
     threads: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    clock: str = "wall",
 ) -> LatencyResult:
     """CPU latency of each model (name -> DetectionModel / YOLO / path) in each backend; see the module docstring.
 
     The first model of ``models`` is the reference of ``ratio_vs_reference``. ``backends`` is a
-    sequence or a comma-separated string of ``torch`` and ``onnx``. Input: one fixed
-    uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``.
+    sequence or a comma-separated string of ``torch``, ``onnx`` (``onnxruntime``) and ``openvino``. Input: one
+    fixed uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``.
     """
-    if isinstance(backends, str):  # "torch,onnx" as in cfg/default.yaml
-        backends = backends.split(",")
-    backends = list(dict.fromkeys(b.strip().lower() for b in backends if b.strip()))
+    backends = parse_backends(backends)
+    threads = check_threads(threads)
     _check_args(models, backends, runs, warmup, batch)
     names = list(models)
     modules = {name: as_module(m) for name, m in models.items()}
@@ -230,12 +325,14 @@ def measure_latency(
         with tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp:
             runners: dict[tuple[str, str], Runner] = {}
             for i, name in enumerate(names):
-                if "torch" in backends:
-                    runners[(name, "torch")] = torch_runner(modules[name], x)
-                if "onnx" in backends:
-                    runners[(name, "onnx")] = onnx_runner(modules[name], x.numpy(), Path(tmp) / str(i), threads)
+                for backend in backends:
+                    runners[(name, backend)] = make_runner(backend, modules[name], x, Path(tmp) / f"{i}_{backend}",
+                                                           threads)
+            times: dict[tuple[str, str], list[float]] = {}
             with torch_threads(want):
-                times = interleaved_times(runners, runs=runs, warmup=warmup, progress=progress)
+                for backend in backends:
+                    times.update(interleaved_times({k: r for k, r in runners.items() if k[1] == backend}, runs=runs,
+                                                   warmup=warmup, progress=progress, clock=clock))
     finally:
         torch.set_num_threads(before)
     return LatencyResult(
@@ -246,4 +343,5 @@ def measure_latency(
         runs=runs,
         warmup=warmup,
         threads=threads,
+        clock=clock,
     )

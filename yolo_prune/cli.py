@@ -26,12 +26,12 @@ Modes:
   demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
   pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
   sparse    sparsity training: drive BatchNorm gammas to 0    (model= data= sr_mode= sr= epochs=)
-  prune     rank channels and remove them                         (model= method= target_macs= | ratio=)
+  prune     rank channels and remove them       (model= method= target_macs= | target_latency= runtime= | ratio=)
   sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)
   sensitivity  per channel group: the loss when it alone is pruned at 25/50/75%  (model= data=)
   finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
-  bench     CPU latency in torch and onnxruntime                   (model=a.pt,b.pt; first is reference)
+  bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
   export    export with ultralytics                                              (model= format=onnx)
   cfg       print the default configuration with every key documented
   version   print the version
@@ -108,6 +108,8 @@ def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
                  tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
                  recalibrate=cfg["recalibrate"], allocation=cfg["allocation"], sensitivity=cfg["sensitivity"],
                  search_candidates=cfg["search_candidates"], seed=cfg["seed"],
+                 target_latency=cfg["target_latency"], target_ms=cfg["target_ms"], runtime=cfg["runtime"],
+                 threads=cfg["threads"],
                  validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
                  **_common(cfg))
 
@@ -152,7 +154,7 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     save_dir = _run_folder(cfg, "bench")
     backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
     result = measure_latency(models, imgsz=cfg["imgsz"], backends=backends, runs=cfg["bench_runs"],
-                             warmup=cfg["bench_warmup"], seed=cfg["seed"], progress=True)
+                             warmup=cfg["bench_warmup"], seed=cfg["seed"], threads=cfg["threads"], progress=True)
     write_json(save_dir / "latency.json", result.to_dict())
     write_text(save_dir / "latency.md", result.markdown() + "\n")
     return result

@@ -145,7 +145,23 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     _number(cfg, "greg_ramp", float, lo=0, hi=1, lo_open=True)
     _number(cfg, "max_layer_ratio", float, lo=0, hi=1, lo_open=True, hi_open=True)
     _number(cfg, "tolerance", float, lo=0, hi=1, lo_open=True)
-    _number(cfg, "round_to", int, lo=1, optional=True)
+    if str(cfg.get("round_to")).lower() == "auto":
+        cfg["round_to"] = "auto"
+    else:
+        _number(cfg, "round_to", int, lo=1, optional=True)
+    _number(cfg, "target_latency", float, lo=0, hi=1, lo_open=True, optional=True)
+    _number(cfg, "target_ms", float, lo=0, lo_open=True, optional=True)
+    _number(cfg, "threads", int, lo=0, optional=True)
+    if cfg.get("target_latency") is not None and cfg.get("target_ms") is not None:
+        raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
+    if "runtime" in cfg:
+        from .latency import RUNTIMES, _ALIASES
+
+        name = _ALIASES.get(str(cfg["runtime"]).strip().lower(), str(cfg["runtime"]).strip().lower())
+        if name not in RUNTIMES:
+            raise UsageError(f"unknown runtime {cfg['runtime']!r}{_suggest(str(cfg['runtime']), RUNTIMES)}; "
+                             f"choose one of {', '.join(RUNTIMES)}")
+        cfg["runtime"] = name
     for key in ("steps", "batch", "bench_runs"):
         _number(cfg, key, int, lo=1)
     for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed",

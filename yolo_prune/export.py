@@ -142,6 +142,10 @@ def export_model(
     The model is never modified. ultralytics' log lines are shown only with ``verbose=True``.
     """
     fmt = check_format(format)
+    if fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
+        from .bench import require_openvino
+
+        require_openvino()
     module = as_module(model)
     args = _export_args(fmt, imgsz, half, simplify, kwargs)
     save_dir = Path(save_dir).expanduser().absolute()  # the exporter writes beside its (absolute) checkpoint

@@ -472,6 +472,11 @@ def _pipeline_kwargs(cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
 
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     """Run :func:`pipeline` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
+    if cfg.get("target_latency") is not None or cfg.get("target_ms") is not None or cfg.get("round_to") == "auto":
+        from .errors import UsageError
+
+        raise UsageError("the pipeline prunes to MACs targets only (latency targets and round_to=auto: run "
+                         "'yolo-prune prune target_latency=...', then 'yolo-prune finetune')")
     resume_dir = cfg["model"] if cfg["resume"] and Path(str(cfg["model"])).is_dir() else None  # model=<run folder>
     return pipeline(cfg["model"], cfg["data"], project=cfg["project"], name=cfg["name"], exist_ok=cfg["exist_ok"],
                     save_dir=resume_dir, **_pipeline_kwargs(cfg, extra))

@@ -20,7 +20,8 @@ def _pyplot():
 
 def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> str:
     """Markdown for a :class:`~yolo_prune.pruning.prune.PruneResult`-like object (has ``comparison()``)."""
-    goal = f"ratio={result.ratio}" if result.ratio is not None else f"target_macs={result.target_macs}"
+    goal = getattr(result, "goal", None) or (
+        f"ratio={result.ratio}" if result.ratio is not None else f"target_macs={result.target_macs}")
     prov = result.provenance or {}
     lines = [
         f"# {title}",
@@ -37,7 +38,43 @@ def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> s
         "",
         "Per-layer output channels: `layers.csv`.",
     ]
+    lat = getattr(result, "latency", None)
+    if lat:
+        lines += ["", "## Latency", "", _latency_markdown(lat)]
     return "\n".join(lines) + "\n"
+
+
+def _latency_markdown(lat: dict) -> str:
+    """The latency section of a prune report: the table's setting, predicted and measured latency."""
+    threads = lat.get("threads") or "default"
+    rows = [("predicted (latency table)", lat.get("dense_ms"), lat.get("predicted_ms"), lat.get("predicted_ratio"))]
+    if lat.get("measured_ms") is not None:
+        rows.append(("measured (exported models, interleaved)", lat["measured_dense_ms"], lat["measured_ms"],
+                     lat["measured_ratio"]))
+    spread = lat.get("measured_spread") or {}
+    text = [
+        f"Runtime {lat.get('runtime')} {lat.get('runtime_version')}, {threads} thread(s), imgsz {lat.get('imgsz')}, "
+        f"clock {lat.get('clock')}, CPU {lat.get('cpu')}.",
+        "",
+        markdown_table(rows, header=("latency (ms)", "dense", "pruned", "ratio")),
+        "",
+        f"Fixed part (what pruning cannot change): {lat.get('fixed_ms', 0):.1f} ms = "
+        f"{100 * (lat.get('fixed_share') or 0):.0f}% of the dense latency. Target: "
+        + (f"{lat['target_fraction']:.3f} of the dense latency." if lat.get("target_fraction") is not None
+           else "none (the table served round_to=auto)."),
+    ]
+    if lat.get("measured_ms") is not None:
+        text += ["", f"Measured over {lat.get('measured_runs')} interleaved runs each (medians); spread (p90-p10)/median: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in spread.items())
+                 + (" (above 0.3: a busy machine, the numbers are unreliable)." if any(v > 0.3 for v in spread.values())
+                    else ".")]
+    v = lat.get("table_validation")
+    if v:
+        text += ["", f"Latency table validation on {v['n']} random pruned variants: mean |error| of the latency ratio "
+                 f"{v['mean_abs_ratio_error']:.3f}, max {v['max_abs_ratio_error']:.3f}."]
+    if lat.get("table"):
+        text += ["", f"Table: `{lat['table']}`"]
+    return "\n".join(text)
 
 
 def plot_layer_channels(layers: Sequence[Any], path: str | Path) -> Path:

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from .importance import METHODS, make_importance, resolve_method
 from .allocation import make_planner, resolve_allocation
 from .schedule import PlanOptions, solve_for_macs
 
+if TYPE_CHECKING:
+    from ..latency import LatencyCost
+
 LOGGER = logging.getLogger("yolo_prune")
 
 
@@ -39,6 +42,8 @@ class StepRecord:
     target_macs: float | None  # fraction of the reference MACs asked for (None in ratio mode)
     macs_fraction: float  # conv MACs after the step / reference conv MACs
     channels_removed: int
+    target_latency: float | None = None  # fraction of the dense latency asked for (latency targets)
+    latency_fraction: float | None = None  # predicted latency after the step / dense latency
 
 
 @dataclasses.dataclass
@@ -104,8 +109,8 @@ def _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
         raise UsageError(f"target_macs={target_macs} is out of range: it must be in (0, 1]")
     if not 0 < max_layer_ratio < 1:
         raise UsageError(f"max_layer_ratio={max_layer_ratio} is out of range: it must be in (0, 1)")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise UsageError(f"round_to={round_to} must be a positive integer or null")
+    if round_to is not None and round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"round_to={round_to} must be a positive integer, auto or null")
     if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps={steps} must be a positive integer")
 
@@ -134,6 +139,7 @@ def prune_model(
     progress: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
     before_recalibration: Callable[[nn.Module], None] | None = None,
+    latency: LatencyCost | None = None,
 ) -> PruneOutcome:
     """Remove channels of ``model`` (a DetectionModel) in place.
 
@@ -152,9 +158,17 @@ def prune_model(
     measures the model there too).
     ``allocation`` chooses how the removal is spread over the groups (:mod:`.allocation`: ``global`` threshold,
     ``sensitivity`` curves, measured or read from ``sensitivity`` (a sensitivity.csv), or ``search``).
+
+    ``latency`` (a :class:`yolo_prune.latency.LatencyCost`) plugs a measured latency model into the same
+    schedule: with ``latency.target`` the solver (and the allocation) reaches that fraction of the dense latency
+    instead of ``target_macs``, and with ``latency.aware`` channels are ranked by importance per millisecond they
+    cost; ``round_to="auto"`` keeps every group at a multiple of its width quantum on that runtime.
     """
     compensate = _compensation(compensate)
-    _check_options(method, target_macs, ratio, max_layer_ratio, round_to, steps)
+    by_latency = latency is not None and latency.target is not None and ratio is None
+    _check_options(method, latency.target if by_latency else target_macs, ratio, max_layer_ratio, round_to, steps)
+    if round_to == "auto" and latency is None:
+        raise UsageError("round_to=auto takes each layer's width multiple from a latency model: pass a latency table")
     method = resolve_method(method, calib_images is not None)
     allocation = resolve_allocation(allocation, has_images=calib_images is not None,
                                     has_sensitivity=sensitivity is not None, ratio_mode=ratio is not None)
@@ -188,18 +202,35 @@ def prune_model(
                 scored.append((g, s.detach().float().cpu()))
         scores = [s for _, s in scored]
         channels = [g.channels for g, _ in scored]
+        step_opts = opts
+        if latency is not None:
+            if round_to == "auto":
+                step_opts = dataclasses.replace(opts, round_to=tuple(latency.quantum(graph, g) for g, _ in scored))
+            if by_latency and latency.aware > 0:  # importance per millisecond (to a power) a channel costs
+                weights = latency.rank_weights(graph, [g for g, _ in scored])
+                scores = [s / w for s, w in zip(scores, weights)]
 
-        def macs_of(counts: list[int]) -> float:
+        def delta_of(counts: list[int]) -> dict[tuple[nn.Conv2d, bool], float]:
             delta: dict[tuple[nn.Conv2d, bool], float] = {}
             for (g, _), n in zip(scored, counts):
                 if n:
                     for conv, is_out, k in g.convs:
                         delta[(conv, is_out)] = delta.get((conv, is_out), 0.0) + n * k
-            return graph.conv_macs(delta) / reference.conv_macs
+            return delta
+
+        def macs_of(counts: list[int]) -> float:
+            return graph.conv_macs(delta_of(counts)) / reference.conv_macs
+
+        def cost_of(counts: list[int]) -> float:
+            return latency.fraction(graph, delta_of(counts)) if by_latency else macs_of(counts)
 
         current = sum(channels)
-        goal = None if ratio is not None else 1 - (1 - target_macs) * step / steps
-        plan_of, _ = make_planner(allocation, model=model, graph=graph, scored=scored, opts=opts, macs_of=macs_of,
+        final_goal = latency.target if by_latency else target_macs
+        goal = None if ratio is not None else 1 - (1 - final_goal) * step / steps
+        # the allocation plans with the (latency-weighted) scores and reaches the goal in the target's own cost
+        plan_scored = [(g, s) for (g, _), s in zip(scored, scores)]
+        plan_of, _ = make_planner(allocation, model=model, graph=graph, scored=plan_scored, opts=step_opts,
+                                  macs_of=cost_of,
                                   target=goal, tolerance=tolerance, calib_images=calib_images,
                                   sensitivity=sensitivity if step == 1 else None,
                                   search_candidates=search_candidates, seed=seed, progress=progress)
@@ -211,8 +242,11 @@ def prune_model(
             reached = macs_of(counts)
         else:
             target = goal
-            counts, reached = solve_for_macs(macs_of, plan_of, target, tolerance=tolerance, max_amount=1.0)
+            counts, reached = solve_for_macs(cost_of, plan_of, target, tolerance=tolerance, max_amount=1.0)
             if reached > target + tolerance:
+                if by_latency:
+                    raise PruningError(latency.unreachable(reached, max_layer_ratio=max_layer_ratio,
+                                                           round_to=round_to))
                 raise PruningError(
                     f"target_macs={target:.3f} is out of reach: with max_layer_ratio={max_layer_ratio} and "
                     f"round_to={round_to} the model keeps at least {reached:.3f} of its MACs"
@@ -232,8 +266,10 @@ def prune_model(
                 recalibrate_bn(model, calib_images, reference=bn_ref, kept=kept.out, mode=recal_mode)
             if dense is not None:  # after the BN statistics: each conv is fit to the dense BN outputs
                 reconstruct_sequential(model, dense, kept, calib_images, seed=seed, progress=progress)
-        record = StepRecord(step=step, target_macs=target, macs_fraction=graph.conv_macs() / reference.conv_macs,
-                            channels_removed=int(sum(counts)))
+        record = StepRecord(step=step, target_macs=None if by_latency else target,
+                            macs_fraction=graph.conv_macs() / reference.conv_macs,
+                            channels_removed=int(sum(counts)), target_latency=target if by_latency else None,
+                            latency_fraction=latency.fraction(graph, {}) if latency is not None else None)
         records.append(record)
         bar.set_postfix(macs=f"{record.macs_fraction:.3f}")
         LOGGER.info("pruning step %d/%d: %d channels removed, MACs %.3f of the original",

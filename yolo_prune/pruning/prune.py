@@ -65,6 +65,8 @@ class PruneResult(Result):
     layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
     steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
+    # latency targets / round_to=auto: runtime, threads, target, predicted and measured latency (see to_dict)
+    latency: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def macs_ratio(self) -> float:
@@ -91,10 +93,29 @@ class PruneResult(Result):
         if self.map50_95_no_recalibration is not None:
             rows.append(row("mAP50-95 without BN re-estimation", self.map50_95_before, self.map50_95_no_recalibration))
             rows.append(row("mAP50 without BN re-estimation", self.map50_before, self.map50_no_recalibration))
+        lat = self.latency or {}
+        if lat.get("predicted_ms") is not None:
+            where = f"{lat['runtime']} {lat['threads'] or 'default'} thr"
+            rows.append(row(f"latency {where} predicted (ms)", lat["dense_ms"], lat["predicted_ms"]))
+        if lat.get("measured_ms") is not None:
+            rows.append(("latency " + f"{lat['runtime']} {lat['threads'] or 'default'} thr measured (ms)",
+                         lat["measured_dense_ms"], lat["measured_ms"], lat["measured_ratio"]))
         return rows
 
+    @property
+    def goal(self) -> str:
+        """The pruning goal as the user stated it."""
+        if self.ratio is not None:
+            return f"ratio={self.ratio}"
+        lat = self.latency or {}
+        if lat.get("target_ms") is not None:
+            return f"target_ms={lat['target_ms']} ({lat['runtime']})"
+        if lat.get("target_latency") is not None:
+            return f"target_latency={lat['target_latency']} ({lat['runtime']})"
+        return f"target_macs={self.target_macs}"
+
     def __str__(self) -> str:
-        goal = f"ratio={self.ratio}" if self.ratio is not None else f"target_macs={self.target_macs}"
+        goal = self.goal
         if self.threshold is not None:
             free = f"threshold={self.threshold:g} ({self.channels_free} zeroed channels removed for free, conv MACs " \
                    f"{self.macs_ratio_free:.3f})"
@@ -136,6 +157,7 @@ class PruneResult(Result):
             "prune_seconds": self.seconds,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "steps": [dataclasses.asdict(s) for s in self.steps],
+            "latency": self.latency,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "provenance": self.provenance,
         }
@@ -177,6 +199,13 @@ def prune(
     sensitivity: str | Path | None = None,
     search_candidates: int = 16,
     seed: int = 0,
+    target_latency: float | None = None,
+    target_ms: float | None = None,
+    runtime: str = "onnxruntime",
+    threads: int | None = None,
+    latency_aware: bool | float = False,
+    verify_latency: bool = True,
+    latency_table: Any = None,
     validate: bool = False,
     batch: int = 16,
     device: str | None = None,
@@ -192,23 +221,30 @@ def prune(
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
     before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,
-    ``calib_images`` train images are used by ``method=activation`` and by ``compensate`` (``lstsq``:
-    the layers that consumed removed channels refit their kept weights by least squares; ``mean``: bias
-    only; ``none``).
+    ``calib_images`` train images are used by ``method=activation|recon`` and by ``compensate`` (``lstsq_seq``:
+    every conv is refit layer by layer toward the dense model's outputs; ``lstsq``: the layers that consumed
+    removed channels refit their kept weights by least squares; ``mean``: bias only; ``none``), and
+    ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
+    to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
+    mAP before it). ``allocation`` (``auto``: ``sensitivity`` with data, else ``global``; ``global``,
+    ``sensitivity``, ``search``) spreads the removal over the channel groups; ``sensitivity`` is a
+    ``sensitivity.csv`` to use instead of measuring (see :func:`yolo_prune.sensitivity`).
 
     With ``threshold``, every channel whose coupled BN gammas are all below it (the channels sparsity
     training zeroed) is removed first, its constant output folded into its consumers so that the model
     computes the same thing (:func:`~yolo_prune.pruning.threshold.remove_free_channels`); then, if the MACs
     are still above ``target_macs``, the remaining channels are ranked with ``method`` to reach it (targets
     stay fractions of the original). ``target_macs=None`` with a threshold removes only the free channels.
-    the layers that consumed removed channels refit their kept weights by least squares; ``lstsq_seq``: every
-    conv is refit layer by layer toward the dense model's outputs; ``mean``: bias only; ``none``), and
-    ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
-    to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
-    mAP before it). ``allocation`` (``auto``: ``sensitivity`` with data, else ``global``; ``global``,
-    ``sensitivity``, ``search``) spreads the removal over the
-    channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring (see
-    :func:`yolo_prune.sensitivity`).
+
+    ``target_latency`` (a fraction of the dense model's latency) or ``target_ms`` replaces ``target_macs`` by
+    a latency target on ``runtime`` (``onnxruntime``, ``openvino``, ``torch``) with ``threads`` threads: a
+    latency table of the model is measured on this machine (:mod:`yolo_prune.latency`, cached) and the schedule
+    solves for its prediction (channels ranked by importance as for MACs targets; ``latency_aware=True`` ranks
+    them by importance per millisecond they cost, a float in (0, 1] by importance / ms**latency_aware). With
+    ``verify_latency`` the pruned model is exported and measured against the dense one; the report shows
+    predicted and measured latency. ``round_to="auto"`` keeps each group at the width multiple its convs run
+    fastest at on ``runtime``. ``latency_table``: a :class:`~yolo_prune.latency.LatencyTable` (or its json) to
+    use instead of measuring.
     """
     source = model
     yolo = load_model(model)
@@ -222,6 +258,9 @@ def prune(
             raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
         if target_macs is not None and not 0 < target_macs <= 1:
             raise UsageError(f"target_macs={target_macs} is out of range: it must be in (0, 1]")
+    latency = _latency_cost(yolo.model, target_latency=target_latency, target_ms=target_ms, runtime=runtime,
+                            threads=threads, round_to=round_to, ratio=ratio, imgsz=imgsz, aware=latency_aware,
+                            table=latency_table, progress=progress)
     calib = _calibration(method, data, n=calib_images, imgsz=imgsz, seed=seed)
     save_dir = run_dir(project, "prune", name, exist_ok=exist_ok) if save else None
 
@@ -263,6 +302,7 @@ def prune(
             macs_imgsz=imgsz,
             progress=progress,
             before_recalibration=keep_stats,
+            latency=latency,
         )
     else:
         from .engine import layer_widths
@@ -282,11 +322,14 @@ def prune(
                 max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
                 compensate=_compensation(compensate) if calib is not None else "none", recalibrate=recal_mode,
                 allocation=outcome.allocation, sensitivity=str(sensitivity) if sensitivity else None)
+    if latency is not None:
+        args.update(target_latency=target_latency, target_ms=target_ms, runtime=latency.table.runtime,
+                    threads=latency.table.threads, latency_aware=latency_aware)
     prov = provenance(source, seed=seed, stage="prune", args=args)
     result = PruneResult(
         model=None,
         method=outcome.method,
-        target_macs=None if ratio is not None else target_macs,
+        target_macs=None if ratio is not None or (latency is not None and latency.target is not None) else target_macs,
         ratio=ratio,
         imgsz=imgsz,
         params_before=before.params,
@@ -305,7 +348,10 @@ def prune(
         compensate=args["compensate"],
         recalibrate=recal_mode,
         allocation=outcome.allocation,
+        latency=_latency_summary(latency, module, target_latency, target_ms) if latency is not None else None,
     )
+    if latency is not None and verify_latency:
+        _verify_latency(result, yolo.model, module, latency)
     if save_dir is not None:
         write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})
         ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
@@ -344,3 +390,67 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
 
     write_text(save_dir / "report.md", prune_report_markdown(result))
     plot_layer_channels(result.layers, save_dir / "channels.png")
+
+
+def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float | None, runtime: str,
+                  threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
+                  progress: bool) -> Any:
+    """The latency model for a latency target or round_to=auto (None when neither is asked for)."""
+    from ..bench import check_threads
+    from ..latency import LatencyCost, LatencyTable, build_table, check_runtime
+
+    if target_latency is not None and target_ms is not None:
+        raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
+    if target_latency is not None and (isinstance(target_latency, bool) or not isinstance(target_latency, (int, float))
+                                       or not 0 < target_latency <= 1):
+        raise UsageError(f"target_latency={target_latency} is out of range: it must be in (0, 1]")
+    if target_ms is not None and (isinstance(target_ms, bool) or not isinstance(target_ms, (int, float))
+                                  or target_ms <= 0):
+        raise UsageError(f"target_ms={target_ms} must be a positive number of milliseconds")
+    runtime = check_runtime(runtime)
+    threads = check_threads(threads)
+    wants_target = ratio is None and (target_latency is not None or target_ms is not None)
+    if not wants_target and round_to != "auto":
+        return None
+    if isinstance(table, (str, Path)):
+        table = LatencyTable.load(table)
+    if table is None:
+        table = build_table(dense, imgsz=imgsz, runtime=runtime, threads=threads, progress=progress)
+    target = None
+    if wants_target:
+        target = float(target_latency) if target_latency is not None else min(1.0, float(target_ms) / table.dense_ms)
+    return LatencyCost(table, target, aware=aware)
+
+
+def _latency_summary(latency: Any, module: Any, target_latency: float | None, target_ms: float | None) -> dict:
+    t = latency.table
+    predicted = t.predict_model(module)
+    return {"runtime": t.runtime, "runtime_version": t.runtime_version, "threads": t.threads, "imgsz": t.imgsz,
+            "clock": t.clock, "cpu": t.cpu, "target_latency": target_latency, "target_ms": target_ms,
+            "target_fraction": latency.target, "latency_aware": latency.aware, "dense_ms": t.dense_ms,
+            "fixed_ms": t.fixed_ms, "fixed_share": t.fixed_share, "predicted_ms": predicted,
+            "predicted_ratio": predicted / t.dense_ms, "table": str(t.path) if t.path else None,
+            "table_validation": ({k: v for k, v in t.validation.items() if k != "variants"} if t.validation else None),
+            "measured_dense_ms": None, "measured_ms": None, "measured_ratio": None}
+
+
+def _verify_latency(result: PruneResult, dense: Any, pruned: Any, latency: Any, runs: int = 20) -> None:
+    """Measure the exported dense and pruned models in the table's runtime, interleaved (medians)."""
+    import numpy as np
+
+    from ..latency import measure_models
+
+    t = latency.table
+    times = measure_models({"dense": dense, "pruned": pruned}, runtime=t.runtime, imgsz=t.imgsz, threads=t.threads,
+                           clock=t.clock, runs=runs)
+    d, p = float(np.median(times["dense"])), float(np.median(times["pruned"]))
+    spread = {k: float((np.percentile(v, 90) - np.percentile(v, 10)) / np.median(v)) for k, v in times.items()}
+    result.latency.update(measured_dense_ms=d, measured_ms=p, measured_ratio=p / d, measured_runs=runs,
+                          measured_spread=spread)
+    LOGGER.info("latency on %s: predicted %.3f, measured %.3f of the dense model (%.1f -> %.1f ms)", t.runtime,
+                result.latency["predicted_ratio"], p / d, d, p)
+    from ..latency import NOISY
+
+    if max(spread.values()) > NOISY:
+        LOGGER.warning("the latency measurements varied by up to %.0f%%: the machine is busy, measured and predicted "
+                       "latency are unreliable", 100 * max(spread.values()))

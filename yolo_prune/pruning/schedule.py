@@ -1,10 +1,12 @@
-"""The schedule: how many channels each group loses, from a ratio or a MACs target.
+"""The schedule: how many channels each group loses, from a ratio or a cost target (MACs or latency).
 
 Given one score vector per channel group, :func:`plan` turns a pruning *amount* (fraction of all
 prunable channels to remove) into a per-group count, ranking globally (one threshold across layers) or
 per layer, never removing more than ``max_layer_ratio`` of a group and keeping widths multiples of
-``round_to``. :func:`solve_for_macs` finds the amount whose plan keeps a target fraction of MACs by
-bisection over an exact MACs model of the traced graph, so one pruning pass lands on the target.
+``round_to`` (one multiple for all groups, or one per group: ``round_to=auto`` takes each group's from the
+latency model). :func:`solve_for_macs` finds the amount whose plan keeps a target fraction of a cost by
+bisection: an exact MACs model of the traced graph, or a measured latency model
+(:class:`yolo_prune.latency.LatencyCost`), so one pruning pass lands on the target.
 """
 
 from __future__ import annotations
@@ -20,16 +22,15 @@ import torch
 class PlanOptions:
     global_pruning: bool = True
     max_layer_ratio: float = 0.75
-    round_to: int | None = 8
+    round_to: int | None | tuple[int | None, ...] = 8  # a tuple: one multiple per group
 
 
-def _limit(channels: int, n: int, opts: PlanOptions) -> int:
-    """Clip a removal count to the layer limit and round the kept width up to a multiple of round_to."""
+def _limit(channels: int, n: int, opts: PlanOptions, r: int | None) -> int:
+    """Clip a removal count to the layer limit and round the kept width up to a multiple of ``r``."""
     n = min(n, int(channels * opts.max_layer_ratio), channels - 1)
     if n <= 0:
         return 0
     keep = channels - n
-    r = opts.round_to
     if r and r > 1 and channels > r:
         keep = min(channels, int(math.ceil(keep / r) * r))
     return channels - keep
@@ -39,14 +40,15 @@ def plan(scores: Sequence[torch.Tensor], channels: Sequence[int], amount: float,
     """Channels to remove from each group for a pruning ``amount`` in [0, 1)."""
     if amount <= 0:
         return [0] * len(channels)
+    rounds = _rounds(opts, len(channels))
     if not opts.global_pruning:
-        return [_limit(c, int(amount * c), opts) for c in channels]
+        return [_limit(c, int(amount * c), opts, r) for c, r in zip(channels, rounds)]
     flat = torch.cat([s.float().flatten() for s in scores])
     owner = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(scores)])
     n_total = int(round(amount * len(flat)))
     order = torch.argsort(flat, stable=True)[:n_total]
     counts = torch.bincount(owner[order], minlength=len(channels)).tolist()
-    return [_limit(c, n, opts) for c, n in zip(channels, counts)]
+    return [_limit(c, n, opts, r) for c, n, r in zip(channels, counts, rounds)]
 
 
 def solve_for_macs(
@@ -58,11 +60,11 @@ def solve_for_macs(
     max_amount: float,
     iters: int = 30,
 ) -> tuple[list[int], float]:
-    """Find the plan whose MACs (as a fraction, by ``macs_of``) is closest to ``target``.
+    """Find the plan whose cost (a fraction of the reference: MACs, or predicted latency) is closest to ``target``.
 
-    MACs fall monotonically with the amount, so bisection brackets the target between the largest
-    amount above it and the smallest below it; of the two, the one below wins when it is within
-    ``tolerance``, else the closer one. Returns (counts, reached fraction).
+    ``macs_of(counts)`` is any cost that falls with the amount (MACs exactly, a latency model nearly), so
+    bisection brackets the target between the largest amount above it and the smallest below it; of the two,
+    the one below wins when it is within ``tolerance``, else the closer one. Returns (counts, reached fraction).
     """
     lo, hi = 0.0, max_amount
     lo_plan = plan_of(lo)
@@ -119,9 +121,14 @@ class LossCurve:
         return ys[-1] + slope * (ratio - xs[-1])
 
 
-def _candidates(channels: int, opts: PlanOptions) -> list[int]:
-    """Every count a group may lose under the layer limit and rounding, ascending."""
-    return sorted({_limit(channels, n, opts) for n in range(channels + 1)})
+def _rounds(opts: PlanOptions, n_groups: int) -> tuple[int | None, ...]:
+    """The ``round_to`` of every group (one value for all, or the per-group tuple of ``round_to=auto``)."""
+    return opts.round_to if isinstance(opts.round_to, tuple) else (opts.round_to,) * n_groups
+
+
+def _candidates(channels: int, opts: PlanOptions, r: int | None) -> list[int]:
+    """Every count a group may lose under the layer limit and rounding to ``r``, ascending."""
+    return sorted({_limit(channels, n, opts, r) for n in range(channels + 1)})
 
 
 class LossAllocation:
@@ -138,9 +145,9 @@ class LossAllocation:
                  opts: PlanOptions):
         self.n_groups = len(channels)
         segments: list[tuple[float, int, int, list[int]]] = []  # (slope, group, order in group, counts)
-        for g, (curve, c, s) in enumerate(zip(curves, channels, saved)):
+        for g, (curve, c, s, r) in enumerate(zip(curves, channels, saved, _rounds(opts, len(channels)))):
             s = max(float(s), 0.0)
-            ns = _candidates(c, opts)
+            ns = _candidates(c, opts, r)
             if s <= 0 or len(ns) < 2:
                 continue
             pts = [(n * s, curve.at(n / c), n) for n in ns]
@@ -179,4 +186,6 @@ class DirectionAllocation:
         if amount <= 0:
             return [0] * len(self.channels)
         scale = math.inf if amount >= 1 else amount / (1 - amount)
-        return [_limit(c, int(min(1.0, u * scale) * c), self.opts) for u, c in zip(self.directions, self.channels)]
+        rounds = _rounds(self.opts, len(self.channels))
+        return [_limit(c, int(min(1.0, u * scale) * c), self.opts, r)
+                for u, c, r in zip(self.directions, self.channels, rounds)]
