@@ -140,7 +140,7 @@ def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt,
 
     monkeypatch.setattr(ev, "evaluate", fake)
     result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.4, steps=3, step_epochs=1,
-                      max_map_drop=0.1, project=tmp_path, name="it", **{**TINY, "finetune_epochs": 0})
+                      max_map_drop=0.1, project=tmp_path, name="it", **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0})
     state = json.loads((result.save_dir / "pipeline.json").read_text())["stages"]["prune"]
     assert [s["step"] for s in state["steps"]] == [1, 2, 3]
     assert state["steps"][-1].get("rejected") and state["kept_step"] == 2

@@ -252,7 +252,7 @@ def test_sparse_options_are_checked(tmp_path, synthetic):
     from yolo_prune.train import sparse_train
 
     data = str(synthetic / "yolo.yaml")
-    for kw, match in (({"sr_mode": "l0"}, "sr_mode"), ({"sr_mode": "greg"}, "target_macs"),
+    for kw, match in (({"sr_mode": "l0"}, "sr_mode"), ({"sr_mode": "greg", "target_macs": 1.0}, "target_macs"),
                       ({"sr_mode": "greg", "target_macs": 0.5, "method": "activation"}, "greg"),
                       ({"greg_ramp": 0}, "greg_ramp"), ({"sr_group": "yes"}, "sr_group"),
                       ({"sr_schedule": "exp"}, "sr_schedule")):

@@ -238,7 +238,7 @@ def test_sparse_trainer_step_is_loss_scale_invariant(pruned_pt, data, tmp_path):
     from torch.utils._pytree import tree_leaves
 
     trainer = SparseTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "s"),
-                                       "plots": False, "sr": 0.05, **FAST})
+                                       "plots": False, "sr": 0.05, "sr_mode": "subgradient", **FAST})
     trainer.setup_model()
     start = copy.deepcopy(trainer.model.state_dict())
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -395,7 +395,7 @@ def test_ddp_launcher_wipe_keeps_input_checkpoint(tmp_path, pruned_pt):
 # ----------------------------------------------------------------------------------------------- training
 @pytest.mark.slow
 def test_sparse_training_shrinks_gammas_and_keeps_shapes(pruned_pt, data, tmp_path):
-    common = dict(epochs=3, seed=0, optimizer="SGD", lr0=0.1, project=tmp_path, **FAST)
+    common = dict(epochs=3, seed=0, optimizer="SGD", lr0=0.1, project=tmp_path, sr_mode="subgradient", **FAST)
     base = sparse_train(pruned_pt, data, sr=0.0, name="sr0", **common)
     sparse = sparse_train(pruned_pt, data, sr=1.0, name="sr1", **common)
     assert isinstance(sparse, TrainResult) and sparse.save_dir == (tmp_path / "sr1").resolve()

@@ -224,7 +224,7 @@ class SparsityPenalty:
             else:
                 for p, lr in zip(self.params, self._lrs(optimizer, self.params)):
                     soft_threshold_(p, lr * sr)
-        elif self.mode == "greg":
+        elif self.mode == "greg" and sr > 0:  # sr=0 is no penalty, in every mode
             ramp = max(self.greg_ramp, 1e-9)
             if progress >= ramp:
                 self.lam = float(sr)

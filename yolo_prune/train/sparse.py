@@ -64,10 +64,10 @@ __all__ = [
 #: Options of :class:`SparseTrainer` that are not ultralytics keys, with their defaults (``target_macs``,
 #: ``method``, ``max_layer_ratio``, ``round_to`` only matter to ``sr_mode=greg``, which plans like pruning).
 SPARSE_DEFAULTS: dict[str, Any] = {
-    "sr": 1e-3,
+    "sr": 0.05,
     "sr_schedule": "constant",
     "gamma_threshold": 0.01,
-    "sr_mode": "subgradient",
+    "sr_mode": "greg",
     "sr_group": False,
     "sr_head": True,
     "greg_ramp": 0.5,
@@ -417,15 +417,17 @@ def check_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
     if o["greg_ramp"] > 1:
         raise UsageError(f"greg_ramp must be in (0, 1], got {o['greg_ramp']!r}")
     if o["sr_mode"] == "greg":
-        if o["target_macs"] is None:
-            raise UsageError("sr_mode=greg needs target_macs (the MACs fraction whose pruning plan it trains toward)")
+        if o["target_macs"] is None:  # greg trains toward a pruning plan; 0.5 as everywhere else by default
+            o["target_macs"] = 0.5
         t = _check_float("target_macs", o["target_macs"], minimum=0.0, open_=True)
         if t >= 1:
             raise UsageError(f"sr_mode=greg needs target_macs < 1, got {o['target_macs']!r}")
         o["target_macs"] = t
         from ..pruning.importance import METHODS
 
-        if o["method"] not in METHODS or o["method"] == "activation":
+        if o["method"] == "auto":  # auto without calibration images is bn
+            o["method"] = "bn"
+        if o["method"] not in METHODS or o["method"] in ("activation", "recon"):
             raise UsageError(f"sr_mode=greg ranks with method=bn, l1, l2 or random, got {o['method']!r}")
     return o
 
