@@ -570,6 +570,33 @@ def block_sparsity(name: str = "sparsity_bccd") -> str:
                                          "vs dense", "max abs change of head outputs: interior / all")) + tail
 
 
+def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
+    """Issue 12's realistic case: the bccd-tuned yolov8n through the pipeline (bench/bccd_pipeline.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python bench/bccd_pipeline.py`._"
+    arms = res["arms"]
+    refs = {a["epochs"]: a for k, a in arms.items() if k.startswith("dense_plus_")}
+    rows, cmds = [], []
+    for key, a in arms.items():
+        cmds.append(f"`{a['command']}` ({a['started']}, {minutes(a.get('seconds'))})")
+        if key.startswith("dense_plus_"):
+            continue
+        ref = refs.get(a["epochs"])
+        args = a.get("args") or {}
+        rows.append((key, ", ".join(f"{k}={v}" for k, v in a["overrides"].items()) or "-",
+                     f"{args.get('method')}, {args.get('compensate')}, recalibrate={args.get('recalibrate')}, "
+                     f"{args.get('allocation')}, sr_mode={args.get('sr_mode')}, teacher={'yes' if args.get('teacher') else 'no'}",
+                     a["epochs"], f(a.get("macs_ratio")), f(a.get("map50_95_dense")), f(a.get("map50_95_pruned")),
+                     f(a.get("map50_95")), f(ref["map50_95"]) if ref else "-",
+                     f"{100 * (a['map50_95'] - ref['map50_95']):+.1f}" if ref else "-"))
+    return ("Commands: " + "; ".join(cmds) + ". bccd val (87 images), imgsz 416, COCO mAP50-95; the dense start is "
+            "`common.bccd_dense()`.\n\n"
+            + md_table(rows, ("arm", "overrides", "pruning / sparsity / distillation", "epochs after the dense model",
+                              "MACs kept", "dense", "right after pruning", "final", "dense + same epochs",
+                              "vs dense + same epochs (points)")))
+
+
 def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
@@ -641,7 +668,7 @@ def block_accuracy_targets(name: str = "accuracy") -> str:
 
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
           "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured,
-          "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "latency_target": block_latency_target,
+          "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "bccd_pipeline": block_bccd_pipeline, "latency_target": block_latency_target,
           "quick": block_quick}
 
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""The realistic case of issue 12: the bccd-tuned yolov8n through ``yolo_prune.pipeline`` with its defaults.
+
+Start: ``common.bccd_dense()`` (the fixture COCO yolov8n fine-tuned 12 epochs on bccd train @416, val mAP50-95
+0.617). Each arm runs ``yolo_prune.pipeline(dense, bccd, target_macs=T, imgsz=416, ...)`` with the pipeline's
+defaults unless ``--set key=value`` overrides them, and records mAP50-95 of the dense model, right after pruning
+and after the fine-tune (the pipeline's own COCO evaluation on bccd val), MACs and the training budget. The
+reference for "mAP kept" is the dense model trained the same number of extra epochs (``--reference``).
+
+    python bench/bccd_pipeline.py --arm defaults_s6_f10 --set sparse_epochs=6 finetune_epochs=10
+    python bench/bccd_pipeline.py --arm prune_first_f16 --set sparse_epochs=0 finetune_epochs=16
+    python bench/bccd_pipeline.py --reference 16          # dense + 16 epochs, same recipe
+
+Results: ``bench/results/bccd_pipeline.json`` (one entry per arm; the command of each is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+IMGSZ = 416
+NAME = "bccd_pipeline"
+
+
+def _value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arm", help="name of this pipeline arm")
+    ap.add_argument("--target", type=float, default=0.5, help="target_macs (default %(default)s)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline() keyword overrides")
+    ap.add_argument("--reference", type=int, metavar="EPOCHS", help="train the dense model EPOCHS more instead")
+    args = ap.parse_args(argv)
+    if not args.arm and args.reference is None:
+        ap.error("give --arm NAME or --reference EPOCHS")
+
+    import yolo_prune as yp
+
+    dense, data = common.bccd_dense(), common.bccd()
+    res = common.read_result(NAME) or {"arms": {}}
+    work = common.WORK / NAME
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {"command": common.command_line(), "started": time.strftime("%Y-%m-%d %H:%M"),
+                             "machine": common.machine(), "busy_processes_at_start": common.busy_processes()}
+    if args.reference is not None:
+        key = f"dense_plus_{args.reference}"
+        r = yp.finetune(str(dense), data, epochs=args.reference, imgsz=IMGSZ, project=work, name=key, exist_ok=True,
+                        val=False)
+        v = yp.validate(r.last, data, imgsz=IMGSZ)
+        entry.update(epochs=args.reference, map50_95=v.map50_95, map50=v.map50)
+    else:
+        key = args.arm
+        overrides = {k: _value(v) for k, v in (p.partition("=")[::2] for p in args.set)}
+        p = yp.pipeline(str(dense), data, target_macs=args.target, imgsz=IMGSZ, project=work, name=key,
+                        exist_ok=True, backends=("onnx",), bench_runs=20, **overrides)
+        report = json.loads((p.save_dir / "report.json").read_text())
+        prune_steps = report["stages"]["prune"]["steps"]
+        rows = {r["metric"]: r for r in report["table"]}
+        entry.update(target_macs=args.target, overrides=overrides, report=str(p.save_dir / "report.md"),
+                     table=report["table"], args=report["args"], sparse_free_macs=report.get("sparse_free_macs"),
+                     map50_95_dense=rows["mAP50-95"]["before"], map50_95=rows["mAP50-95"]["after"],
+                     map50_95_pruned=prune_steps[-1].get("map50_95_pruned"),
+                     macs_ratio=prune_steps[-1].get("macs_fraction"),
+                     epochs=(report["args"]["sparse_epochs"] + report["args"]["finetune_epochs"]))
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    res["arms"][key] = entry
+    path = common.write_result(NAME, res)
+    print(f"{key}: written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
