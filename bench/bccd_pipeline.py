@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.5, help="target_macs (default %(default)s)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline() keyword overrides")
     ap.add_argument("--reference", type=int, metavar="EPOCHS", help="train the dense model EPOCHS more instead")
+    ap.add_argument("--reuse", action="store_true", help="--reference: evaluate an existing training of it again")
     args = ap.parse_args(argv)
     if not args.arm and args.reference is None:
         ap.error("give --arm NAME or --reference EPOCHS")
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                              "machine": common.machine(), "busy_processes_at_start": common.busy_processes()}
     if args.reference is not None:
         key = f"dense_plus_{args.reference}"
-        r = yp.finetune(str(dense), data, epochs=args.reference, imgsz=IMGSZ, project=work, name=key, exist_ok=True,
-                        val=False)
-        v = yp.validate(r.last, data, imgsz=IMGSZ)
+        last = work / key / "weights" / "last.pt"
+        if not (args.reuse and last.is_file()):
+            last = yp.finetune(str(dense), data, epochs=args.reference, imgsz=IMGSZ, project=work, name=key,
+                               exist_ok=True, val=False).last
+        v = yp.validate(last, data, imgsz=IMGSZ)
         entry.update(epochs=args.reference, map50_95=v.map50_95, map50=v.map50)
     else:
         key = args.arm
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                      macs_ratio=prune_steps[-1].get("macs_fraction"),
                      epochs=(report["args"]["sparse_epochs"] + report["args"]["finetune_epochs"]))
     entry["seconds"] = round(time.perf_counter() - t0, 1)
+    res = common.read_result(NAME) or {"arms": {}}  # again: arms may run in parallel processes
     res["arms"][key] = entry
     path = common.write_result(NAME, res)
     print(f"{key}: written to {path}")

@@ -585,8 +585,10 @@ def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
         ref = refs.get(a["epochs"])
         args = a.get("args") or {}
         rows.append((key, ", ".join(f"{k}={v}" for k, v in a["overrides"].items()) or "-",
-                     f"{args.get('method')}, {args.get('compensate')}, recalibrate={args.get('recalibrate')}, "
-                     f"{args.get('allocation')}, sr_mode={args.get('sr_mode')}, teacher={'yes' if args.get('teacher') else 'no'}",
+                     f"method={args.get('method') or 'auto'}, compensate={args.get('compensate') or 'lstsq_seq'}, "
+                     f"recalibrate={True if args.get('recalibrate') is None else args.get('recalibrate')}, allocation={args.get('allocation') or 'auto'}, "
+                     + (f"sr_mode={args.get('sr_mode')}, " if args.get("sparse_epochs") else "")
+                     + f"teacher={'dense' if args.get('teacher') else 'none'}",
                      a["epochs"], f(a.get("macs_ratio")), f(a.get("map50_95_dense")), f(a.get("map50_95_pruned")),
                      f(a.get("map50_95")), f(ref["map50_95"]) if ref else "-",
                      f"{100 * (a['map50_95'] - ref['map50_95']):+.1f}" if ref else "-"))

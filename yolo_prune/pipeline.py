@@ -74,7 +74,7 @@ def pipeline(
     model: Any,
     data: str | Path,
     *,
-    sparse_epochs: int = 10,
+    sparse_epochs: int = 0,
     sr: float = 0.05,
     sr_schedule: str = "constant",
     sr_mode: str = "greg",
