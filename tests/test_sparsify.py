@@ -239,9 +239,9 @@ def test_cli_errors_are_one_line(argv, text, capsys):
 
 def test_method_default_depends_on_the_mode():
     assert build("sparsify", {})[0]["method"] == "l1"
-    assert build("prune", {})[0]["method"] == "bn"
+    assert build("prune", {})[0]["method"] == "auto"
     assert build("sparsify", {"method": "percentile"})[0]["method"] == "percentile"
-    with pytest.raises(UsageError, match="unknown method 'percentile'; choose one of bn"):
+    with pytest.raises(UsageError, match="unknown method 'percentile'; choose one of auto, bn"):
         build("prune", {"method": "percentile"})
 
 
