@@ -680,6 +680,8 @@ def render(text: str) -> str:
     text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
     pattern = re.compile(r"(<!-- BEGIN sparsity:(\w+) -->\n).*?(<!-- END sparsity:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_sparsity(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN latency_target:(\w+) -->\n).*?(<!-- END latency_target:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_latency_target(m.group(2)) + "\n" + m.group(3), text)
     pattern = re.compile(r"(<!-- BEGIN latency:(\w+) -->\n).*?(<!-- END latency:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_latency(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
