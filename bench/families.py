@@ -195,11 +195,11 @@ def run(args: argparse.Namespace) -> int:
                 again = args.resume and (folder / "pipeline.json").is_file()
                 if folder.exists() and not again:  # pipeline() would reuse the stages recorded there
                     shutil.rmtree(folder)
-                # the settings these rows were measured with (the defaults of that time, before greg, lstsq_seq,
-                # BN re-estimation and sensitivity allocation became the defaults): explicit, so reruns match
+                # the sparse stage these rows were measured with (the L1 sub-gradient, before greg became the
+                # default); pruning and distillation use the current defaults, as the bccd rows did (the synthetic
+                # rows predate them: bn ranking, one-shot lstsq, no teacher)
                 p = pipeline(dense, data, target_macs=0.5, sparse_epochs=S, finetune_epochs=F, sr=cfg["sr"],
-                             sr_mode="subgradient", method="bn", compensate="lstsq", recalibrate=False,
-                             allocation="global",
+                             sr_mode="subgradient",
                              imgsz=imgsz, batch=COMMON_TRAIN["batch"], workers=args.workers, seed=0,
                              bench_runs=args.runs, bench_warmup=max(2, args.runs // 5), backends=("torch", "onnx"),
                              project=work, name=folder.name, exist_ok=True, resume=again,

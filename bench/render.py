@@ -354,7 +354,8 @@ def block_families(name: str = "families") -> str:
                        f"{f', load average at start {la[0]:.2f}' if la else ''}).")
         out.append(f"\n**{dsname}** - data `{Path(ds['data']).name}` at imgsz {ds['imgsz']}; dense models trained "
                    f"{ds['dense_epochs']} epochs from their yaml; pipeline: {S} sparse + {F} fine-tune epochs, "
-                   f"target_macs 0.5 (bn, lstsq compensation); reference: dense + {S + F} epochs (equal budget).\n")
+                   f"target_macs 0.5 ({'bn ranking, one-shot lstsq, no teacher' if dsname == 'synthetic' else 'the current pruning defaults: recon, lstsq_seq, BN re-estimation, sensitivity allocation; distilled from the dense model'}); "
+                   f"reference: dense + {S + F} epochs (equal budget).\n")
         rows, notes = [], []
         for fam, r in ds["families"].items():
             d, p, ft, l6 = r.get("dense", {}), r.get("pipeline", {}), r.get("dense_ft", {}), r.get("latency640", {})
