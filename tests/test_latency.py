@@ -120,6 +120,19 @@ def test_target_latency_respects_the_tables_predictions(torch_table, v8n):
             assert model.eval()(torch.zeros(1, 3, 128, 128))[0].shape[1] == 84  # still a working detector
 
 
+def test_sensitivity_allocation_reaches_a_latency_target(torch_table, v8n):
+    """allocation=sensitivity works in the latency cost too (one channel alone often saves no measurable time:
+    the allocation's per-channel saving is a slope over several channels)."""
+    floor = LatencyCost(torch_table, 0.01).fraction(_graph_at_max(v8n), {})
+    target = round(1 - (1 - floor) / 2, 3)
+    model = copy.deepcopy(v8n)
+    images = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    out = prune_model(model, latency=LatencyCost(torch_table, target), round_to="auto", tolerance=0.03,
+                      allocation="sensitivity", calib_images=images, compensate="none")
+    predicted = torch_table.predict_model(model) / torch_table.dense_ms
+    assert out.allocation == "sensitivity" and target - 0.1 <= predicted <= target + 0.03
+
+
 def _graph_at_max(v8n):
     """The graph of a copy of ``v8n`` pruned as far as max_layer_ratio=0.75 allows (ratio 0.75 everywhere)."""
     from yolo_prune.pruning.graph import build_graph
