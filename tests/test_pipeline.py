@@ -148,3 +148,24 @@ def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt,
     assert fractions[0] > fractions[1] > fractions[2] and abs(fractions[2] - 0.4) <= 0.03
     assert "step2" in state["checkpoint"]
     assert (result.save_dir / "map_vs_macs.png").is_file()
+
+
+def test_a_new_run_in_a_reused_folder_starts_afresh(run, tmp_path):
+    """exist_ok=True reuses the folder, not the finished stages of the run that was there: a different target
+    is pruned for, and the old fine-tune is not taken as this run's result."""
+    import shutil
+
+    result, _, _ = run
+    folder = tmp_path / "p"
+    shutil.copytree(result.save_dir, folder)
+    old = json.loads((folder / "pipeline.json").read_text())
+    assert abs(old["stages"]["prune"]["steps"][0]["macs_fraction"] - 0.5) <= 0.03
+    kw = {**TINY, "sparse_epochs": 0, "finetune_epochs": 0}
+    again = pipeline(old["args"]["model"], old["args"]["data"], target_macs=0.8, project=tmp_path, name="p",
+                     exist_ok=True, bench=False, **kw)
+    assert again.save_dir == folder
+    state = json.loads((folder / "pipeline.json").read_text())
+    assert state["args"]["target_macs"] == 0.8
+    assert abs(state["stages"]["prune"]["steps"][0]["macs_fraction"] - 0.8) <= 0.03
+    assert "finetune" not in state["stages"] and "sparse" not in state["stages"]
+    assert again.final == folder / "prune" / "step1" / "weights" / "pruned.pt"

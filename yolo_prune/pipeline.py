@@ -49,13 +49,16 @@ class PipelineResult(Result):
 
 
 class _State:
-    """``pipeline.json``: the outputs of every finished stage."""
+    """``pipeline.json``: the outputs of every finished stage. Only a resumed run (``load``) reads an existing file;
+    a new run in a reused folder (``exist_ok=True``) deletes it and starts from nothing."""
 
-    def __init__(self, path: Path, args: dict[str, Any]):
+    def __init__(self, path: Path, args: dict[str, Any], *, load: bool):
         self.path = path
         self.data: dict[str, Any] = {"args": args, "stages": {}}
-        if path.is_file():
+        if load and path.is_file():
             self.data = json.loads(path.read_text(encoding="utf-8"))
+        elif not load:
+            path.unlink(missing_ok=True)
 
     def done(self, stage: str) -> dict[str, Any] | None:
         return self.data["stages"].get(stage)
@@ -154,7 +157,7 @@ def pipeline(
             raise UsageError(f"resume=True but {save_dir} holds no pipeline.json to resume from")
         # The run continues with the settings it started with, as ultralytics' resume takes its checkpoint's
         # (a data= given again wins, e.g. a moved dataset; device, workers, verbose and bench settings may change).
-        kept = _State(save_dir / "pipeline.json", {}).data["args"]
+        kept = _State(save_dir / "pipeline.json", {}, load=True).data["args"]
         data = kept.get("data") if data is None else data
         (model, sparse_epochs, sr, sr_schedule, gamma_threshold, target_macs, ratio, steps, step_epochs, max_map_drop,
          finetune_epochs, imgsz, batch, seed, train_args, sr_mode, sr_group, sr_head, greg_ramp, threshold) = (
@@ -188,7 +191,7 @@ def pipeline(
                 max_map_drop=max_map_drop, finetune_epochs=finetune_epochs, imgsz=imgsz, batch=batch, seed=seed,
                 gamma_threshold=gamma_threshold, train_args=dict(train_args or {}),
                 **{k: distill_kw.get(k) for k in _DISTILL_KEYS})
-    state = _State(save_dir / "pipeline.json", args)
+    state = _State(save_dir / "pipeline.json", args, load=resume)
     if not resume:
         write_yaml(save_dir / "args.yaml", args)
     train_kw = dict(imgsz=imgsz, batch=batch, device=device, seed=seed, verbose=verbose, workers=workers,

@@ -581,10 +581,9 @@ def sparsify(
     args = dict(model=str(model), amount=amount, scope=scope, method=method, layers=layers, data=data,
                 compensate=calib is not None, calib_images=calib_images, steps=steps, step_epochs=step_epochs,
                 max_map_drop=max_map_drop, imgsz=imgsz, batch=batch, seed=seed)
-    if not resume:  # a reused folder (exist_ok) starts afresh
-        (save_dir / "sparsify.json").unlink(missing_ok=True)
+    if not resume:
         write_yaml(save_dir / "args.yaml", args)
-    state = _State(save_dir / "sparsify.json", args)
+    state = _State(save_dir / "sparsify.json", args, load=resume)  # a reused folder (exist_ok) starts afresh
     val_kw = dict(imgsz=imgsz, batch=batch, device=device)
 
     source = load_model(model)
