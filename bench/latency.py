@@ -28,6 +28,9 @@ four pruned models (method bn, compensate lstsq on 32 train images, no fine-tune
 All four and the dense model are exported and timed in one interleaved run (clock: CPU time with 1 thread, wall
 with 2; medians). Columns: measured latency ratio, the table's predicted ratio, MACs ratio, mAP50-95 right after
 pruning. Result: ``bench/results/latency_target[_quick].json``.
+
+``--finetune EPOCHS --name <compare result>`` then gives the chosen ``--arms`` (default ``macs latency``) the same
+fine-tune (``yolo_prune.finetune``, batch 16, seed 0, distilled from the dense model) and adds mAP50-95 after it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+
+
+ARMS = ("macs", "macs_auto", "latency", "latency_aware")
 
 
 def log(msg: str) -> None:
@@ -117,7 +123,6 @@ def compare(args: argparse.Namespace) -> int:
     from yolo_prune.latency import build_table, measure_models, validate_table
     from yolo_prune.models import load_model
     from yolo_prune.pruning import prune
-    from yolo_prune.stats import model_stats
 
     name = args.name or ("latency_target_quick" if args.quick else "latency_target")
     payload = {"benchmark": "latency_target", "command": common.command_line(), "machine": common.machine(),
@@ -136,7 +141,6 @@ def compare(args: argparse.Namespace) -> int:
         work = common.WORK / "latency_target" / ds
         common_kw = dict(method=args.method, data=str(data), imgsz=imgsz, project=str(work), exist_ok=True,
                          calib_images=32, seed=0)
-        dense_stats = model_stats(str(weights), imgsz=imgsz)
         entry = payload["datasets"].setdefault(ds, {"imgsz": imgsz, "val_imgsz": val_imgsz, "weights": str(weights),
                                                     "data": str(data), "settings": []})
         entry["dense_map"] = _evaluate(weights, data, val_imgsz, work / "val_dense", maps)
@@ -158,16 +162,20 @@ def compare(args: argparse.Namespace) -> int:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     run_arms = dict(arms)
-                    run_arms["macs_auto"] = prune(str(weights), target_macs=args.target, round_to="auto",
-                                                  runtime=runtime, threads=threads, latency_table=table,
-                                                  name=f"macs_auto_{tag}", **common_kw)
-                    run_arms["latency"] = prune(str(weights), target_latency=args.target, round_to="auto",
-                                                runtime=runtime, threads=threads, latency_table=table,
-                                                verify_latency=False, name=f"latency_{tag}", **common_kw)
-                    run_arms["latency_aware"] = prune(str(weights), target_latency=args.target, round_to="auto",
+                    if "macs_auto" in args.arms:
+                        run_arms["macs_auto"] = prune(str(weights), target_macs=args.target, round_to="auto",
                                                       runtime=runtime, threads=threads, latency_table=table,
-                                                      latency_aware=True, verify_latency=False,
-                                                      name=f"latency_aware_{tag}", **common_kw)
+                                                      name=f"macs_auto_{tag}", **common_kw)
+                    if "latency" in args.arms:
+                        run_arms["latency"] = prune(str(weights), target_latency=args.target, round_to="auto",
+                                                    runtime=runtime, threads=threads, latency_table=table,
+                                                    verify_latency=False, name=f"latency_{tag}", **common_kw)
+                    if "latency_aware" in args.arms:
+                        run_arms["latency_aware"] = prune(str(weights), target_latency=args.target,
+                                                          round_to="auto", runtime=runtime, threads=threads,
+                                                          latency_table=table, latency_aware=True,
+                                                          verify_latency=False, name=f"latency_aware_{tag}",
+                                                          **common_kw)
                 log(f"{ds}: timing dense + {', '.join(run_arms)} ({args.runs} interleaved runs)")
                 models = {"dense": load_model(str(weights)).model, **{k: r.model.model for k, r in run_arms.items()}}
                 times = measure_models(models, runtime=runtime, imgsz=imgsz, threads=threads, runs=args.runs)
@@ -178,7 +186,8 @@ def compare(args: argparse.Namespace) -> int:
                     t = np.asarray(times[arm])
                     res = run_arms.get(arm)
                     rows.append({
-                        "arm": arm, "median_ms": med[arm], "ratio": med[arm] / med["dense"],
+                        "arm": arm, "checkpoint": str(res.checkpoint) if res else str(weights),
+                        "median_ms": med[arm], "ratio": med[arm] / med["dense"],
                         "spread": float((np.percentile(t, 90) - np.percentile(t, 10)) / med[arm]),
                         "predicted_ratio": (table.predict_model(m) / table.dense_ms) if arm != "dense" else 1.0,
                         "macs_ratio": res.macs_ratio if res else 1.0,
@@ -205,11 +214,71 @@ def compare(args: argparse.Namespace) -> int:
     return _finish(name, payload, t_start)
 
 
+def _arm_checkpoint(work: Path, row: dict, setting: dict) -> Path:
+    """The pruned checkpoint of a ``--compare`` row (recorded since the fine-tune column; else by the arm's run name)."""
+    if row.get("checkpoint"):
+        return Path(row["checkpoint"])
+    run = row["arm"] if row["arm"] == "macs" else f"{row['arm']}_{setting['runtime']}_t{setting['threads']}"
+    return work / run / "weights" / "pruned.pt"
+
+
+def finetune_arms(args: argparse.Namespace) -> int:
+    """``--finetune EPOCHS``: the same fine-tune for the chosen arms of a ``--compare`` result, mAP after it.
+
+    Every arm's pruned checkpoint is trained ``EPOCHS`` epochs with one recipe: ``yolo_prune.finetune`` on the
+    dataset's train split at its mAP image size, batch 16, seed 0, distilled from the dense model (output
+    distillation, the pipeline's default ``teacher=auto``). A checkpoint shared by several settings (the ``macs``
+    arm) is trained once. The result file gets ``map_finetuned`` and ``finetune`` per row."""
+    import yolo_prune as yp
+
+    name = args.name or "latency_target"
+    res = common.read_result(name)
+    if not res:
+        raise SystemExit(f"no bench/results/{name}.json: run --compare first")
+    t_start = time.perf_counter()
+    done: dict[str, dict] = {}
+    for ds, entry in res["datasets"].items():
+        if args.datasets and ds not in args.datasets:
+            continue
+        work = common.WORK / "latency_target" / ds
+        for st in entry["settings"]:
+            for row in st["rows"]:
+                if row["arm"] not in args.arms:
+                    continue
+                ckpt = _arm_checkpoint(work, row, st)
+                key = str(ckpt)
+                if key not in done:
+                    run = f"{ckpt.parent.parent.name}_e{args.finetune}"
+                    log(f"{ds}: fine-tuning {ckpt} for {args.finetune} epochs @{entry['val_imgsz']} -> {run}")
+                    t0 = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        tr = yp.finetune(str(ckpt), entry["data"], epochs=args.finetune, imgsz=entry["val_imgsz"],
+                                         batch=16, seed=0, teacher=entry["weights"], project=str(work / "finetune"),
+                                         name=run, exist_ok=True, val=False)
+                        v = yp.validate(str(tr.last), entry["data"], imgsz=entry["val_imgsz"])
+                    done[key] = {"map": {"map50_95": v.map50_95, "map50": v.map50},
+                                 "info": {"epochs": args.finetune, "checkpoint": str(tr.last),
+                                          "seconds": round(time.perf_counter() - t0, 1),
+                                          "recipe": "finetune(batch=16, seed=0, teacher=dense, distill=output)"}}
+                    log(f"{ds}: {run}: mAP50-95 {v.map50_95:.3f} after {args.finetune} epochs")
+                row["map_finetuned"], row["finetune"] = done[key]["map"], done[key]["info"]
+                common.write_result(name, res)
+    res.setdefault("finetune_commands", []).append(common.command_line())
+    common.write_result(name, res)
+    log(f"fine-tunes done in {(time.perf_counter() - t_start) / 60:.1f} min")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--compare", action="store_true",
                         help="issue 15: target_macs vs target_latency on onnxruntime/OpenVINO (latency_target.json)")
+    parser.add_argument("--finetune", type=int, metavar="EPOCHS",
+                        help="fine-tune the --arms of the --compare result --name, same recipe for each")
+    parser.add_argument("--arms", nargs="+", choices=ARMS,
+                        help="--compare: pruned arms (default all); --finetune: arms to fine-tune (macs latency)")
     parser.add_argument("--datasets", nargs="+", help="--compare: fixture bccd (quick: fixture)")
     parser.add_argument("--runtimes", nargs="+", help="--compare: onnxruntime openvino (quick: onnxruntime)")
     parser.add_argument("--target", type=float, default=0.5, help="--compare: target_macs and target_latency")
@@ -230,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 10; quick: 3)")
     parser.add_argument("--name", help="result name (default latency / latency_quick)")
     args = parser.parse_args(argv)
+    if args.finetune:
+        args.arms = args.arms or ["macs", "latency"]
+        return finetune_arms(args)
+    args.arms = args.arms or list(ARMS)
     if args.compare:
         cdefaults = {"datasets": ["fixture", "bccd"], "runtimes": ["onnxruntime", "openvino"], "threads": [1, 2],
                      "variants": 10, "runs": 20}

@@ -166,6 +166,18 @@ ARM_TEXT = {"dense": "dense", "macs": "target_macs=0.5, round_to=8", "macs_auto"
             "latency": "target_latency=0.5, round_to=auto", "latency_aware": "target_latency=0.5, auto, latency_aware"}
 
 
+def _finetune_note(res: dict[str, Any]) -> str:
+    """How the fine-tuned column was made (or that it is empty)."""
+    infos = [r["finetune"] for e in res["datasets"].values() for st in e["settings"] for r in st["rows"]
+             if r.get("finetune")]
+    if not infos:
+        return ". No fine-tuned column yet (`--finetune EPOCHS`)."
+    epochs = sorted({i["epochs"] for i in infos})
+    cmds = "; ".join(f"`{c}`" for c in res.get("finetune_commands", []))
+    return (f"; mAP50-95 fine-tuned: the same {'/'.join(map(str, epochs))}-epoch fine-tune of each arm "
+            f"({infos[0]['recipe']}, on the train split at the mAP image size; {cmds}). Empty: arm not fine-tuned.")
+
+
 def block_latency_target(name: str = "latency_target") -> str:
     res = common.read_result(name)
     if not res:
@@ -175,8 +187,8 @@ def block_latency_target(name: str = "latency_target") -> str:
            f"{m.get('onnxruntime')}, OpenVINO {m.get('openvino')}. Pruning method `{res['method']}`, compensate "
            f"lstsq on 32 train images, no fine-tune. Latency: the exported dense and pruned models in one interleaved "
            f"run per setting ({res['runs']} runs, medians; clock: process CPU time with 1 thread, wall with 2). "
-           f"ratio = pruned / dense; predicted = the latency table's prediction; mAP50-95 right after pruning. "
-           f"The column after fine-tune is left for the same fine-tune of every arm."]
+           f"ratio = pruned / dense; predicted = the latency table's prediction; mAP50-95 right after pruning"
+           + _finetune_note(res)]
     for ds, entry in res["datasets"].items():
         rows = []
         notes = []
@@ -185,7 +197,8 @@ def block_latency_target(name: str = "latency_target") -> str:
                 if r["arm"] == "dense":
                     continue
                 rows.append((st["runtime"], st["threads"], ARM_TEXT.get(r["arm"], r["arm"]), f(r["ratio"]),
-                             f(r["predicted_ratio"]), f(r["macs_ratio"]), f(r["map"]["map50_95"]), ""))
+                             f(r["predicted_ratio"]), f(r["macs_ratio"]), f(r["map"]["map50_95"]),
+                             f(r["map_finetuned"]["map50_95"]) if r.get("map_finetuned") else ""))
             t, v = st["table"], st["table"].get("validation") or {}
             notes.append(
                 f"- {st['runtime']}, {st['threads']} thread(s): dense {t['dense_ms']:.1f} ms; fixed part "
