@@ -223,12 +223,13 @@ def _arm_checkpoint(work: Path, row: dict, setting: dict) -> Path:
 
 
 def finetune_arms(args: argparse.Namespace) -> int:
-    """``--finetune EPOCHS``: the same fine-tune for the chosen arms of a ``--compare`` result, mAP after it.
+    """``--finetune EPOCHS [--seed S]``: the same fine-tune for the chosen arms of a ``--compare`` result.
 
     Every arm's pruned checkpoint is trained ``EPOCHS`` epochs with one recipe: ``yolo_prune.finetune`` on the
-    dataset's train split at its mAP image size, batch 16, seed 0, distilled from the dense model (output
+    dataset's train split at its mAP image size, batch 16, seed ``S``, distilled from the dense model (output
     distillation, the pipeline's default ``teacher=auto``). A checkpoint shared by several settings (the ``macs``
-    arm) is trained once. The result file gets ``map_finetuned`` and ``finetune`` per row."""
+    arm) is trained once. Each row records every seed's result in ``finetunes`` and their mean in
+    ``map_finetuned``."""
     import yolo_prune as yp
 
     name = args.name or "latency_target"
@@ -248,21 +249,25 @@ def finetune_arms(args: argparse.Namespace) -> int:
                 ckpt = _arm_checkpoint(work, row, st)
                 key = str(ckpt)
                 if key not in done:
-                    run = f"{ckpt.parent.parent.name}_e{args.finetune}"
+                    run = f"{ckpt.parent.parent.name}_e{args.finetune}" + (f"_s{args.seed}" if args.seed else "")
                     log(f"{ds}: fine-tuning {ckpt} for {args.finetune} epochs @{entry['val_imgsz']} -> {run}")
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         tr = yp.finetune(str(ckpt), entry["data"], epochs=args.finetune, imgsz=entry["val_imgsz"],
-                                         batch=16, seed=0, teacher=entry["weights"], project=str(work / "finetune"),
-                                         name=run, exist_ok=True, val=False)
+                                         batch=16, seed=args.seed, teacher=entry["weights"],
+                                         project=str(work / "finetune"), name=run, exist_ok=True, val=False)
                         v = yp.validate(str(tr.last), entry["data"], imgsz=entry["val_imgsz"])
-                    done[key] = {"map": {"map50_95": v.map50_95, "map50": v.map50},
-                                 "info": {"epochs": args.finetune, "checkpoint": str(tr.last),
-                                          "seconds": round(time.perf_counter() - t0, 1),
-                                          "recipe": "finetune(batch=16, seed=0, teacher=dense, distill=output)"}}
+                    done[key] = {"map50_95": v.map50_95, "map50": v.map50, "epochs": args.finetune,
+                                 "checkpoint": str(tr.last), "seconds": round(time.perf_counter() - t0, 1)}
                     log(f"{ds}: {run}: mAP50-95 {v.map50_95:.3f} after {args.finetune} epochs")
-                row["map_finetuned"], row["finetune"] = done[key]["map"], done[key]["info"]
+                runs = row.setdefault("finetunes", {})
+                if not runs and row.get("map_finetuned"):  # a seed-0 result from before per-seed records
+                    runs["0"] = {**row["map_finetuned"], **row["finetune"]}
+                runs[str(args.seed)] = done[key]
+                row["map_finetuned"] = {k: sum(r[k] for r in runs.values()) / len(runs) for k in ("map50_95", "map50")}
+                row["finetune"] = {"epochs": args.finetune, "seeds": sorted(int(x) for x in runs),
+                                   "recipe": "finetune(batch=16, teacher=dense, distill=output)"}
                 common.write_result(name, res)
     res.setdefault("finetune_commands", []).append(common.command_line())
     common.write_result(name, res)
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune the --arms of the --compare result --name, same recipe for each")
     parser.add_argument("--arms", nargs="+", choices=ARMS,
                         help="--compare: pruned arms (default all); --finetune: arms to fine-tune (macs latency)")
+    parser.add_argument("--seed", type=int, default=0, help="--finetune: training seed (%(default)s)")
     parser.add_argument("--datasets", nargs="+", help="--compare: fixture bccd (quick: fixture)")
     parser.add_argument("--runtimes", nargs="+", help="--compare: onnxruntime openvino (quick: onnxruntime)")
     parser.add_argument("--target", type=float, default=0.5, help="--compare: target_macs and target_latency")

@@ -166,6 +166,15 @@ ARM_TEXT = {"dense": "dense", "macs": "target_macs=0.5, round_to=8", "macs_auto"
             "latency": "target_latency=0.5, round_to=auto", "latency_aware": "target_latency=0.5, auto, latency_aware"}
 
 
+def _finetuned(r: dict[str, Any]) -> str:
+    """mAP50-95 after the fine-tune: the mean over seeds, each seed in brackets when there are several."""
+    if not r.get("map_finetuned"):
+        return ""
+    seeds = r.get("finetunes") or {}
+    each = f" ({', '.join(f(x['map50_95']) for _, x in sorted(seeds.items()))})" if len(seeds) > 1 else ""
+    return f(r["map_finetuned"]["map50_95"]) + each
+
+
 def _finetune_note(res: dict[str, Any]) -> str:
     """How the fine-tuned column was made (or that it is empty)."""
     infos = [r["finetune"] for e in res["datasets"].values() for st in e["settings"] for r in st["rows"]
@@ -173,9 +182,11 @@ def _finetune_note(res: dict[str, Any]) -> str:
     if not infos:
         return ". No fine-tuned column yet (`--finetune EPOCHS`)."
     epochs = sorted({i["epochs"] for i in infos})
+    seeds = sorted({s for i in infos for s in i.get("seeds", [0])})
     cmds = "; ".join(f"`{c}`" for c in res.get("finetune_commands", []))
     return (f"; mAP50-95 fine-tuned: the same {'/'.join(map(str, epochs))}-epoch fine-tune of each arm "
-            f"({infos[0]['recipe']}, on the train split at the mAP image size; {cmds}). Empty: arm not fine-tuned.")
+            f"({infos[0]['recipe'].replace('seed=0, ', '')}, on the train split at the mAP image size; seeds "
+            f"{', '.join(map(str, seeds))}: the mean, each seed in brackets; {cmds}). Empty: arm not fine-tuned.")
 
 
 def block_latency_target(name: str = "latency_target") -> str:
@@ -198,7 +209,7 @@ def block_latency_target(name: str = "latency_target") -> str:
                     continue
                 rows.append((st["runtime"], st["threads"], ARM_TEXT.get(r["arm"], r["arm"]), f(r["ratio"]),
                              f(r["predicted_ratio"]), f(r["macs_ratio"]), f(r["map"]["map50_95"]),
-                             f(r["map_finetuned"]["map50_95"]) if r.get("map_finetuned") else ""))
+                             _finetuned(r)))
             t, v = st["table"], st["table"].get("validation") or {}
             notes.append(
                 f"- {st['runtime']}, {st['threads']} thread(s): dense {t['dense_ms']:.1f} ms; fixed part "
@@ -294,17 +305,23 @@ def block_targets() -> str:
                                  f"{run['threads']} thr, round_to {info['round_to']})"),
                                  f"{r['ratio_vs_reference']:.3f} (MACs ratio {r['macs_ratio']:.3f})",
                                  "met" if ok else "**missed**"))
-    lt = common.read_result("latency_target")
-    if lt:
+    for lt in filter(None, map(common.read_result, ("latency_target", "latency_target_2thr",
+                                                    "latency_target_2thr_fixture"))):
         for ds, entry in lt["datasets"].items():
             for st in entry["settings"]:
                 by = {r["arm"]: r for r in st["rows"]}
-                if st["runtime"] == "onnxruntime" and "latency" in by:
-                    r, mac = by["latency"], by.get("macs")
+                r, mac = by.get("latency"), by.get("macs")
+                if st["runtime"] == "onnxruntime" and r:
                     rows.append((f"{ds}: onnxruntime latency ratio <= 0.55 at target_latency=0.5 "
                                  f"({st['threads']} thr)",
                                  f"{r['ratio']:.3f} (target_macs=0.5: {mac['ratio']:.3f})" if mac else f"{r['ratio']:.3f}",
                                  "met" if r["ratio"] <= 0.55 else "**missed**"))
+                if r and mac and r.get("map_finetuned") and mac.get("map_finetuned"):
+                    a, b = r["map_finetuned"]["map50_95"], mac["map_finetuned"]["map50_95"]
+                    rows.append((f"{ds}: mAP50-95 after the same fine-tune, target_latency=0.5 ({st['runtime']}, "
+                                 f"{st['threads']} thr) no worse than target_macs=0.5",
+                                 f"{a:.3f} vs {b:.3f} ({r['finetune']['epochs']} epochs, "
+                                 f"{len(r.get('finetunes') or [0])} seed(s))", "met" if a >= b else "**missed**"))
     cost = common.read_result("cost")
     if cost and cost.get("prune"):
         p = cost["prune"]
