@@ -130,7 +130,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) ->
     t0 = time.time()
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = _spawned_output(proc)
             raise AssertionError(f"subprocess ended early ({proc.returncode}):\n{out[-3000:]}")
         if time.time() - t0 > timeout:
             raise AssertionError("timed out")
@@ -446,10 +446,21 @@ def test_finetune_in_memory_pruned_model(pruned, data, tmp_path):
 
 
 def _spawn_training(script: str, tmp_path: Path, argv: list[str] | None = None) -> subprocess.Popen:
-    """``python -c script`` (or ``python argv...``) in ``tmp_path``, stdout and stderr together."""
+    """``python -c script`` (or ``python argv...``) in ``tmp_path``, stdout and stderr together into
+    ``tmp_path/spawned.log``: a file can be read while the process runs (to wait for a line), and unlike a pipe
+    nobody has to drain it for the child to go on."""
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, *(argv or ["-c", textwrap.dedent(script)])], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "spawned.log"
+    with log.open("w") as fh:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, *(argv or ["-c", textwrap.dedent(script)])], cwd=tmp_path, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log
+    return proc
+
+
+def _spawned_output(proc: subprocess.Popen) -> str:
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace") if path and path.is_file() else ""
 
 
 @pytest.mark.slow
@@ -467,9 +478,10 @@ def test_kill_then_resume(mode, sig, pruned_pt, data, tmp_path):
     try:
         wait_for(lambda: (run / "weights" / "last.pt").is_file(), timeout=120, proc=proc)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
+    out = _spawned_output(proc)
     assert proc.returncode != 0, out[-2000:]
     assert "Traceback" not in out or "KeyboardInterrupt" in out, out[-2000:]
     assert "epoch 1/4" not in out  # the library prints no progress (no handler on the yolo_prune logger)
@@ -503,11 +515,14 @@ def test_cli_resume_needs_only_last_pt(mode, pruned_pt, data, tmp_path, monkeypa
     proc = _spawn_training("", tmp_path, ["-m", "yolo_prune.cli", mode, f"model={pruned_pt}", f"data={data}",
                                           "epochs=3", "project=before", "name=run", *args])
     try:
-        wait_for(lambda: (tmp_path / "before" / "run" / "weights" / "last.pt").is_file(), timeout=120, proc=proc)
+        # ultralytics saves last.pt before the epoch-end callbacks run: wait for the progress line as well
+        wait_for(lambda: (tmp_path / "before" / "run" / "weights" / "last.pt").is_file()
+                 and f"{mode}: epoch 1/3" in _spawned_output(proc), timeout=120, proc=proc)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
+    out = _spawned_output(proc)
     assert proc.returncode == 130 and "yolo-prune: interrupted" in out, out[-2000:]
     assert f"{mode}: epoch 1/3" in out  # the CLI shows progress
     (tmp_path / "after").mkdir()
