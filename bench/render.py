@@ -305,8 +305,8 @@ def block_targets() -> str:
                                  f"{run['threads']} thr, round_to {info['round_to']})"),
                                  f"{r['ratio_vs_reference']:.3f} (MACs ratio {r['macs_ratio']:.3f})",
                                  "met" if ok else "**missed**"))
-    for lt in filter(None, map(common.read_result, ("latency_target", "latency_target_2thr",
-                                                    "latency_target_2thr_fixture"))):
+    for lt in filter(None, map(common.read_result, ("latency_target", "latency_target_1thr_bccd",
+                                                    "latency_target_2thr", "latency_target_2thr_fixture"))):
         for ds, entry in lt["datasets"].items():
             for st in entry["settings"]:
                 by = {r["arm"]: r for r in st["rows"]}
