@@ -30,7 +30,7 @@ with 2; medians). Columns: measured latency ratio, the table's predicted ratio, 
 pruning. Result: ``bench/results/latency_target[_quick].json``.
 
 ``--finetune EPOCHS --name <compare result>`` then gives the chosen ``--arms`` (default ``macs latency``) the same
-fine-tune (``yolo_prune.finetune``, batch 16, seed 0, distilled from the dense model) and adds mAP50-95 after it.
+fine-tune (``yolo_prune.finetune``, batch 16, ``--seed``, distilled from the dense model) and adds mAP50-95 after it.
 """
 
 from __future__ import annotations
@@ -214,14 +214,6 @@ def compare(args: argparse.Namespace) -> int:
     return _finish(name, payload, t_start)
 
 
-def _arm_checkpoint(work: Path, row: dict, setting: dict) -> Path:
-    """The pruned checkpoint of a ``--compare`` row (recorded since the fine-tune column; else by the arm's run name)."""
-    if row.get("checkpoint"):
-        return Path(row["checkpoint"])
-    run = row["arm"] if row["arm"] == "macs" else f"{row['arm']}_{setting['runtime']}_t{setting['threads']}"
-    return work / run / "weights" / "pruned.pt"
-
-
 def finetune_arms(args: argparse.Namespace) -> int:
     """``--finetune EPOCHS [--seed S]``: the same fine-tune for the chosen arms of a ``--compare`` result.
 
@@ -246,7 +238,9 @@ def finetune_arms(args: argparse.Namespace) -> int:
             for row in st["rows"]:
                 if row["arm"] not in args.arms:
                     continue
-                ckpt = _arm_checkpoint(work, row, st)
+                if not row.get("checkpoint"):
+                    raise SystemExit(f"{name}: rows without a recorded checkpoint (an older --compare run)")
+                ckpt = Path(row["checkpoint"])
                 key = str(ckpt)
                 if key not in done:
                     run = f"{ckpt.parent.parent.name}_e{args.finetune}" + (f"_s{args.seed}" if args.seed else "")
@@ -262,8 +256,6 @@ def finetune_arms(args: argparse.Namespace) -> int:
                                  "checkpoint": str(tr.last), "seconds": round(time.perf_counter() - t0, 1)}
                     log(f"{ds}: {run}: mAP50-95 {v.map50_95:.3f} after {args.finetune} epochs")
                 runs = row.setdefault("finetunes", {})
-                if not runs and row.get("map_finetuned"):  # a seed-0 result from before per-seed records
-                    runs["0"] = {**row["map_finetuned"], **row["finetune"]}
                 runs[str(args.seed)] = done[key]
                 row["map_finetuned"] = {k: sum(r[k] for r in runs.values()) / len(runs) for k in ("map50_95", "map50")}
                 row["finetune"] = {"epochs": args.finetune, "seeds": sorted(int(x) for x in runs),

@@ -182,10 +182,10 @@ def _finetune_note(res: dict[str, Any]) -> str:
     if not infos:
         return ". No fine-tuned column yet (`--finetune EPOCHS`)."
     epochs = sorted({i["epochs"] for i in infos})
-    seeds = sorted({s for i in infos for s in i.get("seeds", [0])})
+    seeds = sorted({s for i in infos for s in i["seeds"]})
     cmds = "; ".join(f"`{c}`" for c in res.get("finetune_commands", []))
     return (f"; mAP50-95 fine-tuned: the same {'/'.join(map(str, epochs))}-epoch fine-tune of each arm "
-            f"({infos[0]['recipe'].replace('seed=0, ', '')}, on the train split at the mAP image size; seeds "
+            f"({infos[0]['recipe']}, on the train split at the mAP image size; seeds "
             f"{', '.join(map(str, seeds))}: the mean, each seed in brackets; {cmds}). Empty: arm not fine-tuned.")
 
 
