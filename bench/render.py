@@ -3,8 +3,8 @@
 BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
 ``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
-``cost``, ``families``, ``distill``, ``unstructured``, ``sparsity:<result name>``, ``accuracy``, ``accuracy_targets``,
-``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``cost``, ``families``, ``families:<result name>``, ``distill``, ``unstructured``, ``sparsity:<result name>``,
+``accuracy``, ``accuracy_targets``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python bench/render.py            # rewrite the blocks in BENCHMARKS.md
     python bench/render.py --print    # print the blocks instead
@@ -392,17 +392,18 @@ def block_families(name: str = "families") -> str:
             if not p:
                 continue
             delta = f"{100 * (p['map50_95'] - ft['map50_95']):+.1f}" if ft else "-"
-            rows.append((fam, f(d.get("map50_95")), f(ft.get("map50_95")) if ft else "-", f(p.get("map50_95_sparse")),
-                         f(p["map50_95_pruned"]),
+            rows.append((fam, f(d.get("map50_95")), f(ft.get("map50_95")) if ft else "-",
+                         *((f(p.get("map50_95_sparse")),) if S else ()), f(p["map50_95_pruned"]),
                          f(p["map50_95"]), delta,
                          f"{d['params'] / 1e6:.2f} -> {p['params'] / 1e6:.2f}",
                          f"{d['macs'] / 1e9:.4f} -> {p['macs'] / 1e9:.4f} ({p['macs_ratio']:.3f})",
                          f"{p['prune_seconds']:.1f}", f(p.get("onnx_ratio"), 2), f(l6.get("ratio"), 2) if l6 else "-"))
             if (note := _attention_note(r)):
                 notes.append(f"- {fam} attention widths, dense -> pruned: {note}.")
-        out.append(md_table(rows, ("family", "dense mAP50-95", f"dense +{S + F} ep", f"sparse ({S} ep)",
-                                   "sparse + pruned",
-                                   f"pruned +{S}+{F} ep", "vs dense +S+F (points)", "params (M)",
+        stages = (f"sparse ({S} ep)", "sparse + pruned", f"pruned +{S}+{F} ep") if S else \
+            ("right after pruning", f"pruned +{F} ep")
+        out.append(md_table(rows, ("family", "dense mAP50-95", f"dense +{S + F} ep", *stages,
+                                   f"vs dense +{S + F} ep (points)", "params (M)",
                                    f"GMACs @{ds['imgsz']} (ratio)", "prune s",
                                    f"onnx latency ratio @{ds['imgsz']}", "onnx latency ratio @640")))
         if notes:
@@ -715,6 +716,8 @@ def render(text: str) -> str:
     text = pattern.sub(lambda m: m.group(1) + block_latency_target(m.group(2)) + "\n" + m.group(3), text)
     pattern = re.compile(r"(<!-- BEGIN latency:(\w+) -->\n).*?(<!-- END latency:\2 -->)", re.DOTALL)
     text = pattern.sub(lambda m: m.group(1) + block_latency(m.group(2)) + "\n" + m.group(3), text)
+    pattern = re.compile(r"(<!-- BEGIN families:(\w+) -->\n).*?(<!-- END families:\2 -->)", re.DOTALL)
+    text = pattern.sub(lambda m: m.group(1) + block_families(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):
