@@ -56,17 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     entry: dict[str, Any] = {"command": common.command_line(), "started": time.strftime("%Y-%m-%d %H:%M"),
                              "machine": common.machine(), "busy_processes_at_start": common.busy_processes()}
-    if args.reference is not None:
-        key = f"dense_plus_{args.reference}"
+    overrides = {k: _value(v) for k, v in (p.partition("=")[::2] for p in args.set)}
+    if args.reference is not None:  # --set keys go to finetune (ultralytics train keys), e.g. nbs=16
+        key = f"dense_plus_{args.reference}" + "".join(f"_{k}{v}" for k, v in overrides.items())
         last = work / key / "weights" / "last.pt"
         if not (args.reuse and last.is_file()):
             last = yp.finetune(str(dense), data, epochs=args.reference, imgsz=IMGSZ, project=work, name=key,
-                               exist_ok=True, val=False).last
+                               exist_ok=True, val=False, **overrides).last
         v = yp.validate(last, data, imgsz=IMGSZ)
-        entry.update(epochs=args.reference, map50_95=v.map50_95, map50=v.map50)
+        entry.update(epochs=args.reference, overrides=overrides, map50_95=v.map50_95, map50=v.map50)
     else:
         key = args.arm
-        overrides = {k: _value(v) for k, v in (p.partition("=")[::2] for p in args.set)}
         p = yp.pipeline(str(dense), data, target_macs=args.target, imgsz=IMGSZ, project=work, name=key,
                         exist_ok=True, backends=("onnx",), bench_runs=20, **overrides)
         report = json.loads((p.save_dir / "report.json").read_text())

@@ -608,13 +608,19 @@ def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/bccd_pipeline.py`._"
     arms = res["arms"]
-    refs = {a["epochs"]: a for k, a in arms.items() if k.startswith("dense_plus_")}
+
+    def recipe(a: dict[str, Any], reference: bool) -> tuple:
+        """The ultralytics train keys a run changed: a reference's overrides, an arm's ``train_args``."""
+        o = a.get("overrides") or {}
+        return tuple(sorted((o if reference else o.get("train_args") or {}).items()))
+
+    refs = {(a["epochs"], recipe(a, True)): a for k, a in arms.items() if k.startswith("dense_plus_")}
     rows, cmds = [], []
     for key, a in arms.items():
         cmds.append(f"`{a['command']}` ({a['started']}, {minutes(a.get('seconds'))})")
         if key.startswith("dense_plus_"):
             continue
-        ref = refs.get(a["epochs"])
+        ref = refs.get((a["epochs"], recipe(a, False)))
         args = a.get("args") or {}
         rows.append((key, ", ".join(f"{k}={v}" for k, v in a["overrides"].items()) or "-",
                      f"method={args.get('method') or 'auto'}, compensate={args.get('compensate') or 'lstsq_seq'}, "
