@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from yolo_prune.errors import DatasetError, ModelLoadError, UsageError
@@ -443,6 +444,16 @@ def test_finetune_in_memory_pruned_model(pruned, data, tmp_path):
     assert res.map50_95 is not None
     assert abs(metrics.box.map - res.map50_95) < 0.005
     assert abs(metrics.box.map50 - res.map50) < 0.005
+
+
+def test_one_optimizer_step_per_batch_unless_nbs_is_given(pruned_pt, data, tmp_path):
+    """ultralytics' nbs=64 would accumulate 16 batches of 4 here; yolo-prune's trainers step once per batch, and
+    an explicit nbs still wins."""
+    fast = {k: v for k, v in FAST.items() if k != "nbs"}
+    for name, extra, nbs in (("default", {}, FAST["batch"]), ("given", {"nbs": 64}, 64)):
+        res = finetune(pruned_pt, data, epochs=1, project=tmp_path, name=name, **fast, **extra)
+        args = yaml.safe_load((res.save_dir / "args.yaml").read_text())
+        assert args["batch"] == FAST["batch"] and args["nbs"] == nbs, (name, args["nbs"])
 
 
 def _spawn_training(script: str, tmp_path: Path, argv: list[str] | None = None) -> subprocess.Popen:

@@ -492,6 +492,11 @@ def run_training(
             "plots": False,
             **(extra or {}),
         }
+        if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0:
+            # one optimizer step per batch: ultralytics' nbs=64 accumulates 4 batches of 16, i.e. 3 steps per epoch
+            # on a 200-image dataset, too few for a pruned model to recover (BENCHMARKS.md section 7); nbs=64 in
+            # train_args restores it. (batch -1 / a fraction means autobatch: ultralytics' own nbs then.)
+            overrides["nbs"] = batch
         if device is not None:
             overrides["device"] = str(device)
     overrides.update(train_args)
