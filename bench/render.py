@@ -602,25 +602,30 @@ def block_sparsity(name: str = "sparsity_bccd") -> str:
                                          "vs dense", "max abs change of head outputs: interior / all")) + tail
 
 
+def _bccd_references(arms: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each pipeline arm of bench/bccd_pipeline.py and the dense reference trained the same epochs with the same
+    ultralytics train keys (a reference's ``--set`` overrides, an arm's ``train_args``), if any."""
+    def recipe(a: dict[str, Any], reference: bool) -> tuple:
+        o = a.get("overrides") or {}
+        return tuple(sorted((o if reference else o.get("train_args") or {}).items()))
+
+    refs = {(a["epochs"], recipe(a, True)): a for k, a in arms.items() if k.startswith("dense_plus_")}
+    return {k: refs.get((a["epochs"], recipe(a, False))) for k, a in arms.items() if not k.startswith("dense_plus_")}
+
+
 def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
     """Issue 12's realistic case: the bccd-tuned yolov8n through the pipeline (bench/bccd_pipeline.py)."""
     res = common.read_result(name)
     if not res:
         return f"_No `bench/results/{name}.json` yet: run `python bench/bccd_pipeline.py`._"
     arms = res["arms"]
-
-    def recipe(a: dict[str, Any], reference: bool) -> tuple:
-        """The ultralytics train keys a run changed: a reference's overrides, an arm's ``train_args``."""
-        o = a.get("overrides") or {}
-        return tuple(sorted((o if reference else o.get("train_args") or {}).items()))
-
-    refs = {(a["epochs"], recipe(a, True)): a for k, a in arms.items() if k.startswith("dense_plus_")}
+    references = _bccd_references(arms)
     rows, cmds = [], []
     for key, a in arms.items():
         cmds.append(f"`{a['command']}` ({a['started']}, {minutes(a.get('seconds'))})")
         if key.startswith("dense_plus_"):
             continue
-        ref = refs.get((a["epochs"], recipe(a, False)))
+        ref = references[key]
         args = a.get("args") or {}
         rows.append((key, ", ".join(f"{k}={v}" for k, v in a["overrides"].items()) or "-",
                      f"method={args.get('method') or 'auto'}, compensate={args.get('compensate') or 'lstsq_seq'}, "
@@ -703,6 +708,16 @@ def block_accuracy_targets(name: str = "accuracy") -> str:
         rows.append(("fixture at 90% MACs, right after pruning: within 3 points of dense",
                      f"{m:.3f} vs dense {dense:.3f} ({100 * (m - dense):+.1f} points; {label})",
                      "met" if m >= dense - 0.03 else "**missed**"))
+    arms = (common.read_result("bccd_pipeline") or {}).get("arms", {})
+    for target, points in ((0.5, 1), (0.3, 2)):  # the best arm against its own equal-budget reference
+        pairs = [(a["map50_95"] - ref["map50_95"], k, a, ref) for k, ref in _bccd_references(arms).items()
+                 if ref and (a := arms[k]).get("target_macs") == target]
+        if pairs:
+            d, k, a, ref = max(pairs, key=lambda t: t[0])
+            plural = "s" if points > 1 else ""
+            rows.append((f"bccd at {target:.0%} MACs: within {points} point{plural} of the dense model at equal budget",
+                         f"{a['map50_95']:.3f} vs {ref['map50_95']:.3f} ({100 * d:+.1f} points; `{k}`)",
+                         "met" if d >= -points / 100 else "**missed**"))
     return md_table(rows, ("target", "measured", "verdict")) if rows else "_No results yet._"
 
 
