@@ -10,6 +10,8 @@ reference for "mAP kept" is the dense model trained the same number of extra epo
     python bench/bccd_pipeline.py --arm defaults_s6_f10 --set sparse_epochs=6 finetune_epochs=10
     python bench/bccd_pipeline.py --arm prune_first_f16 --set sparse_epochs=0 finetune_epochs=16
     python bench/bccd_pipeline.py --reference 16          # dense + 16 epochs, same recipe
+    python bench/bccd_pipeline.py --arm prune_first_f16_nbs16 --set sparse_epochs=0 finetune_epochs=16 "train_args={nbs: 16}"
+    python bench/bccd_pipeline.py --reference 16 --set nbs=16   # its reference: the same train keys
 
 Results: ``bench/results/bccd_pipeline.json`` (one entry per arm; the command of each is recorded).
 """
