@@ -727,18 +727,15 @@ BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_
           "quick": block_quick}
 
 
+# blocks that take a result name: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
+NAMED_BLOCKS = {"frontier": block_frontier, "sparsity": block_sparsity, "latency_target": block_latency_target,
+                "latency": block_latency, "families": block_families}
+
+
 def render(text: str) -> str:
-    # parameterised frontier blocks: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
-    pattern = re.compile(r"(<!-- BEGIN frontier:(\w+) -->\n).*?(<!-- END frontier:\2 -->)", re.DOTALL)
-    text = pattern.sub(lambda m: m.group(1) + block_frontier(m.group(2)) + "\n" + m.group(3), text)
-    pattern = re.compile(r"(<!-- BEGIN sparsity:(\w+) -->\n).*?(<!-- END sparsity:\2 -->)", re.DOTALL)
-    text = pattern.sub(lambda m: m.group(1) + block_sparsity(m.group(2)) + "\n" + m.group(3), text)
-    pattern = re.compile(r"(<!-- BEGIN latency_target:(\w+) -->\n).*?(<!-- END latency_target:\2 -->)", re.DOTALL)
-    text = pattern.sub(lambda m: m.group(1) + block_latency_target(m.group(2)) + "\n" + m.group(3), text)
-    pattern = re.compile(r"(<!-- BEGIN latency:(\w+) -->\n).*?(<!-- END latency:\2 -->)", re.DOTALL)
-    text = pattern.sub(lambda m: m.group(1) + block_latency(m.group(2)) + "\n" + m.group(3), text)
-    pattern = re.compile(r"(<!-- BEGIN families:(\w+) -->\n).*?(<!-- END families:\2 -->)", re.DOTALL)
-    text = pattern.sub(lambda m: m.group(1) + block_families(m.group(2)) + "\n" + m.group(3), text)
+    for kind, fn in NAMED_BLOCKS.items():
+        pattern = re.compile(rf"(<!-- BEGIN {kind}:(\w+) -->\n).*?(<!-- END {kind}:\2 -->)", re.DOTALL)
+        text = pattern.sub(lambda m, fn=fn: m.group(1) + fn(m.group(2)) + "\n" + m.group(3), text)
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.DOTALL)
         if pattern.search(text):
