@@ -12,9 +12,20 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, options
+from .bench import measure_latency
 from .config import build, default_cfg_path, parse_argv
-from .errors import YoloPruneError
+from .demo import demo
+from .errors import UsageError, YoloPruneError
+from .evaluate import evaluate
+from .export import export_model
+from .io import run_dir, write_json, write_text, write_yaml
+from .pipeline import pipeline_from_cfg
+from .run import backend_list
+from .stages.prune import prune
+from .stages.sensitivity import sensitivity
+from .stages.sparsify import sparsify
+from .train import finetune, sparse_train
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -69,91 +80,49 @@ def _setup_logging() -> None:
     LOGGER.propagate = False
 
 
-def target_macs(cfg: dict[str, Any]) -> float | None:
-    """``target_macs`` of the configuration: empty means 0.5, except for ``prune`` with a ``threshold`` (then
-    only the free channels are removed)."""
-    if cfg.get("target_macs") is not None:
-        return cfg["target_macs"]
-    return None if cfg.get("mode") == "prune" and cfg.get("threshold") is not None else 0.5
-
-
-def _common(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"project": cfg["project"], "name": cfg["name"], "exist_ok": cfg["exist_ok"]}
-
-
-def _distill(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Distillation keys of sparse/finetune (``teacher=auto`` means none outside a pipeline)."""
-    keys = ("teacher", "distill", "distill_cls", "distill_box", "distill_temp", "labels", "unlabeled")
-    return {k: cfg[k] for k in keys}
+def mode_keys(cfg: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
+    """The keys the schema gives ``mode`` (model, data and mode itself left out): what its API function takes."""
+    mode = mode or cfg["mode"]
+    return {k.name: cfg[k.name] for k in options.keys_for(mode) if k.group != "input"}
 
 
 def run_sparse(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .train import sparse_train
-
-    return sparse_train(cfg["model"], _data(cfg), sr=cfg["sr"], sr_schedule=cfg["sr_schedule"],
-                        sr_mode=cfg["sr_mode"], sr_group=cfg["sr_group"], sr_head=cfg["sr_head"],
-                        greg_ramp=cfg["greg_ramp"], target_macs=target_macs(cfg), method=cfg["method"],
-                        max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"],
-                        gamma_threshold=cfg["gamma_threshold"], epochs=cfg["epochs"], imgsz=cfg["imgsz"],
-                        batch=cfg["batch"], device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"],
-                        verbose=cfg["verbose"], workers=cfg["workers"], **_distill(cfg), **_common(cfg), **extra)
+    return sparse_train(cfg["model"], _data(cfg), **{**mode_keys(cfg), "target_macs": options.target_macs(cfg)},
+                        **extra)
 
 
 def run_prune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .pruning import prune
-
-    return prune(cfg["model"], method=cfg["method"], target_macs=target_macs(cfg), ratio=cfg["ratio"],
-                 threshold=cfg["threshold"], data=cfg["data"], imgsz=cfg["imgsz"], global_pruning=cfg["global_pruning"],
-                 max_layer_ratio=cfg["max_layer_ratio"], round_to=cfg["round_to"], steps=cfg["steps"],
-                 tolerance=cfg["tolerance"], calib_images=cfg["calib_images"], compensate=cfg["compensate"],
-                 recalibrate=cfg["recalibrate"], allocation=cfg["allocation"], sensitivity=cfg["sensitivity"],
-                 search_candidates=cfg["search_candidates"], seed=cfg["seed"],
-                 target_latency=cfg["target_latency"], target_ms=cfg["target_ms"], runtime=cfg["runtime"],
-                 threads=cfg["threads"],
-                 validate=cfg["data"] is not None, batch=cfg["batch"], device=cfg["device"], progress=True,
-                 **_common(cfg))
+    return prune(cfg["model"], data=cfg["data"], validate=cfg["data"] is not None, progress=True,
+                 **{**mode_keys(cfg), "target_macs": options.target_macs(cfg)})
 
 
 def run_sparsify(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .sparsify import sparsify_from_cfg
-
-    return sparsify_from_cfg(cfg, extra)
+    return sparsify(cfg["model"], data=cfg["data"], train_args=extra, **mode_keys(cfg))
 
 
 def run_sensitivity(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .pruning.analysis import sensitivity
-
-    return sensitivity(cfg["model"], _need(cfg, "data"), method=cfg["method"], imgsz=cfg["imgsz"],
-                       calib_images=cfg["calib_images"], validate=cfg["sensitivity_validate"], batch=cfg["batch"],
-                       device=cfg["device"], seed=cfg["seed"], progress=True, **_common(cfg))
+    keys = mode_keys(cfg)
+    return sensitivity(cfg["model"], _need(cfg, "data"), method=cfg["method"], validate=keys.pop("sensitivity_validate"),
+                       progress=True, **{k: keys[k] for k in ("imgsz", "calib_images", "batch", "device", "seed",
+                                                                "project", "name", "exist_ok")})
 
 
 def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .train import finetune
-
-    return finetune(cfg["model"], _data(cfg), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"],
-                    device=cfg["device"], seed=cfg["seed"], resume=cfg["resume"], verbose=cfg["verbose"],
-                    workers=cfg["workers"], **_distill(cfg), **_common(cfg), **extra)
+    return finetune(cfg["model"], _data(cfg), **mode_keys(cfg), **extra)
 
 
 def run_val(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .evaluate import evaluate
-
     save_dir = _run_folder(cfg, "val")
     return evaluate(cfg["model"], _need(cfg, "data"), imgsz=cfg["imgsz"], batch=cfg["batch"], device=cfg["device"],
                     conf=cfg["conf"], iou=cfg["iou"], save_dir=save_dir)
 
 
 def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .bench import measure_latency
-    from .io import write_json, write_text
-
     paths = [p.strip() for p in str(cfg["model"]).split(",") if p.strip()]
     stems = [Path(p).stem for p in paths]
     models = {(stem if stems.count(stem) == 1 else p): p for stem, p in zip(stems, paths)}  # unique names
     save_dir = _run_folder(cfg, "bench")
-    backends = tuple(b.strip() for b in str(cfg["backends"]).split(",") if b.strip())
-    result = measure_latency(models, imgsz=cfg["imgsz"], backends=backends, runs=cfg["bench_runs"],
+    result = measure_latency(models, imgsz=cfg["imgsz"], backends=backend_list(cfg["backends"]), runs=cfg["bench_runs"],
                              warmup=cfg["bench_warmup"], seed=cfg["seed"], threads=cfg["threads"], progress=True)
     write_json(save_dir / "latency.json", result.to_dict())
     write_text(save_dir / "latency.md", result.markdown() + "\n")
@@ -161,29 +130,21 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .export import export_model
-
     save_dir = _run_folder(cfg, "export")
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, **extra)
 
 
 def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .pipeline import pipeline_from_cfg
-
     _data(cfg)
     return pipeline_from_cfg(cfg, extra)
 
 
 def run_demo(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
-    from .pipeline import demo
-
     return demo(cfg, extra)
 
 
 def _run_folder(cfg: dict[str, Any], mode: str) -> Path:
     """A new run folder holding the run's full configuration as args.yaml."""
-    from .io import run_dir, write_yaml
-
     save_dir = run_dir(cfg["project"], mode, cfg["name"], exist_ok=cfg["exist_ok"])
     write_yaml(save_dir / "args.yaml", cfg)
     return save_dir
@@ -191,8 +152,6 @@ def _run_folder(cfg: dict[str, Any], mode: str) -> Path:
 
 def _need(cfg: dict[str, Any], key: str) -> Any:
     if cfg.get(key) in (None, ""):
-        from .errors import UsageError
-
         raise UsageError(f"mode {cfg['mode']} needs {key}=...")
     return cfg[key]
 
@@ -230,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(__version__)
             return 0
         if mode == "cfg":
-            print(default_cfg_path().read_text(encoding="utf-8"))
+            print(options.default_yaml(), end="")
             return 0
         cfg, extra = build(mode, overrides)
         if not cfg["verbose"]:

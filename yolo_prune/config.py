@@ -1,27 +1,25 @@
-"""Configuration: ``cfg/default.yaml`` merged with a ``cfg=recipe.yaml`` and ``key=value`` overrides.
+"""Configuration: the schema's defaults (:mod:`yolo_prune.options`, shown as ``cfg/default.yaml``) merged with a
+``cfg=recipe.yaml`` and ``key=value`` overrides.
 
-Precedence: defaults < recipe < command line. Values are parsed with ``ast.literal_eval`` (never
-``eval``); anything that is not a Python literal stays a string. Keys of ultralytics' own default
-config are accepted too and passed through to its trainer and validator.
+Precedence: defaults < recipe < command line. yolo-prune's keys are read by the type the schema declares (so
+``compensate=none`` stays the string ``none``); values of ultralytics keys are parsed with ``ast.literal_eval``
+(never ``eval``), anything that is not a Python literal stays a string. Keys of ultralytics' own default config
+are accepted and passed through to its trainer and validator.
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
-import logging
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from . import options
 from .errors import UsageError
 
-LOGGER = logging.getLogger("yolo_prune")
-
-MODES = ("sparse", "prune", "sparsify", "sensitivity", "finetune", "val", "bench", "export", "pipeline", "demo")
+MODES = options.MODES
 COMMANDS = ("help", "cfg", "version")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
@@ -46,7 +44,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def defaults() -> dict[str, Any]:
-    return load_yaml(default_cfg_path())
+    return options.defaults()
 
 
 def ultralytics_keys() -> set[str]:
@@ -86,19 +84,20 @@ def parse_argv(argv: Iterable[str]) -> tuple[str, dict[str, Any]]:
         key = key.strip().lstrip("-").replace("-", "_")
         if not key:
             raise UsageError(f"cannot read argument {token!r}: expected key=value")
-        overrides[key] = parse_value(value) if sep else True
+        overrides[key] = value if sep else True  # read by the key's declared type in build()
     return mode or "help", overrides
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_suggest = options.suggest
 
 
 def build(mode: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Merge defaults, recipe and overrides; return (full config, the ultralytics keys set explicitly)."""
+    """Merge defaults, recipe and overrides; return (full config, the ultralytics keys set explicitly).
+
+    yolo-prune's keys are read by the type the schema declares (:mod:`yolo_prune.options`); command-line values of
+    ultralytics keys are read as Python literals (:func:`parse_value`)."""
     overrides = dict(overrides or {})
-    cfg = defaults()
+    cfg = options.defaults()
     ours = set(cfg)
     recipe_path = overrides.pop("cfg", None)
     if recipe_path is None and mode == "demo":
@@ -111,113 +110,16 @@ def build(mode: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str,
             if key in ours:
                 cfg[key] = value
             elif key in ultra:
-                passthrough[key] = value
+                passthrough[key] = parse_value(value) if source == "argument" and isinstance(value, str) else value
             else:
                 raise UsageError(f"unknown key {key!r} in {source}{_suggest(key, ours | ultra)}; see 'yolo-prune cfg'")
     cfg["mode"] = mode
     return validate(cfg), passthrough
 
 
-def _number(cfg: dict, key: str, kind: type, *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> None:
-    value = cfg.get(key)
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise UsageError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
-    value = kind(value)
-    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
-    if bad_lo or bad_hi:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise UsageError(f"{key}={value} is out of range: it must be in {left}{lo}, {hi if hi is not None else 'inf'}{right}")
-    cfg[key] = value
-
-
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check types and ranges of yolo-prune's own keys (in place); return ``cfg``."""
-    from .pruning.importance import METHODS
-
-    _number(cfg, "ratio", float, lo=0, hi=1, hi_open=True, optional=True)
-    _number(cfg, "target_macs", float, lo=0, hi=1, lo_open=True, optional=True)
-    _number(cfg, "threshold", float, lo=0, lo_open=True, optional=True)
-    _number(cfg, "greg_ramp", float, lo=0, hi=1, lo_open=True)
-    _number(cfg, "max_layer_ratio", float, lo=0, hi=1, lo_open=True, hi_open=True)
-    _number(cfg, "tolerance", float, lo=0, hi=1, lo_open=True)
-    if str(cfg.get("round_to")).lower() == "auto":
-        cfg["round_to"] = "auto"
-    else:
-        _number(cfg, "round_to", int, lo=1, optional=True)
-    _number(cfg, "target_latency", float, lo=0, hi=1, lo_open=True, optional=True)
-    _number(cfg, "target_ms", float, lo=0, lo_open=True, optional=True)
-    _number(cfg, "threads", int, lo=0, optional=True)
-    if cfg.get("target_latency") is not None and cfg.get("target_ms") is not None:
-        raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
-    if "runtime" in cfg:
-        from .latency import RUNTIMES, _ALIASES
-
-        name = _ALIASES.get(str(cfg["runtime"]).strip().lower(), str(cfg["runtime"]).strip().lower())
-        if name not in RUNTIMES:
-            raise UsageError(f"unknown runtime {cfg['runtime']!r}{_suggest(str(cfg['runtime']), RUNTIMES)}; "
-                             f"choose one of {', '.join(RUNTIMES)}")
-        cfg["runtime"] = name
-    for key in ("steps", "batch", "bench_runs"):
-        _number(cfg, key, int, lo=1)
-    for key in ("epochs", "sparse_epochs", "finetune_epochs", "step_epochs", "workers", "calib_images", "bench_warmup", "seed",
-                "search_candidates", "sensitivity_validate"):
-        _number(cfg, key, int, lo=0)
-    _number(cfg, "sr", float, lo=0)
-    _number(cfg, "gamma_threshold", float, lo=0)
-    _number(cfg, "max_map_drop", float, lo=0, hi=1, optional=True)
-    _number(cfg, "conf", float, lo=0, hi=1)
-    _number(cfg, "iou", float, lo=0, hi=1)
-    _number(cfg, "imgsz", int, lo=32)
-    if cfg["imgsz"] % 32:
-        new = int(math.ceil(cfg["imgsz"] / 32) * 32)
-        LOGGER.warning("imgsz=%s is not a multiple of 32, using imgsz=%s", cfg["imgsz"], new)
-        cfg["imgsz"] = new
-    _number(cfg, "amount", float, lo=0, hi=1, hi_open=True)
-    # method ranks channels (prune, pipeline) or weights (sparsify); empty means the mode's first choice
-    from .sparsify import LAYER_SETS, SCOPES
-    from .sparsify import METHODS as WEIGHT_METHODS
-
-    sparsify = cfg.get("mode") == "sparsify"
-    methods = WEIGHT_METHODS if sparsify else METHODS
-    if cfg.get("method") is None:
-        cfg["method"] = methods[0]
-    if cfg.get("method") not in methods:
-        raise UsageError(f"unknown method {cfg.get('method')!r}{' for sparsify' if sparsify else ''}"
-                         f"{_suggest(str(cfg.get('method')), methods)}; choose one of {', '.join(methods)}")
-    for key, choices in (("scope", SCOPES), ("layers", LAYER_SETS)):
-        if cfg.get(key) not in choices:
-            raise UsageError(f"unknown {key} {cfg.get(key)!r}{_suggest(str(cfg.get(key)), choices)}; "
-                             f"choose one of {', '.join(choices)}")
-    if cfg.get("sr_schedule") not in ("constant", "linear", "cosine", "ramp"):
-        raise UsageError(f"sr_schedule={cfg.get('sr_schedule')!r} must be constant, linear, cosine or ramp")
-    if cfg.get("sr_mode") not in ("proximal", "subgradient", "greg"):
-        raise UsageError(f"sr_mode={cfg.get('sr_mode')!r} must be proximal, subgradient or greg")
-    if cfg.get("compensate") not in ("lstsq_seq", "lstsq", "mean", "none", True, False):
-        raise UsageError(f"compensate={cfg.get('compensate')!r} must be lstsq_seq, lstsq, mean or none")
-    if cfg.get("recalibrate") not in (True, False, "match", "reset", None):
-        raise UsageError(f"recalibrate={cfg.get('recalibrate')!r} must be True, False, match or reset")
-    from .pruning.allocation import ALLOCATIONS
-
-    if cfg.get("allocation") not in ALLOCATIONS:
-        raise UsageError(f"allocation={cfg.get('allocation')!r} must be one of {', '.join(ALLOCATIONS)}")
-    _number(cfg, "distill_cls", float, lo=0)
-    _number(cfg, "distill_box", float, lo=0)
-    _number(cfg, "distill_temp", float, lo=0, lo_open=True)
-    if cfg.get("distill") not in ("output", "feature", "both"):
-        raise UsageError(f"distill={cfg.get('distill')!r} must be output, feature or both")
-    if cfg.get("teacher") is False:
-        cfg["teacher"] = None
-    for key in ("teacher", "unlabeled"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], str):
-            raise UsageError(f"{key}={cfg[key]!r} must be a path")
-    for key in ("global_pruning", "exist_ok", "verbose", "resume", "labels", "sr_group", "sr_head"):
-        if not isinstance(cfg.get(key), bool):
-            raise UsageError(f"{key}={cfg.get(key)!r} must be True or False")
+    """Read and check yolo-prune's own keys by the schema (in place), and the device; return ``cfg``."""
+    options.check(cfg)
     check_device(cfg.get("device"))
     return cfg
 

@@ -9,7 +9,7 @@ from .io import atomic_path
 from .results import markdown_table
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def _latency_markdown(lat: dict) -> str:
 
 def plot_layer_channels(layers: Sequence[Any], path: str | Path) -> Path:
     """Bar chart of channels kept per prunable conv (kept over removed)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [layer.name.replace("model.", "") for layer in layers]
     before = [layer.channels_before for layer in layers]
     after = [layer.channels_after for layer in layers]
@@ -93,12 +93,12 @@ def plot_layer_channels(layers: Sequence[Any], path: str | Path) -> Path:
     ax.set_title("channels kept per layer")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gamma_histograms(hists: dict[str, Sequence[float]], path: str | Path, *, threshold: float | None = None) -> Path:
     """Overlaid histograms of |BN gamma| (e.g. before and after sparsity training), log-scaled counts."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     values = [v for vs in hists.values() for v in vs]
     hi = max(values) if values else 1.0
@@ -112,12 +112,12 @@ def plot_gamma_histograms(hists: dict[str, Sequence[float]], path: str | Path, *
     ax.set_title("BatchNorm gamma")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_map_vs_macs(points: Sequence[tuple[float, float, str]], path: str | Path) -> Path:
     """mAP50-95 against MACs kept, one point per (macs_fraction, map, label)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
@@ -129,11 +129,11 @@ def plot_map_vs_macs(points: Sequence[tuple[float, float, str]], path: str | Pat
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig: Any, path: str | Path) -> Path:
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -142,7 +142,7 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def plot_layer_sparsity(rows: Sequence[tuple[str, float]], path: str | Path, *, overall: float | None = None) -> Path:
     """Bar chart of the fraction of zero weights per layer (``rows``: (name, sparsity)), with the overall line."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [n.replace("model.", "") for n, _ in rows]
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.18), 4))
     x = range(len(names))
@@ -156,14 +156,14 @@ def plot_layer_sparsity(rows: Sequence[tuple[str, float]], path: str | Path, *, 
     ax.set_ylabel("fraction of weights = 0")
     ax.set_title("sparsity per layer")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_weight_histograms(layers: dict[str, tuple[Any, Any]], path: str | Path, *, bins: int = 101) -> Path:
     """One panel per layer: histogram of its weight values before and after (numpy arrays), log-scaled counts."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     n = max(1, len(layers))
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4), squeeze=False)
     for ax, (name, (before, after)) in zip(axes[0], layers.items()):
@@ -179,4 +179,4 @@ def plot_weight_histograms(layers: dict[str, tuple[Any, Any]], path: str | Path,
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("count (log)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

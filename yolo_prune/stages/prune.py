@@ -1,4 +1,5 @@
-"""``prune()``: the user-facing pruning operation (load -> rank -> remove -> measure -> save)."""
+"""The prune stage: ``prune()``, the user-facing pruning operation (load -> rank -> remove -> measure -> save),
+over the engine of :mod:`yolo_prune.pruning`."""
 
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ from typing import Any
 
 import torch
 
+from ..data import resolve_data
 from ..errors import UsageError
+from ..evaluate import evaluate
+from ..bench import check_threads
 from ..io import run_dir, write_json, write_text, write_yaml
+from ..latency import NOISY, LatencyCost, LatencyTable, build_table, check_runtime, measure_models
 from ..models import load_model, save_checkpoint, wrap_model
+from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings
 from ..provenance import provenance
+from ..report import plot_layer_channels, prune_report_markdown
 from ..results import Result, table
 from ..stats import model_stats
-from .calibration import load_calibration_images
-from .engine import PruneOutcome, Reference, StepRecord, _compensation, _recalibration, prune_model
-from .importance import resolve_method
-from .threshold import remove_free_channels
+from ..pruning.calibration import load_calibration_images
+from ..pruning.engine import (PruneOutcome, Reference, StepRecord, _compensation, _recalibration, layer_widths,
+                              prune_model)
+from ..pruning.graph import build_graph
+from ..pruning.importance import resolve_method
+from ..pruning.threshold import remove_free_channels
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -173,100 +182,55 @@ def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> to
         if method in ("activation", "recon"):
             raise UsageError(f"method={method} needs calib_images > 0")
         return None
-    from ..data import resolve_data
-
     return load_calibration_images(resolve_data(data).train_images, n=n, imgsz=imgsz, seed=seed)
 
 
-def prune(
-    model: Any,
-    *,
-    method: str = "auto",
-    target_macs: float | None = 0.5,
-    ratio: float | None = None,
-    threshold: float | None = None,
-    data: str | Path | None = None,
-    imgsz: int = 640,
-    global_pruning: bool = True,
-    max_layer_ratio: float = 0.75,
-    round_to: int | None = 8,
-    steps: int = 1,
-    tolerance: float = 0.03,
-    calib_images: int = 64,
-    compensate: str | bool = "lstsq_seq",
-    recalibrate: bool | str = True,
-    allocation: str = "auto",
-    sensitivity: str | Path | None = None,
-    search_candidates: int = 16,
-    seed: int = 0,
-    target_latency: float | None = None,
-    target_ms: float | None = None,
-    runtime: str = "onnxruntime",
-    threads: int | None = None,
-    latency_aware: bool | float = False,
-    verify_latency: bool = True,
-    latency_table: Any = None,
-    validate: bool = False,
-    batch: int = 16,
-    device: str | None = None,
-    project: str | Path | None = None,
-    name: str | None = None,
-    exist_ok: bool = False,
-    save: bool = True,
-    progress: bool = False,
-) -> PruneResult:
+GROUPS = (PruneOptions, LatencyOptions, TrainOptions, RunOptions)
+
+
+def prune(model: Any, *options: Options, data: str | Path | None = None, validate: bool = False, save: bool = True,
+          progress: bool = False, latency_table: Any = None, **overrides: Any) -> PruneResult:
     """Prune ``model`` (path, yaml, YOLO or DetectionModel) and return a :class:`PruneResult`.
+
+    ``options`` are typed option objects (:class:`~yolo_prune.options.PruneOptions`, ``LatencyOptions``,
+    ``TrainOptions`` for ``imgsz``/``batch``/``device``/``seed``, ``RunOptions`` for ``project``/``name``/
+    ``exist_ok``); ``overrides`` are any of their keys by name (``method="bn", target_macs=0.5``). Every key is
+    documented in ``yolo-prune cfg``.
 
     The input is never modified. With ``save`` the run folder ``project/name`` (default ``runs/prune/prune``) receives
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
-    ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured
-    before and after by :func:`yolo_prune.evaluate.evaluate` (COCO evaluation). With ``data``,
-    ``calib_images`` train images are used by ``method=activation|recon`` and by ``compensate`` (``lstsq_seq``:
-    every conv is refit layer by layer toward the dense model's outputs; ``lstsq``: the layers that consumed
-    removed channels refit their kept weights by least squares; ``mean``: bias only; ``none``), and
-    ``recalibrate`` re-estimates every BN's statistics on them afterwards (``True``/``"match"``: moment matching
-    to the dense model; ``"reset"``: EagleEye's plain re-estimation; with ``validate`` the report also gives the
-    mAP before it). ``allocation`` (``auto``: ``sensitivity`` with data, else ``global``; ``global``,
-    ``sensitivity``, ``search``) spreads the removal over the channel groups; ``sensitivity`` is a
-    ``sensitivity.csv`` to use instead of measuring (see :func:`yolo_prune.sensitivity`).
+    ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured before and after
+    (COCO evaluation). With ``data``, ``calib_images`` train images are used by ``method=activation|recon``, by
+    ``compensate`` (``lstsq_seq``, ``lstsq``, ``mean``, ``none``) and by ``recalibrate`` (BN statistics re-estimated
+    afterwards; with ``validate`` the report also gives the mAP before it). ``allocation`` spreads the removal over
+    the channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring.
 
-    With ``threshold``, every channel whose coupled BN gammas are all below it (the channels sparsity
-    training zeroed) is removed first, its constant output folded into its consumers so that the model
-    computes the same thing (:func:`~yolo_prune.pruning.threshold.remove_free_channels`); then, if the MACs
-    are still above ``target_macs``, the remaining channels are ranked with ``method`` to reach it (targets
-    stay fractions of the original). ``target_macs=None`` with a threshold removes only the free channels.
+    With ``threshold``, every channel whose coupled BN gammas are all below it is removed first, its constant output
+    folded into its consumers (:func:`~yolo_prune.pruning.threshold.remove_free_channels`); then, if the MACs are
+    still above ``target_macs``, the remaining channels are ranked with ``method`` to reach it.
+    ``target_macs=None`` with a threshold removes only the free channels.
 
-    ``target_latency`` (a fraction of the dense model's latency) or ``target_ms`` replaces ``target_macs`` by
-    a latency target on ``runtime`` (``onnxruntime``, ``openvino``, ``torch``) with ``threads`` threads: a
-    latency table of the model is measured on this machine (:mod:`yolo_prune.latency`, cached) and the schedule
-    solves for its prediction (channels ranked by importance as for MACs targets; ``latency_aware=True`` ranks
-    them by importance per millisecond they cost, a float in (0, 1] by importance / ms**latency_aware). With
-    ``verify_latency`` the pruned model is exported and measured against the dense one; the report shows
-    predicted and measured latency. ``round_to="auto"`` keeps each group at the width multiple its convs run
-    fastest at on ``runtime``. ``latency_table``: a :class:`~yolo_prune.latency.LatencyTable` (or its json) to
-    use instead of measuring.
+    ``target_latency`` (a fraction of the dense model's latency) or ``target_ms`` replaces ``target_macs`` by a
+    latency target on ``runtime`` with ``threads`` threads: a latency table of the model is measured on this machine
+    (:mod:`yolo_prune.latency`, cached; or ``latency_table``, a table or its json) and the schedule solves for its
+    prediction; ``latency_aware`` ranks channels by importance per millisecond; with ``verify_latency`` the pruned
+    model is exported and measured against the dense one. ``round_to="auto"`` keeps each group at the width
+    multiple its convs run fastest at on ``runtime``.
     """
-    source = model
+    s = settings(GROUPS, options, overrides, where="prune")
+    p, lat, t = s.prune, s.latency, s.train
+    _check_threshold(p)
     yolo = load_model(model)
     module = copy.deepcopy(yolo.model).float().cpu().eval()
-    for p in module.parameters():
-        p.requires_grad_(True)
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise UsageError(f"threshold={threshold!r} must be a number > 0")
-        if ratio is not None:
-            raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
-        if target_macs is not None and not 0 < target_macs <= 1:
-            raise UsageError(f"target_macs={target_macs} is out of range: it must be in (0, 1]")
-    latency = _latency_cost(yolo.model, target_latency=target_latency, target_ms=target_ms, runtime=runtime,
-                            threads=threads, round_to=round_to, ratio=ratio, imgsz=imgsz, aware=latency_aware,
-                            table=latency_table, progress=progress)
-    calib = _calibration(method, data, n=calib_images, imgsz=imgsz, seed=seed)
-    save_dir = run_dir(project, "prune", name, exist_ok=exist_ok) if save else None
-
-    before = model_stats(module, imgsz=imgsz)
-    torch.manual_seed(seed)
-    recal_mode = _recalibration(recalibrate) if calib is not None else None
+    for param in module.parameters():
+        param.requires_grad_(True)
+    latency = _latency_cost(yolo.model, target_latency=lat.target_latency, target_ms=lat.target_ms,
+                            runtime=lat.runtime, threads=lat.threads, round_to=p.round_to, ratio=p.ratio,
+                            imgsz=t.imgsz, aware=lat.latency_aware, table=latency_table, progress=progress)
+    calib = _calibration(p.method or "auto", data, n=p.calib_images, imgsz=t.imgsz, seed=t.seed)
+    save_dir = run_dir(s.run.project, "prune", s.run.name, exist_ok=s.run.exist_ok) if save else None
+    before = model_stats(module, imgsz=t.imgsz)
+    torch.manual_seed(t.seed)
     snapshot: dict[str, torch.Tensor] = {}
 
     def keep_stats(m: torch.nn.Module) -> None:
@@ -274,110 +238,122 @@ def prune(
             snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
 
     t0 = time.perf_counter()
-    free = None
-    if threshold is not None:
-        free = remove_free_channels(module, float(threshold), round_to=round_to, calib_images=calib,
-                                    macs_imgsz=imgsz)
-        LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
-                    threshold, free.channels_removed, free.macs_fraction)
-    if free is None or (target_macs is not None and free.macs_fraction > target_macs):
-        outcome: PruneOutcome = prune_model(
-            module,
-            method=method,
-            target_macs=target_macs,
-            ratio=ratio,
-            global_pruning=global_pruning,
-            max_layer_ratio=max_layer_ratio,
-            round_to=round_to,
-            steps=steps,
-            tolerance=tolerance,
-            seed=seed,
-            calib_images=calib,
-            compensate=compensate,
-            recalibrate=recal_mode or False,
-            allocation=allocation,
-            sensitivity=sensitivity,
-            search_candidates=search_candidates,
-            reference=None if free is None else Reference(free.reference_macs, free.reference_channels),
-            macs_imgsz=imgsz,
-            progress=progress,
-            before_recalibration=keep_stats,
-            latency=latency,
-        )
-    else:
-        from .engine import layer_widths
-        from .graph import build_graph
-
-        after_layers = layer_widths(module, build_graph(module))
-        outcome = PruneOutcome(steps=[], layers_before=free.layers_before, layers_after=after_layers,
-                               reference=Reference(free.reference_macs, free.reference_channels),
-                               method=resolve_method(method, calib is not None))
-    if free is not None:
-        outcome.layers_before = free.layers_before
-        outcome.steps.insert(0, StepRecord(step=0, target_macs=None, macs_fraction=free.macs_fraction,
-                                           channels_removed=free.channels_removed))
-    seconds = time.perf_counter() - t0
-    after = model_stats(module, imgsz=imgsz)
-    args = dict(method=outcome.method, target_macs=target_macs, ratio=ratio, threshold=threshold, imgsz=imgsz, global_pruning=global_pruning,
-                max_layer_ratio=max_layer_ratio, round_to=round_to, steps=steps, calib_images=calib_images,
-                compensate=_compensation(compensate) if calib is not None else "none", recalibrate=recal_mode,
-                allocation=outcome.allocation, sensitivity=str(sensitivity) if sensitivity else None)
-    if latency is not None:
-        args.update(target_latency=target_latency, target_ms=target_ms, runtime=latency.table.runtime,
-                    threads=latency.table.threads, latency_aware=latency_aware)
-    prov = provenance(source, seed=seed, stage="prune", args=args)
-    result = PruneResult(
-        model=None,
-        method=outcome.method,
-        target_macs=None if ratio is not None or (latency is not None and latency.target is not None) else target_macs,
-        ratio=ratio,
-        imgsz=imgsz,
-        params_before=before.params,
-        params_after=after.params,
-        macs_before=before.macs,
-        macs_after=after.macs,
-        size_mb_before=before.size_mb,
-        size_mb_after=after.size_mb,
-        seconds=seconds,
-        threshold=threshold,
-        macs_ratio_free=None if free is None else free.macs_fraction,
-        channels_free=None if free is None else free.channels_removed,
-        layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
-        steps=outcome.steps,
-        provenance=prov,
-        compensate=args["compensate"],
-        recalibrate=recal_mode,
-        allocation=outcome.allocation,
-        latency=_latency_summary(latency, module, target_latency, target_ms) if latency is not None else None,
-    )
-    if latency is not None and verify_latency:
+    outcome, free = _remove(module, p, t, calib=calib, latency=latency, progress=progress, keep_stats=keep_stats)
+    result = _result(model, module, outcome, free, p, s, before=before, calib=calib, latency=latency,
+                     seconds=time.perf_counter() - t0)
+    if latency is not None and lat.verify_latency:
         _verify_latency(result, yolo.model, module, latency)
     if save_dir is not None:
-        write_yaml(save_dir / "args.yaml", {"model": prov["source"], "data": data, "seed": seed, **args})
+        write_yaml(save_dir / "args.yaml", {"model": result.provenance["source"], "data": data, "seed": t.seed,
+                                            **result.provenance.get("args", {})})
         ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
-                               provenance={**prov, "report": {k: v for k, v in result.to_dict().items() if k != "layers"}})
+                               provenance={**result.provenance,
+                                           "report": {k: v for k, v in result.to_dict().items() if k != "layers"}})
         result.save_dir, result.checkpoint = save_dir, ckpt
         result.model = load_model(ckpt)
     else:
         result.model = wrap_model(module)
     if validate and data is not None:
-        from ..evaluate import evaluate
-
-        vb = evaluate(yolo, data, imgsz=imgsz, batch=batch, device=device,
-                      save_dir=save_dir / "val_before" if save_dir else None)
-        va = evaluate(result.model, data, imgsz=imgsz, batch=batch, device=device,
-                      save_dir=save_dir / "val_after" if save_dir else None)
-        result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
-        result.map50_95_after, result.map50_after = va.map50_95, va.map50
-        if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
-            plain = copy.deepcopy(module)
-            plain.load_state_dict(snapshot)
-            vn = evaluate(wrap_model(plain), data, imgsz=imgsz, batch=batch, device=device,
-                          save_dir=save_dir / "val_no_recalibration" if save_dir else None)
-            result.map50_95_no_recalibration, result.map50_no_recalibration = vn.map50_95, vn.map50
+        _validate(result, yolo, module, snapshot, data, t, save_dir)
     if save_dir is not None:
         write_report(result, save_dir)
     return result
+
+
+def _check_threshold(p: PruneOptions) -> None:
+    if p.threshold is not None and p.ratio is not None:
+        raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
+
+
+def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, latency: Any, progress: bool,
+            keep_stats: Any) -> tuple[PruneOutcome, Any]:
+    """Remove the free channels (``threshold``), then rank and remove toward the target: the engine's outcome."""
+    free = None
+    if p.threshold is not None:
+        free = remove_free_channels(module, float(p.threshold), round_to=p.round_to, calib_images=calib,
+                                    macs_imgsz=t.imgsz)
+        LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
+                    p.threshold, free.channels_removed, free.macs_fraction)
+    if free is None or (p.target_macs is not None and free.macs_fraction > p.target_macs):
+        recal_mode = _recalibration(p.recalibrate) if calib is not None else None
+        outcome: PruneOutcome = prune_model(
+            module,
+            method=p.method or "auto",
+            target_macs=p.target_macs,
+            ratio=p.ratio,
+            global_pruning=p.global_pruning,
+            max_layer_ratio=p.max_layer_ratio,
+            round_to=p.round_to,
+            steps=p.steps,
+            tolerance=p.tolerance,
+            seed=t.seed,
+            calib_images=calib,
+            compensate=p.compensate,
+            recalibrate=recal_mode or False,
+            allocation=p.allocation,
+            sensitivity=p.sensitivity,
+            search_candidates=p.search_candidates,
+            reference=None if free is None else Reference(free.reference_macs, free.reference_channels),
+            macs_imgsz=t.imgsz,
+            progress=progress,
+            before_recalibration=keep_stats,
+            latency=latency,
+        )
+    else:
+        after_layers = layer_widths(module, build_graph(module))
+        outcome = PruneOutcome(steps=[], layers_before=free.layers_before, layers_after=after_layers,
+                               reference=Reference(free.reference_macs, free.reference_channels),
+                               method=resolve_method(p.method or "auto", calib is not None))
+    if free is not None:
+        outcome.layers_before = free.layers_before
+        outcome.steps.insert(0, StepRecord(step=0, target_macs=None, macs_fraction=free.macs_fraction,
+                                           channels_removed=free.channels_removed))
+    return outcome, free
+
+
+def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: Any, p: PruneOptions, s: Any, *,
+            before: Any, calib: Any, latency: Any, seconds: float) -> PruneResult:
+    """The result of a pruning run, with its provenance (the settings it ran with)."""
+    t, lat = s.train, s.latency
+    after = model_stats(module, imgsz=t.imgsz)
+    recal_mode = _recalibration(p.recalibrate) if calib is not None else None
+    args = dict(method=outcome.method, target_macs=p.target_macs, ratio=p.ratio, threshold=p.threshold,
+                imgsz=t.imgsz, global_pruning=p.global_pruning, max_layer_ratio=p.max_layer_ratio,
+                round_to=p.round_to, steps=p.steps, calib_images=p.calib_images,
+                compensate=_compensation(p.compensate) if calib is not None else "none", recalibrate=recal_mode,
+                allocation=outcome.allocation, sensitivity=str(p.sensitivity) if p.sensitivity else None)
+    if latency is not None:
+        args.update(target_latency=lat.target_latency, target_ms=lat.target_ms, runtime=latency.table.runtime,
+                    threads=latency.table.threads, latency_aware=lat.latency_aware)
+    by_latency = latency is not None and latency.target is not None
+    return PruneResult(
+        model=None, method=outcome.method,
+        target_macs=None if p.ratio is not None or by_latency else p.target_macs,
+        ratio=p.ratio, imgsz=t.imgsz, params_before=before.params, params_after=after.params,
+        macs_before=before.macs, macs_after=after.macs, size_mb_before=before.size_mb, size_mb_after=after.size_mb,
+        seconds=seconds, threshold=p.threshold,
+        macs_ratio_free=None if free is None else free.macs_fraction,
+        channels_free=None if free is None else free.channels_removed,
+        layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
+        steps=outcome.steps, provenance=provenance(source, seed=t.seed, stage="prune", args=args),
+        compensate=args["compensate"], recalibrate=recal_mode, allocation=outcome.allocation,
+        latency=_latency_summary(latency, module, lat.target_latency, lat.target_ms) if latency is not None else None,
+    )
+
+
+def _validate(result: PruneResult, yolo: Any, module: torch.nn.Module, snapshot: dict, data: Any, t: Any,
+              save_dir: Path | None) -> None:
+    """mAP before and after pruning (and before the BN re-estimation, when there was one)."""
+    kw = dict(imgsz=t.imgsz, batch=t.batch, device=t.device)
+    vb = evaluate(yolo, data, save_dir=save_dir / "val_before" if save_dir else None, **kw)
+    va = evaluate(result.model, data, save_dir=save_dir / "val_after" if save_dir else None, **kw)
+    result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
+    result.map50_95_after, result.map50_after = va.map50_95, va.map50
+    if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
+        plain = copy.deepcopy(module)
+        plain.load_state_dict(snapshot)
+        vn = evaluate(wrap_model(plain), data, save_dir=save_dir / "val_no_recalibration" if save_dir else None, **kw)
+        result.map50_95_no_recalibration, result.map50_no_recalibration = vn.map50_95, vn.map50
 
 
 def write_report(result: PruneResult, save_dir: Path) -> None:
@@ -386,7 +362,6 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
     lines = ["name,channels_before,channels_after"]
     lines += [f"{layer.name},{layer.channels_before},{layer.channels_after}" for layer in result.layers]
     write_text(save_dir / "layers.csv", "\n".join(lines) + "\n")
-    from ..report import plot_layer_channels, prune_report_markdown
 
     write_text(save_dir / "report.md", prune_report_markdown(result))
     plot_layer_channels(result.layers, save_dir / "channels.png")
@@ -396,9 +371,6 @@ def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float 
                   threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
                   progress: bool) -> Any:
     """The latency model for a latency target or round_to=auto (None when neither is asked for)."""
-    from ..bench import check_threads
-    from ..latency import LatencyCost, LatencyTable, build_table, check_runtime
-
     if target_latency is not None and target_ms is not None:
         raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
     if target_latency is not None and (isinstance(target_latency, bool) or not isinstance(target_latency, (int, float))
@@ -438,8 +410,6 @@ def _verify_latency(result: PruneResult, dense: Any, pruned: Any, latency: Any, 
     """Measure the exported dense and pruned models in the table's runtime, interleaved (medians)."""
     import numpy as np
 
-    from ..latency import measure_models
-
     t = latency.table
     times = measure_models({"dense": dense, "pruned": pruned}, runtime=t.runtime, imgsz=t.imgsz, threads=t.threads,
                            clock=t.clock, runs=runs)
@@ -449,8 +419,6 @@ def _verify_latency(result: PruneResult, dense: Any, pruned: Any, latency: Any, 
                           measured_spread=spread)
     LOGGER.info("latency on %s: predicted %.3f, measured %.3f of the dense model (%.1f -> %.1f ms)", t.runtime,
                 result.latency["predicted_ratio"], p / d, d, p)
-    from ..latency import NOISY
-
     if max(spread.values()) > NOISY:
         LOGGER.warning("the latency measurements varied by up to %.0f%%: the machine is busy, measured and predicted "
                        "latency are unreliable", 100 * max(spread.values()))

@@ -18,14 +18,18 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data import resolve_data
 from ..errors import UsageError
+from ..evaluate import evaluate
 from ..io import run_dir, write_json, write_text
-from ..models import load_model
+from ..models import load_model, wrap_model
+from ..report import pyplot, save_figure
 from ..results import Result, table
-from .calibration import load_calibration_images
-from .graph import build_graph, prepare
-from .importance import make_importance, resolve_method
-from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from ..pruning.calibration import load_calibration_images
+from ..pruning.graph import build_graph, prepare
+from ..pruning.importance import make_importance, resolve_method
+from ..pruning.reconstruct import reconstruct
+from ..pruning.sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
 
 
 @dataclasses.dataclass
@@ -111,9 +115,8 @@ def plot_sensitivity(groups: Sequence[GroupSensitivity], path: Path) -> Path:
     """Heatmap: one row per group (model order), one column per ratio, colour = proxy loss (log scale)."""
     from matplotlib.colors import LogNorm
 
-    from ..report import _pyplot, _save
 
-    plt = _pyplot()
+    plt = pyplot()
     data = torch.tensor([g.losses for g in groups], dtype=torch.float64).clamp(min=1e-6).numpy()
     fig, ax = plt.subplots(figsize=(4.5, max(4, 0.16 * len(groups) + 1)))
     im = ax.imshow(data, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=max(data.min(), 1e-4), vmax=data.max()))
@@ -125,7 +128,7 @@ def plot_sensitivity(groups: Sequence[GroupSensitivity], path: Path) -> Path:
     ax.set_title("sensitivity (output distortion)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.08)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sensitivity(
@@ -159,7 +162,6 @@ def sensitivity(
     ratios = sorted(float(r) for r in ratios)
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise UsageError(f"ratios={ratios} must lie in (0, 1)")
-    from ..data import resolve_data
 
     t0, c0 = time.perf_counter(), time.process_time()
     yolo = load_model(model)
@@ -210,9 +212,6 @@ def _validate(result: SensitivityResult, yolo: Any, net: torch.nn.Module, scored
               batch: int, device: str | None, seed: int, images: torch.Tensor, k: int, ratio: float,
               progress: bool) -> None:
     """Prune ``k`` groups for real (alone, at ``ratio``, one-shot lstsq) and compare the proxy with mAP."""
-    from ..evaluate import evaluate
-    from ..models import wrap_model
-    from .reconstruct import reconstruct
 
     col = result.groups[0].ratios.index(ratio)
     ranked = sorted(range(len(result.groups)), key=lambda i: result.groups[i].losses[col])

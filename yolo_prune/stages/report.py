@@ -1,0 +1,127 @@
+"""The pipeline's closing report: the before/after table (:class:`PipelineResult`), ``report.json``/``report.md``,
+``layers.csv`` and the plots."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import write_json, write_text
+from ..models import load_model
+from .prune import LayerChange
+from ..report import plot_gamma_histograms, plot_layer_channels, plot_map_vs_macs
+from ..results import Result, markdown_table, table
+from ..run import RunState, latency_of
+from ..train.sparse import plot_sparsity_curve
+
+
+@dataclasses.dataclass
+class PipelineResult(Result):
+    """The before/after table of a pipeline run; ``model`` is the final ultralytics ``YOLO``."""
+
+    save_dir: Path
+    final: Path
+    rows_: list[tuple[str, Any, Any, Any]] = dataclasses.field(repr=False)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> Any:
+        return load_model(self.final)
+
+    def rows(self) -> list[tuple[str, Any]]:
+        return [(r[0], r[2]) for r in self.rows_]
+
+    def __str__(self) -> str:
+        return (f"PipelineResult: {self.save_dir} ({self.seconds / 60:.1f} min)\nfinal model: {self.final}\n"
+                + table(self.rows_, header=("", "before", "after", "ratio")))
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+
+
+def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int) -> list[tuple[str, Any, Any, Any]]:
+    rows = [
+        ("params (M)", base["params"] / 1e6, val["params"] / 1e6),
+        (f"GMACs @{imgsz}", base["macs"] / 1e9, val["macs"] / 1e9),
+        ("size (MB)", base["size_mb"], val["size_mb"]),
+        ("mAP50-95 right after pruning", base["map50_95"], kept.get("map50_95_pruned")),
+        ("mAP50 right after pruning", base["map50"], kept.get("map50_pruned")),
+        ("mAP50-95", base["map50_95"], val["map50_95"]),
+        ("mAP50", base["map50"], val["map50"]),
+    ]
+    for backend in ("torch", "onnx"):
+        if latency_of(bench, "dense", backend) is not None:
+            rows.append((f"CPU latency {backend} (ms)", latency_of(bench, "dense", backend),
+                         latency_of(bench, "pruned", backend)))
+    return [(k, a, b, _ratio(a, b)) for k, a, b in rows]
+
+
+def _plots(save_dir: Path, base: dict, prune: dict, kept: dict, val: dict) -> None:
+    layers = [LayerChange(**x) for x in kept["layers"]]
+    plot_layer_channels(layers, save_dir / "channels.png")
+    lines = ["name,channels_before,channels_after"] + [f"{x.name},{x.channels_before},{x.channels_after}"
+                                                       for x in layers]
+    write_text(save_dir / "layers.csv", "\n".join(lines) + "\n")
+    points = [(1.0, base["map50_95"], "dense")]
+    for r in prune["steps"]:
+        points.append((r["macs_fraction"], r["map50_95_pruned"], f"step {r['step']} pruned"))
+        if r.get("finetuned"):
+            points.append((r["macs_fraction"], r["map50_95"], f"step {r['step']} tuned"))
+    points.append((val["macs"] / base["macs"], val["map50_95"], "final"))
+    plot_map_vs_macs(points, save_dir / "map_vs_macs.png")
+
+
+def _sparse_section(save_dir: Path, base: dict, sp: dict | None, kept: dict) -> list[str]:
+    """The gamma histograms and sparsity curve of the sparse stage, and what it freed."""
+    if not (sp and (sp.get("last") or sp.get("best"))):
+        return []
+    hists = {"before sparsity training": _abs_gammas(base["source"]), "after": _abs_gammas(sp.get("last") or sp["best"])}
+    plot_gamma_histograms(hists, save_dir / "gamma_hist.png", threshold=sp.get("gamma_threshold"))
+    curve = Path(sp["save_dir"]) / "results.csv"
+    if curve.is_file():
+        plot_sparsity_curve(curve, save_dir / "sparsity.png", threshold=sp.get("gamma_threshold") or 0.01)
+    lines: list[str] = []
+    if sp.get("free_macs_after") is not None:
+        lines = [f"Sparse stage ({sp.get('sr_mode')}, sr={sp.get('sr')}): "
+                 f"{100 * (sp.get('gamma_zero_after') or 0):.1f}% of the BN gammas exactly 0, "
+                 f"{100 * sp['free_macs_after']:.1f}% of the conv MACs removable for free "
+                 f"(|gamma| < {sp.get('gamma_threshold')}).", ""]
+    if kept.get("macs_fraction_free") is not None:
+        lines += [f"Prune stage: the free removal of {kept.get('channels_free')} zeroed channels kept "
+                  f"{kept['macs_fraction_free']:.3f} of the conv MACs; ranking with the method did the rest.", ""]
+    return lines
+
+
+def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict | None, prune: dict, kept: dict,
+                    val: dict, bench: dict | None, final: Path, imgsz: int, seconds: float) -> PipelineResult:
+    """Write ``report.json``, ``report.md``, ``layers.csv`` and the plots; return the result table."""
+    rows = _rows(base, kept, val, bench, imgsz)
+    _plots(save_dir, base, prune, kept, val)
+    sparse_lines = _sparse_section(save_dir, base, sparse, kept)
+    report = {"save_dir": str(save_dir), "final_checkpoint": str(final), "seconds": seconds,
+              "sparse_free_macs": (sparse or {}).get("free_macs_after"),
+              "sparse_gamma_zero": (sparse or {}).get("gamma_zero_after"),
+              "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows],
+              "stages": state.data["stages"], "args": state.data["args"]}
+    write_json(save_dir / "report.json", report)
+    md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", "",
+          markdown_table(rows, header=("", "before", "after", "ratio")), "",
+          "![channels kept per layer](channels.png)", "", "![mAP vs MACs](map_vs_macs.png)", ""]
+    md += sparse_lines
+    if (save_dir / "gamma_hist.png").is_file():
+        md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]
+    if (save_dir / "sparsity.png").is_file():
+        md += ["![MACs removable for free per sparse epoch](sparsity.png)", ""]
+    write_text(save_dir / "report.md", "\n".join(md))
+    return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=prune["steps"], seconds=seconds)
+
+
+def _abs_gammas(model: Any) -> list[float]:
+    net = load_model(model).model
+    return torch.cat([m.weight.detach().abs().flatten().float() for m in net.modules()
+                      if isinstance(m, torch.nn.BatchNorm2d)]).tolist()
