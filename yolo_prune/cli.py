@@ -102,9 +102,8 @@ def run_sparsify(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 def run_sensitivity(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     keys = mode_keys(cfg)
-    return sensitivity(cfg["model"], _need(cfg, "data"), method=cfg["method"], validate=keys.pop("sensitivity_validate"),
-                       progress=True, **{k: keys[k] for k in ("imgsz", "calib_images", "batch", "device", "seed",
-                                                                "project", "name", "exist_ok")})
+    return sensitivity(cfg["model"], _need(cfg, "data"), validate=keys.pop("sensitivity_validate"), progress=True,
+                       **keys)
 
 
 def run_finetune(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:

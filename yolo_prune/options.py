@@ -62,7 +62,11 @@ class Key:
         return (self.label or self.kind.replace("|", " | ")) + (", optional" if self.optional else "")
 
     def choices_for(self, mode: str | None) -> tuple:
-        return self.mode_choices.get(mode or "", self.choices)
+        """The choices in ``mode``; without a mode (an option object), those of every mode."""
+        if mode is None:
+            extra = tuple(c for cs in self.mode_choices.values() for c in cs if c not in self.choices)
+            return self.choices + extra
+        return self.mode_choices.get(mode, self.choices)
 
 
 def K(name: str, default: Any, kind: str, doc: str, group: str, **kw: Any) -> Key:  # noqa: N802  (reads as a table)
@@ -137,7 +141,7 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "bn (|BN gamma|), l1, l2 (filter norms), activation (mean |activation| on data images), recon (error left "
           "after least-squares compensation, on data images), random; sparsify: weight ranking l1 (smallest |w|, the "
           "default), random, percentile (below the amount-th percentile of |w|)", "prune", optional=True,
-          choices=CHANNEL_METHODS, mode_choices={"sparsify": WEIGHT_METHODS}, modes=_GREG | {"sparsify"}),
+          choices=CHANNEL_METHODS, mode_choices={"sparsify": WEIGHT_METHODS}, modes=_GREG | {"sparsify", "sensitivity"}),
         K("target_macs", None, "float", "fraction of the original MACs to keep, in (0, 1]; empty: 0.5, except prune "
           "with threshold= (only the free channels go); also greg's target", "prune", optional=True, lo=0, hi=1,
           bounds="(]", modes=_GREG),

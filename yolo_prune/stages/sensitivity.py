@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..evaluate import evaluate
 from ..io import run_dir, write_json, write_text
 from ..models import load_model, wrap_model
+from ..options import Options, PruneOptions, RunOptions, TrainOptions, settings
 from ..report import pyplot, save_figure
 from ..results import Result, table
 from ..pruning.calibration import load_calibration_images
@@ -131,30 +132,24 @@ def plot_sensitivity(groups: Sequence[GroupSensitivity], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def sensitivity(
-    model: Any,
-    data: str | Path,
-    *,
-    method: str = "auto",
-    ratios: Sequence[float] = RATIOS,
-    imgsz: int = 640,
-    calib_images: int = 32,
-    validate: int = 0,
-    batch: int = 16,
-    device: str | None = None,
-    seed: int = 0,
-    project: str | Path | None = None,
-    name: str | None = None,
-    exist_ok: bool = False,
-    save: bool = True,
-    progress: bool = False,
-) -> SensitivityResult:
+GROUPS = (PruneOptions, TrainOptions, RunOptions)
+
+
+def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequence[float] = RATIOS, validate: int = 0,
+                save: bool = True, progress: bool = False, **overrides: Any) -> SensitivityResult:
     """Measure how much each prunable channel group of ``model`` costs when pruned alone (see module doc).
 
-    ``calib_images`` train images of ``data`` (letterboxed to ``imgsz``) are scored; the run folder
-    ``project/name`` (default ``runs/sensitivity/sensitivity``) receives ``sensitivity.csv``, ``sensitivity.png``
-    and ``sensitivity.json``.
+    ``calib_images`` train images of ``data`` (letterboxed to ``imgsz``; 32 unless given) are scored with ``method``;
+    the run folder ``project/name`` (default ``runs/sensitivity/sensitivity``) receives ``sensitivity.csv``,
+    ``sensitivity.png`` and ``sensitivity.json``. ``validate`` groups are also pruned for real and validated.
+    Options and overrides as in :func:`yolo_prune.prune` (the keys of ``PruneOptions``, ``TrainOptions``,
+    ``RunOptions``).
     """
+    if not any(isinstance(o, PruneOptions) for o in options):
+        overrides = {"calib_images": 32, **overrides}
+    s = settings(GROUPS, options, overrides, where="sensitivity")
+    t, calib_images, method = s.train, s.prune.calib_images, s.prune.method or "auto"
+    imgsz, seed = t.imgsz, t.seed
     if data is None:
         raise UsageError("sensitivity is measured on images: pass data=<dataset yaml>")
     if calib_images < 1:
@@ -191,12 +186,12 @@ def sensitivity(
     result = SensitivityResult(method=method, imgsz=imgsz, images=len(images), groups_measured=len(measured),
                                seconds=0.0, groups=measured)
     if validate:
-        _validate(result, yolo, net, scored, data, imgsz=imgsz, batch=batch, device=device, seed=seed,
-                  images=images, k=validate, ratio=ratios[len(ratios) // 2], progress=progress)
+        _validate(result, yolo, net, scored, data, t, images=images, k=validate, ratio=ratios[len(ratios) // 2],
+                  progress=progress)
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
     if save:
-        save_dir = run_dir(project, "sensitivity", name, exist_ok=exist_ok)
+        save_dir = run_dir(s.run.project, "sensitivity", s.run.name, exist_ok=s.run.exist_ok)
         result.save_dir = save_dir
         result.csv = write_sensitivity_csv(measured, save_dir / "sensitivity.csv")
         result.heatmap = plot_sensitivity(measured, save_dir / "sensitivity.png")
@@ -208,10 +203,10 @@ def _name_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def _validate(result: SensitivityResult, yolo: Any, net: torch.nn.Module, scored: list, data: Any, *, imgsz: int,
-              batch: int, device: str | None, seed: int, images: torch.Tensor, k: int, ratio: float,
-              progress: bool) -> None:
+def _validate(result: SensitivityResult, yolo: Any, net: torch.nn.Module, scored: list, data: Any, t: TrainOptions, *,
+              images: torch.Tensor, k: int, ratio: float, progress: bool) -> None:
     """Prune ``k`` groups for real (alone, at ``ratio``, one-shot lstsq) and compare the proxy with mAP."""
+    imgsz, batch, device, seed = t.imgsz, t.batch, t.device, t.seed
 
     col = result.groups[0].ratios.index(ratio)
     ranked = sorted(range(len(result.groups)), key=lambda i: result.groups[i].losses[col])
