@@ -80,7 +80,10 @@ def machine() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command that is running, as it would be typed from the project root."""
+    """The command that is running, as it would be typed from the project root (``python -m bench.X ...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # started with python -m
+        return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *map(shlex.quote, sys.argv[1:])])
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(ROOT)

@@ -12,7 +12,7 @@
 3. ``eval``: ``yolo_prune.evaluate.coco_eval`` on the fixture's predictions for all 128 coco128 images (imgsz 640)
    with ``pycocotools`` vs ``faster-coco-eval``, median of ``--repeats``; the mAPs of both must agree.
 
-Result: ``bench/results/cost[_quick].json``; tables with ``python bench/render.py``.
+Result: ``bench/results/cost[_quick].json``; tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import copy
 import csv
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 
 def log(msg: str) -> None:
@@ -216,7 +214,8 @@ def bench_eval(repeats: int, imgsz: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.cost")
     parser.add_argument("--quick", action="store_true",
                         help="about two minutes: yolov8n only, 1 repeat, 1 pair of 2-epoch runs; writes cost_quick.json")
     parser.add_argument("--parts", nargs="+", choices=["prune", "sparse", "eval"], default=["prune", "sparse", "eval"])

@@ -29,7 +29,7 @@ Datasets:
 
 Results: ``bench/results/families[_quick].json`` (rewritten after every step; ``--resume`` skips finished steps
 and keeps the other datasets, so ``--datasets bccd --resume`` adds bccd to an existing synthetic run; each dataset
-records every command that ran on it), tables with ``python bench/render.py``.
+records every command that ran on it), tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 FAMILIES = {"yolo11n": "yolo11n.yaml", "yolo26n": "yolo26n.yaml", "yolov8n": "yolov8n.yaml"}
 
@@ -252,13 +251,14 @@ def run(args: argparse.Namespace) -> int:
         save()
     res["complete"] = True
     save()
-    log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python bench/render.py")
+    log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python -m bench.render")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.families")
     parser.add_argument("--quick", action="store_true", help="synthetic data, 2 dense + 1 + 1 epochs at imgsz 128")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: synthetic")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=["yolo11n", "yolo26n"])

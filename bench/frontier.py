@@ -23,7 +23,7 @@ Datasets:
 
 Results: ``bench/results/frontier[_quick].json`` (rewritten after every step, so a partial run is readable;
 ``--resume`` skips finished steps) and ``bench/results/frontier[_quick]_<dataset>.png``.
-Render the tables with ``python bench/render.py``.
+Render the tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 ARMS = {
     "a_sparse_bn": "yolo-prune: sparse_train + prune(bn)",
@@ -378,7 +376,8 @@ def plot(data: dict[str, Any], dataset: str, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.frontier")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test size (about 4 min, +2 min the first time for the cached synthetic dense model): both "
                              "datasets, target 0.5, S=1, F=1; writes frontier_quick.json")

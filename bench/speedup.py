@@ -12,7 +12,9 @@ models, and every ultralytics export calls ``select_device("cpu")``, which reset
 ultralytics' ``NUM_THREADS`` (cpu_count - 1 = 1 on this machine); so torch eager was always timed with ONE thread.
 This script sets ``ultralytics.utils.torch_utils.NUM_THREADS`` to N for the duration of each run so the reset keeps N.
 
-Result: ``bench/results/latency[_quick].json``; tables with ``python bench/render.py``.
+Result: ``bench/results/latency[_quick].json``; tables with ``python -m bench.render``.
+This script was ``bench/latency.py`` (the name of ``yolo_prune/latency.py``, hence the rename): the commands
+recorded in results made before issue 20 say ``python bench/latency.py``.
 
 ``--compare`` (issue 15): MACs targets against measured-latency targets. For the fixture @640 (mAP on the
 coco128 split's val @320) and the bccd-fine-tuned yolov8n @416 (``common.bccd_dense()``, bccd val @416), on each
@@ -38,13 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 
 ARMS = ("macs", "macs_auto", "latency", "latency_aware")
@@ -269,7 +269,8 @@ def finetune_arms(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.speedup")
     parser.add_argument("--compare", action="store_true",
                         help="issue 15: target_macs vs target_latency on onnxruntime/OpenVINO (latency_target.json)")
     parser.add_argument("--finetune", type=int, metavar="EPOCHS",
