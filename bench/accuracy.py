@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     d.update({"command": common.command_line(), "machine": common.machine(),
               "busy_processes_at_start": common.busy_processes(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "imgsz": IMGSZ, "calib_images": CALIB, "epochs": epochs, "recipe": {**RECIPE, **recipe_extra},
-              "targets": targets, "data": str(data.relative_to(common.ROOT)),
+              "targets": targets, "data": common.rel(data),
               "row_settings": {k: resolve(rows, k) for k in selected}})
     if "dense" not in d:
         d["dense"] = evaluate_map(str(weights), data)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                            validate=args.sensitivity_validate, project=work, name=f"sensitivity_{method}", exist_ok=True)
         d["sensitivity"][method] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(s.cpu_seconds, 1),
                                     "rank_correlation": s.rank_correlation, "validation": s.validation,
-                                    "map50_95_dense": s.map50_95_dense, "csv": str(s.csv.relative_to(common.ROOT))}
+                                    "map50_95_dense": s.map50_95_dense, "csv": common.rel(s.csv)}
         store.save()
         log(f"sensitivity ({method}): {d['sensitivity'][method]['seconds']} s, Spearman {s.rank_correlation}")
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{rid}: MACs {row['macs_ratio']:.3f}, mAP50-95 right after pruning {row['pruned']['map50_95']:.4f} "
                 f"({row['prune_seconds']} s)")
             if cfg["finetune"] and not args.prune_only and "final" not in row:
-                jobs.append((rid, {**recipe_extra, **cfg["ft"]}, row["checkpoint"]))
+                jobs.append((rid, {**recipe_extra, **cfg["ft"]}, str(common.resolve(row["checkpoint"]))))
     if not args.prune_only and "dense_finetuned" not in d:
         jobs.insert(0, ("dense_finetuned", dict(recipe_extra), str(weights)))
 

@@ -175,7 +175,7 @@ def bench_sparse(epochs: int, pairs: int, sr: float, imgsz: int) -> dict[str, An
         add_l1_subgradient(gammas, sr)
         l1.append(time.perf_counter() - t0)
     return {
-        "data": str(data.relative_to(common.ROOT)), "imgsz": imgsz, "epochs": epochs, "pairs": pairs, "sr": sr,
+        "data": common.rel(data), "imgsz": imgsz, "epochs": epochs, "pairs": pairs, "sr": sr,
         "train_args": train, "runs": runs, "median_epoch_s": per_epoch, "median_wall_s": wall,
         "overhead_pct_epoch": 100 * (per_epoch["sparse"] / per_epoch["plain"] - 1),
         "overhead_pct_wall": 100 * (wall["sparse"] / wall["plain"] - 1),

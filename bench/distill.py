@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 row_key = f"{setup}@{target}/{arm}/F{args.epochs}{tag}"
                 if row_key not in payload["rows"]:
-                    jobs.append((row_key, setup, target, arm, t["checkpoint"]))
+                    jobs.append((row_key, setup, target, arm, str(common.resolve(t["checkpoint"]))))
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that already ran torch threads
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_init_worker) as pool:
         futures = {pool.submit(run_arm, setup, target, arm, ckpt, args.epochs, overrides, tag): key

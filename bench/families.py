@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 save()
             pr = row["pipeline"]
             if "map50_95_sparse" not in pr and S > 0:  # the sparsity-trained model, before pruning
-                sparse = Path(pr["save_dir"]) / "sparse" / "train" / "weights" / "best.pt"
+                sparse = common.resolve(pr["save_dir"]) / "sparse" / "train" / "weights" / "best.pt"
                 pr["map50_95_sparse"] = evaluate_map(sparse, data, imgsz)["map50_95"] if sparse.is_file() else None
                 save()
             log(f"{ds} {fam}: pruned MACs {pr['macs_ratio']:.3f}, params {pr['params_ratio']:.3f}, mAP50-95 "
@@ -241,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
 
             if "latency640" not in row and args.runs > 0:
                 log(f"{ds} {fam}: onnxruntime latency @640, dense vs pruned (interleaved)")
-                lat = measure_latency({"dense": dense, "pruned": pr["final"]}, imgsz=640, backends=("onnx",),
+                pruned = str(common.resolve(pr["final"]))
+                lat = measure_latency({"dense": dense, "pruned": pruned}, imgsz=640, backends=("onnx",),
                                       runs=args.runs, warmup=max(2, args.runs // 5), threads=1, progress=False)
                 med = {e["model"]: e["median_ms"] for e in lat.to_dict()["entries"]}
                 row["latency640"] = {"dense_ms": med["dense"], "pruned_ms": med["pruned"],

@@ -445,11 +445,7 @@ def block_distill(name: str = "distill") -> str:
         variants = sorted({r["variant"] for r in rows_all})
         arms = [a for a in DISTILL_ARMS if any(r["arm"] == a for r in rows_all)]
         errors = [f"`{k}`: {r['error']}" for k, r in res["rows"].items() if k.startswith(f"{setup}@") and "error" in r]
-        data = Path(info["data"])
-        if data.is_relative_to(common.SHARED):
-            data = Path("../shared/fixtures") / data.relative_to(common.SHARED)
-        elif data.is_relative_to(common.ROOT):
-            data = data.relative_to(common.ROOT)
+        data = common.rel(info["data"])
         out.append(f"\n**{setup}** - data `{data}`, "
                    f"imgsz {info['imgsz']}; teacher = the dense model (mAP50-95 {f(info['dense']['map50_95'])}); "
                    f"student = `prune(method=bn, target_macs=T, data=...)` (default compensation). Recipe (every arm): "

@@ -42,7 +42,6 @@ import contextlib
 import os
 import time
 import warnings
-from pathlib import Path
 
 from bench import common
 
@@ -234,13 +233,14 @@ def finetune_arms(args: argparse.Namespace) -> int:
         if args.datasets and ds not in args.datasets:
             continue
         work = common.WORK / "latency_target" / ds
+        data = str(common.resolve(entry["data"]))
         for st in entry["settings"]:
             for row in st["rows"]:
                 if row["arm"] not in args.arms:
                     continue
                 if not row.get("checkpoint"):
                     raise SystemExit(f"{name}: rows without a recorded checkpoint (an older --compare run)")
-                ckpt = Path(row["checkpoint"])
+                ckpt = common.resolve(row["checkpoint"])
                 key = str(ckpt)
                 if key not in done:
                     run = f"{ckpt.parent.parent.name}_e{args.finetune}" + (f"_s{args.seed}" if args.seed else "")
@@ -248,10 +248,10 @@ def finetune_arms(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        tr = yp.finetune(str(ckpt), entry["data"], epochs=args.finetune, imgsz=entry["val_imgsz"],
-                                         batch=16, seed=args.seed, teacher=entry["weights"],
+                        tr = yp.finetune(str(ckpt), data, epochs=args.finetune, imgsz=entry["val_imgsz"],
+                                         batch=16, seed=args.seed, teacher=str(common.resolve(entry["weights"])),
                                          project=str(work / "finetune"), name=run, exist_ok=True, val=False)
-                        v = yp.validate(str(tr.last), entry["data"], imgsz=entry["val_imgsz"])
+                        v = yp.validate(str(tr.last), data, imgsz=entry["val_imgsz"])
                     done[key] = {"map50_95": v.map50_95, "map50": v.map50, "epochs": args.finetune,
                                  "checkpoint": str(tr.last), "seconds": round(time.perf_counter() - t0, 1)}
                     log(f"{ds}: {run}: mAP50-95 {v.map50_95:.3f} after {args.finetune} epochs")
