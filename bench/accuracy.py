@@ -21,13 +21,13 @@ estimates). More rows: ``--add-row NAME BASE key=value ...``
 Also: the dense model fine-tuned with the same recipe (reference), the sensitivity proxy's rank correlation with
 real mAP (``yolo_prune.sensitivity(..., validate=k)``), and the pruning time of each row.
 
-    python bench/accuracy.py --quick          # 0.7 only, r0 + r4, F=2 (a smoke run)
-    python bench/accuracy.py                  # 0.9 / 0.7 / 0.5, every row, F=10
-    python bench/accuracy.py --prune-only     # only the mAP right after pruning (cheap)
-    python bench/accuracy.py --jobs 2         # two fine-tunes at a time
+    python -m bench.accuracy --quick          # 0.7 only, r0 + r4, F=2 (a smoke run)
+    python -m bench.accuracy                  # 0.9 / 0.7 / 0.5, every row, F=10
+    python -m bench.accuracy --prune-only     # only the mAP right after pruning (cheap)
+    python -m bench.accuracy --jobs 2         # two fine-tunes at a time
 
 Results: ``bench/results/accuracy[_quick].json`` (rewritten after every step; finished steps are reused unless
-``--fresh``). Render with ``python bench/render.py``.
+``--fresh``). Render with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,12 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 IMGSZ = 320
 CALIB = 64
@@ -123,7 +121,7 @@ class Store:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m bench.accuracy")
     ap.add_argument("--quick", action="store_true", help="target 0.7, rows r0_default and r4_recon, F=2")
     ap.add_argument("--targets", type=float, nargs="+", default=None, help="MACs targets (default 0.9 0.7 0.5)")
     ap.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default: all of {', '.join(ROWS)})")
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     d.update({"command": common.command_line(), "machine": common.machine(),
               "busy_processes_at_start": common.busy_processes(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "imgsz": IMGSZ, "calib_images": CALIB, "epochs": epochs, "recipe": {**RECIPE, **recipe_extra},
-              "targets": targets, "data": str(data.relative_to(common.ROOT)),
+              "targets": targets, "data": common.rel(data),
               "row_settings": {k: resolve(rows, k) for k in selected}})
     if "dense" not in d:
         d["dense"] = evaluate_map(str(weights), data)
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                            validate=args.sensitivity_validate, project=work, name=f"sensitivity_{method}", exist_ok=True)
         d["sensitivity"][method] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(s.cpu_seconds, 1),
                                     "rank_correlation": s.rank_correlation, "validation": s.validation,
-                                    "map50_95_dense": s.map50_95_dense, "csv": str(s.csv.relative_to(common.ROOT))}
+                                    "map50_95_dense": s.map50_95_dense, "csv": common.rel(s.csv)}
         store.save()
         log(f"sensitivity ({method}): {d['sensitivity'][method]['seconds']} s, Spearman {s.rank_correlation}")
 
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{rid}: MACs {row['macs_ratio']:.3f}, mAP50-95 right after pruning {row['pruned']['map50_95']:.4f} "
                 f"({row['prune_seconds']} s)")
             if cfg["finetune"] and not args.prune_only and "final" not in row:
-                jobs.append((rid, {**recipe_extra, **cfg["ft"]}, row["checkpoint"]))
+                jobs.append((rid, {**recipe_extra, **cfg["ft"]}, str(common.resolve(row["checkpoint"]))))
     if not args.prune_only and "dense_finetuned" not in d:
         jobs.insert(0, ("dense_finetuned", dict(recipe_extra), str(weights)))
 

@@ -7,11 +7,11 @@ defaults unless ``--set key=value`` overrides them, and records mAP50-95 of the 
 and after the fine-tune (the pipeline's own COCO evaluation on bccd val), MACs and the training budget. The
 reference for "mAP kept" is the dense model trained the same number of extra epochs (``--reference``).
 
-    python bench/bccd_pipeline.py --arm defaults_s6_f10 --set sparse_epochs=6 finetune_epochs=10
-    python bench/bccd_pipeline.py --arm prune_first_f16 --set sparse_epochs=0 finetune_epochs=16
-    python bench/bccd_pipeline.py --reference 16          # dense + 16 epochs, same recipe
-    python bench/bccd_pipeline.py --arm prune_first_f16_nbs16 --set sparse_epochs=0 finetune_epochs=16 "train_args={nbs: 16}"
-    python bench/bccd_pipeline.py --reference 16 --set nbs=16   # its reference: the same train keys
+    python -m bench.bccd_pipeline --arm defaults_s6_f10 --set sparse_epochs=6 finetune_epochs=10
+    python -m bench.bccd_pipeline --arm prune_first_f16 --set sparse_epochs=0 finetune_epochs=16
+    python -m bench.bccd_pipeline --reference 16          # dense + 16 epochs, same recipe
+    python -m bench.bccd_pipeline --arm prune_first_f16_nbs16 --set sparse_epochs=0 finetune_epochs=16 "train_args={nbs: 16}"
+    python -m bench.bccd_pipeline --reference 16 --set nbs=16   # its reference: the same train keys
 
 Results: ``bench/results/bccd_pipeline.json`` (one entry per arm; the command of each is recorded).
 """
@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import common
 
 IMGSZ = 416
 NAME = "bccd_pipeline"
@@ -40,7 +37,8 @@ def _value(text: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 prog="python -m bench.bccd_pipeline")
     ap.add_argument("--arm", help="name of this pipeline arm")
     ap.add_argument("--target", type=float, default=0.5, help="target_macs (default %(default)s)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline() keyword overrides")

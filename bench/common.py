@@ -3,6 +3,10 @@
 Everything a benchmark writes goes under ``bench/work/`` (git-ignored) except the small result JSONs and
 plots in ``bench/results/``. ``../shared`` is never written: the coco128 split links its images and writes
 its own jsons; yolo-prune's dataset cache is pointed at ``bench/work/cache``.
+
+Result JSONs record paths relative to the project root (``bench/work/...``) or as ``../shared/fixtures/...``
+(:func:`rel`; :func:`write_result` applies it to every absolute path), never the absolute paths of the machine
+that ran them; a script reading a recorded path back turns it into a usable one with :func:`resolve`.
 """
 
 from __future__ import annotations
@@ -80,7 +84,10 @@ def machine() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command that is running, as it would be typed from the project root."""
+    """The command that is running, as it would be typed from the project root (``python -m bench.X ...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # started with python -m
+        return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *map(shlex.quote, sys.argv[1:])])
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(ROOT)
@@ -109,12 +116,52 @@ def busy_processes(threshold: float = 20.0) -> list[str]:
     return rows
 
 
+SHARED_PREFIX = "../shared/fixtures"  # how a result records a path in SHARED, wherever SHARED really is
+
+
+def rel(path: str | os.PathLike) -> str:
+    """``path`` as a result records it: ``../shared/fixtures/...`` inside :data:`SHARED`, relative to the project
+    root inside it (``bench/work/...``); a relative path, or one outside both, is returned unchanged."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    for base, prefix in ((SHARED, Path(SHARED_PREFIX)), (ROOT, Path())):
+        for b in dict.fromkeys((Path(os.path.abspath(base)), Path(base).resolve())):
+            if p.is_relative_to(b):
+                return (prefix / p.relative_to(b)).as_posix()
+    return str(path)
+
+
+def resolve(recorded: str | os.PathLike) -> Path:
+    """A path read back from a result (see :func:`rel`) as a usable path: ``../shared/fixtures/...`` in
+    :data:`SHARED`, another relative path under the project root, an absolute one unchanged."""
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    prefix = Path(SHARED_PREFIX)
+    if p.is_relative_to(prefix):
+        return SHARED / p.relative_to(prefix)
+    return ROOT / p
+
+
+def relative_paths(value: Any) -> Any:
+    """``value`` (a JSON-able structure) with every absolute path in it (a ``Path``, or a string that is one
+    whole path) passed through :func:`rel`: what :func:`write_result` stores."""
+    if isinstance(value, dict):
+        return {relative_paths(k): relative_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v) for v in value]
+    if isinstance(value, (str, os.PathLike)) and os.path.isabs(value):
+        return rel(value)
+    return value
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``bench/results/<name>.json`` atomically (indent 1, small)."""
+    """Write ``bench/results/<name>.json`` atomically (indent 1, small), paths relative (:func:`relative_paths`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(relative_paths(payload), indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -5,8 +5,8 @@ Real COCO yolov8n (../shared/fixtures); calibration images from the first 96 coc
 on the last 32. For each method and MACs target: compensate=none, mean (bias only) and lstsq (least-
 squares refit of the consuming layers). Writes bench/results/compensation.json and prints a table.
 
-    python bench/compensation.py            # full: bn, l1 x 0.9, 0.7, 0.5 x none, mean, lstsq
-    python bench/compensation.py --quick    # bn at 0.9 only
+    python -m bench.compensation            # full: bn, l1 x 0.9, 0.7, 0.5 x none, mean, lstsq
+    python -m bench.compensation --quick    # bn at 0.9 only
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def split_coco128(work: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 prog="python -m bench.compensation")
     ap.add_argument("--quick", action="store_true", help="bn at 0.9 MACs only")
     ap.add_argument("--imgsz", type=int, default=320, help="image size (default: %(default)s)")
     args = ap.parse_args()

@@ -12,7 +12,7 @@
 3. ``eval``: ``yolo_prune.evaluate.coco_eval`` on the fixture's predictions for all 128 coco128 images (imgsz 640)
    with ``pycocotools`` vs ``faster-coco-eval``, median of ``--repeats``; the mAPs of both must agree.
 
-Result: ``bench/results/cost[_quick].json``; tables with ``python bench/render.py``.
+Result: ``bench/results/cost[_quick].json``; tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import copy
 import csv
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 
 def log(msg: str) -> None:
@@ -177,7 +175,7 @@ def bench_sparse(epochs: int, pairs: int, sr: float, imgsz: int) -> dict[str, An
         add_l1_subgradient(gammas, sr)
         l1.append(time.perf_counter() - t0)
     return {
-        "data": str(data.relative_to(common.ROOT)), "imgsz": imgsz, "epochs": epochs, "pairs": pairs, "sr": sr,
+        "data": common.rel(data), "imgsz": imgsz, "epochs": epochs, "pairs": pairs, "sr": sr,
         "train_args": train, "runs": runs, "median_epoch_s": per_epoch, "median_wall_s": wall,
         "overhead_pct_epoch": 100 * (per_epoch["sparse"] / per_epoch["plain"] - 1),
         "overhead_pct_wall": 100 * (wall["sparse"] / wall["plain"] - 1),
@@ -216,7 +214,8 @@ def bench_eval(repeats: int, imgsz: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.cost")
     parser.add_argument("--quick", action="store_true",
                         help="about two minutes: yolov8n only, 1 repeat, 1 pair of 2-epoch runs; writes cost_quick.json")
     parser.add_argument("--parts", nargs="+", choices=["prune", "sparse", "eval"], default=["prune", "sparse", "eval"])

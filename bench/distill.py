@@ -20,10 +20,10 @@ mAP is yolo-prune's COCO evaluation of each run's ``best.pt`` on the val split (
 ``best.pt`` is the last epoch). Arms run in ``--jobs`` worker processes (one torch thread each).
 Writes ``bench/results/<name>.json`` (default ``distill``, ``distill_quick`` with --quick) after every arm.
 
-    python bench/distill.py                            # fixture, targets 0.7 and 0.5, 4 arms, F=10
-    python bench/distill.py --setups bccd --targets 0.5 --arms none output --resume   # add the bccd pair
-    python bench/distill.py --quick                    # fixture 0.7, arms none/output, F=1
-    python bench/distill.py --targets 0.7 --arms none output --set lr0=0.001 --resume   # a recipe variant
+    python -m bench.distill                            # fixture, targets 0.7 and 0.5, 4 arms, F=10
+    python -m bench.distill --setups bccd --targets 0.5 --arms none output --resume   # add the bccd pair
+    python -m bench.distill --quick                    # fixture 0.7, arms none/output, F=1
+    python -m bench.distill --targets 0.7 --arms none output --set lr0=0.001 --resume   # a recipe variant
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import common
 
 WORK = common.WORK / "distill"
 ARMS = ("none", "output", "feature", "labelfree")
@@ -130,7 +129,7 @@ def run_arm(setup: str, target: float, arm: str, pruned: str, epochs: int, overr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m bench.distill")
     ap.add_argument("--quick", action="store_true", help="fixture, target 0.7, arms none and output, F=1")
     ap.add_argument("--setups", nargs="+", default=["fixture"], choices=list(SETUPS))
     ap.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5])
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 row_key = f"{setup}@{target}/{arm}/F{args.epochs}{tag}"
                 if row_key not in payload["rows"]:
-                    jobs.append((row_key, setup, target, arm, t["checkpoint"]))
+                    jobs.append((row_key, setup, target, arm, str(common.resolve(t["checkpoint"]))))
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that already ran torch threads
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_init_worker) as pool:
         futures = {pool.submit(run_arm, setup, target, arm, ckpt, args.epochs, overrides, tag): key

@@ -29,7 +29,7 @@ Datasets:
 
 Results: ``bench/results/families[_quick].json`` (rewritten after every step; ``--resume`` skips finished steps
 and keeps the other datasets, so ``--datasets bccd --resume`` adds bccd to an existing synthetic run; each dataset
-records every command that ran on it), tables with ``python bench/render.py``.
+records every command that ran on it), tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 FAMILIES = {"yolo11n": "yolo11n.yaml", "yolo26n": "yolo26n.yaml", "yolov8n": "yolov8n.yaml"}
 
@@ -224,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 save()
             pr = row["pipeline"]
             if "map50_95_sparse" not in pr and S > 0:  # the sparsity-trained model, before pruning
-                sparse = Path(pr["save_dir"]) / "sparse" / "train" / "weights" / "best.pt"
+                sparse = common.resolve(pr["save_dir"]) / "sparse" / "train" / "weights" / "best.pt"
                 pr["map50_95_sparse"] = evaluate_map(sparse, data, imgsz)["map50_95"] if sparse.is_file() else None
                 save()
             log(f"{ds} {fam}: pruned MACs {pr['macs_ratio']:.3f}, params {pr['params_ratio']:.3f}, mAP50-95 "
@@ -242,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
 
             if "latency640" not in row and args.runs > 0:
                 log(f"{ds} {fam}: onnxruntime latency @640, dense vs pruned (interleaved)")
-                lat = measure_latency({"dense": dense, "pruned": pr["final"]}, imgsz=640, backends=("onnx",),
+                pruned = str(common.resolve(pr["final"]))
+                lat = measure_latency({"dense": dense, "pruned": pruned}, imgsz=640, backends=("onnx",),
                                       runs=args.runs, warmup=max(2, args.runs // 5), threads=1, progress=False)
                 med = {e["model"]: e["median_ms"] for e in lat.to_dict()["entries"]}
                 row["latency640"] = {"dense_ms": med["dense"], "pruned_ms": med["pruned"],
@@ -252,13 +252,14 @@ def run(args: argparse.Namespace) -> int:
         save()
     res["complete"] = True
     save()
-    log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python bench/render.py")
+    log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python -m bench.render")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.families")
     parser.add_argument("--quick", action="store_true", help="synthetic data, 2 dense + 1 + 1 epochs at imgsz 128")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: synthetic")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=["yolo11n", "yolo26n"])

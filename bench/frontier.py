@@ -23,7 +23,7 @@ Datasets:
 
 Results: ``bench/results/frontier[_quick].json`` (rewritten after every step, so a partial run is readable;
 ``--resume`` skips finished steps) and ``bench/results/frontier[_quick]_<dataset>.png``.
-Render the tables with ``python bench/render.py``.
+Render the tables with ``python -m bench.render``.
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 ARMS = {
     "a_sparse_bn": "yolo-prune: sparse_train + prune(bn)",
@@ -217,7 +215,7 @@ def run_dataset(name: str, args: argparse.Namespace, store: Store) -> None:
         log(f"{name}: training the dense yolov8n from scratch ({cfg['dense_epochs']} epochs) if not cached")
         dense, dense_seconds = dense_synthetic(cfg, data, common.WORK / "dense", cfg["dense_epochs"])
     spec = resolve_data(data)
-    ds.update(data=str(Path(data).relative_to(common.ROOT)), imgsz=imgsz, sparse_epochs=S, finetune_epochs=F, sr=sr,
+    ds.update(data=common.rel(data), imgsz=imgsz, sparse_epochs=S, finetune_epochs=F, sr=sr,
               train_args=train, scratch_train_args=scratch, n_train=len(spec.train_images),
               n_val=len(spec.val_images), dense_checkpoint=str(dense), dense_train_seconds=dense_seconds)
     if "dense_map" not in ds:
@@ -303,7 +301,7 @@ def run_dataset(name: str, args: argparse.Namespace, store: Store) -> None:
                 ckpt, sec = fine(yaml_path, S + F, f"d_narrow_{target}", scratch)
                 macs, params = macs_params(ckpt, imgsz)
                 row.update(width_multiple=width, macs=macs, macs_ratio=macs / dmacs, params=params,
-                           yaml=str(yaml_path.relative_to(common.ROOT)))
+                           yaml=common.rel(yaml_path))
                 record_final(row, ckpt, sec, {"scratch": S + F})
                 log(f"{name}: d_narrow @{target}: {row['final']['map50_95']:.4f}")
     ds["seconds"] = round(time.perf_counter() - t_ds, 1)
@@ -323,7 +321,7 @@ def prune_only(name: str, args: argparse.Namespace, store: Store) -> None:
         data = common.synthetic(128, 32, 256)
         dense, _ = dense_synthetic(cfg, data, common.WORK / "dense", cfg["dense_epochs"])
     ds = store.ds(name)
-    ds.update(data=str(Path(data).relative_to(common.ROOT)), imgsz=imgsz, dense_checkpoint=str(dense))
+    ds.update(data=common.rel(data), imgsz=imgsz, dense_checkpoint=str(dense))
     if "dense_map" not in ds:
         ds["dense_macs"], ds["dense_params"] = macs_params(dense, imgsz)
         ds["dense_map"] = evaluate_map(dense, data, imgsz)
@@ -378,7 +376,8 @@ def plot(data: dict[str, Any], dataset: str, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.frontier")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test size (about 4 min, +2 min the first time for the cached synthetic dense model): both "
                              "datasets, target 0.5, S=1, F=1; writes frontier_quick.json")

@@ -6,21 +6,28 @@ BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``cost``, ``families``, ``families:<result name>``, ``distill``, ``unstructured``, ``sparsity:<result name>``,
 ``accuracy``, ``accuracy_targets``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
-    python bench/render.py            # rewrite the blocks in BENCHMARKS.md
-    python bench/render.py --print    # print the blocks instead
+    python -m bench.render            # rewrite the blocks in BENCHMARKS.md
+    python -m bench.render --print    # print the blocks instead
+
+(from the project root; ``python bench/render.py`` does the same from anywhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+if __name__ == "__main__" and not __package__:  # `python bench/render.py`: the same as `python -m bench.render`
+    import subprocess
+    import sys
+
+    raise SystemExit(subprocess.call([sys.executable, "-m", "bench.render", *sys.argv[1:]],
+                                     cwd=Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
 
 DOC = common.ROOT / "BENCHMARKS.md"
 ARM_LABEL = {
@@ -96,7 +103,7 @@ def _frontier_rows(ds: dict[str, Any]) -> list[tuple]:
 def block_frontier(name: str = "frontier") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/frontier.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.frontier`._"
     out = [(f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. "
            f"{load_note(res)}.")]
     for dsname, ds in res["datasets"].items():
@@ -128,7 +135,7 @@ def block_frontier(name: str = "frontier") -> str:
 def block_latency(name: str = "latency") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.speedup`._"
     clock = res.get("clock", "wall")
     m = res.get("machine", {})
     out = [(f"Command: {cmd(res)}. Pruning method `{res['method']}` on the fixture's COCO yolov8n, no fine-tune. "
@@ -192,7 +199,7 @@ def _finetune_note(res: dict[str, Any]) -> str:
 def block_latency_target(name: str = "latency_target") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/latency.py --compare`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.speedup --compare`._"
     m = res.get("machine", {})
     out = [f"Command: {cmd(res)}. {load_note(res)}. CPU: {m.get('cpu_isa', m.get('cpu'))}; onnxruntime "
            f"{m.get('onnxruntime')}, OpenVINO {m.get('openvino')}. Pruning method `{res['method']}`, compensate "
@@ -231,7 +238,7 @@ def block_latency_target(name: str = "latency_target") -> str:
 def block_cost(name: str = "cost") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/cost.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.cost`._"
     out = [f"Command: {cmd(res)}. {load_note(res)}."]
     p = res.get("prune")
     if p:
@@ -343,7 +350,7 @@ def block_targets() -> str:
 def block_pruneonly(name: str = "frontier_pruneonly") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/frontier.py --prune-only`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.frontier --prune-only`._"
     out = [f"Command: {cmd(res)}. {load_note(res)}."]
     for dsname, ds in res["datasets"].items():
         targets = sorted({r["target_macs"] for r in ds["rows"].values()}, reverse=True)
@@ -373,7 +380,7 @@ def _attention_note(fam: dict[str, Any]) -> str:
 def block_families(name: str = "families") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/families.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.families`._"
     out = [f"Latest command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}. "
            f"Training recipe (every run): `{res.get('recipe')}`, OMP_NUM_THREADS={res.get('threads')}."]
     for dsname, ds in res["datasets"].items():
@@ -418,7 +425,7 @@ DISTILL_ARMS = {"none": "no teacher", "output": "output KD", "feature": "feature
 def block_distill(name: str = "distill") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/distill.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.distill`._"
     calls = res.get("invocations") or [{"command": res.get("command"), "started": res.get("started")}]
     if len(calls) == 1:
         out = [f"Command: {cmd(res)}. {load_note(res)}."]
@@ -438,11 +445,7 @@ def block_distill(name: str = "distill") -> str:
         variants = sorted({r["variant"] for r in rows_all})
         arms = [a for a in DISTILL_ARMS if any(r["arm"] == a for r in rows_all)]
         errors = [f"`{k}`: {r['error']}" for k, r in res["rows"].items() if k.startswith(f"{setup}@") and "error" in r]
-        data = Path(info["data"])
-        if data.is_relative_to(common.SHARED):
-            data = Path("../shared/fixtures") / data.relative_to(common.SHARED)
-        elif data.is_relative_to(common.ROOT):
-            data = data.relative_to(common.ROOT)
+        data = common.rel(info["data"])
         out.append(f"\n**{setup}** - data `{data}`, "
                    f"imgsz {info['imgsz']}; teacher = the dense model (mAP50-95 {f(info['dense']['map50_95'])}); "
                    f"student = `prune(method=bn, target_macs=T, data=...)` (default compensation). Recipe (every arm): "
@@ -469,7 +472,7 @@ def block_distill(name: str = "distill") -> str:
 def block_unstructured(name: str = "unstructured") -> str:
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `OMP_NUM_THREADS=1 nice -n 10 python bench/unstructured.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `OMP_NUM_THREADS=1 nice -n 10 python -m bench.unstructured`._"
 
     def mb(b: Any) -> str:
         return "n/a" if b is None else f"{b / 1e6:.2f}"
@@ -617,7 +620,7 @@ def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
     """Issue 12's realistic case: the bccd-tuned yolov8n through the pipeline (bench/bccd_pipeline.py)."""
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/bccd_pipeline.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.bccd_pipeline`._"
     arms = res["arms"]
     references = _bccd_references(arms)
     rows, cmds = [], []
@@ -658,7 +661,7 @@ def block_accuracy(name: str = "accuracy") -> str:
     """Issue 12: mAP right after pruning and after F fine-tune epochs, row by row (bench/accuracy.py)."""
     res = common.read_result(name)
     if not res:
-        return f"_No `bench/results/{name}.json` yet: run `python bench/accuracy.py`._"
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.accuracy`._"
     dense = res["dense"]["map50_95"]
     dft = (res.get("dense_finetuned") or {}).get("final", {}).get("map50_95")
     out = [f"Command: {cmd(res)}. {load_note(res)}.",
@@ -746,7 +749,8 @@ def render(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.render")
     parser.add_argument("--print", action="store_true", help="print the generated blocks instead of writing")
     args = parser.parse_args(argv)
     if args.print:

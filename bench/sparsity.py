@@ -14,10 +14,10 @@ Every condition trains with batch 16 and nbs 16 (one optimizer step per batch; u
 leave 3 steps per epoch on bccd) and caches its result in ``bench/work/sparsity/<data>/<condition>/``, so
 conditions can run in separate processes and ``--collect`` assembles ``bench/results/sparsity_<data>.json``.
 
-    python bench/sparsity.py --data fixture                      # every fixture condition
-    python bench/sparsity.py --data bccd --conditions adamw_group_sr0.3,sgd_greg
-    python bench/sparsity.py --data bccd --collect               # assemble the JSON from the cached runs
-    python bench/sparsity.py --quick                             # 2 tiny conditions on the fixture, 2 epochs
+    python -m bench.sparsity --data fixture                      # every fixture condition
+    python -m bench.sparsity --data bccd --conditions adamw_group_sr0.3,sgd_greg
+    python -m bench.sparsity --data bccd --collect               # assemble the JSON from the cached runs
+    python -m bench.sparsity --quick                             # 2 tiny conditions on the fixture, 2 epochs
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (sets YOLO_OFFLINE and the data cache first)
+from bench import common
 
 WORK = common.WORK / "sparsity"
 
@@ -249,7 +246,7 @@ def dense_reference(folder: Path, ds: str, imgsz: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m bench.sparsity")
     ap.add_argument("--data", choices=list(DATASETS), default="fixture")
     ap.add_argument("--conditions", help=f"comma-separated subset of: {', '.join(CONDITIONS)}")
     ap.add_argument("--epochs", type=int, help="sparse-training epochs (default: fixture 10, bccd 30)")

@@ -17,8 +17,8 @@ The fixture's COCO yolov8n (``../shared/fixtures/weights``, an INT8-rebuilt chec
 4. **latency** (torch eager and onnxruntime, 1 thread, interleaved) of dense, 50% and 90% sparse: it should
    not change (dense runtimes multiply by the zeros too).
 
-Writes ``bench/results/unstructured[_quick].json``; ``python bench/render.py`` renders BENCHMARKS.md.
-Run it as ``OMP_NUM_THREADS=1 nice -n 10 python bench/unstructured.py`` (about an hour on a busy 2-core machine);
+Writes ``bench/results/unstructured[_quick].json``; ``python -m bench.render`` renders BENCHMARKS.md.
+Run it as ``OMP_NUM_THREADS=1 nice -n 10 python -m bench.unstructured`` (about an hour on a busy 2-core machine);
 ``--quick`` (50/70% one-shot, 1 epoch, no steps run, 5 latency runs) takes a few minutes.
 """
 
@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 # The fixture fine-tuning recipe of bench/frontier.py (see its comments for how it was chosen).
 TRAIN = {"batch": 16, "nbs": 16, "mosaic": 0.0, "workers": 2, "val": False, "seed": 0, "optimizer": "AdamW",
@@ -88,7 +87,8 @@ def tune(src: Path, data: Path, imgsz: int, epochs: int, run: str, work: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 prog="python -m bench.unstructured")
     ap.add_argument("--quick", action="store_true", help="50/70%% one-shot, 1 fine-tune epoch, no steps run")
     ap.add_argument("--imgsz", type=int, default=320, help="image size (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs per run (default: %(default)s)")

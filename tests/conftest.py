@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .helpers import SHARED, randomize_bn
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never try the network in tests
 
 
@@ -17,41 +19,6 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["YOLO_PRUNE_CACHE"] = tempfile.mkdtemp(prefix="yolo_prune_cache_")
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "fixtures"
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BatchNorm distinct gammas, betas and running stats (random init has gamma == 1 everywhere)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) * 1.4 + 0.1
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model
-
-
-def zero_channels(graph, *, seed: int, beta: bool = True) -> tuple[int, int]:
-    """Zero the BN gamma (and beta, with ``beta``) of a random quarter of every channel group's channels, in
-    every BN that produces them. Returns (channels zeroed, channels in all groups)."""
-    from torch import nn
-
-    g = torch.Generator().manual_seed(seed)
-    zeroed = 0
-    for group in graph.groups():
-        k = group.channels // 4
-        chosen = torch.randperm(group.channels, generator=g)[:k].tolist()
-        for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen) if k else []:
-            if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
-                dep.target.module.weight.data[idxs] = 0.0
-                if beta:
-                    dep.target.module.bias.data[idxs] = 0.0
-        zeroed += k
-    return zeroed, sum(grp.channels for grp in graph.groups())
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +49,21 @@ def shared_fixtures() -> Path:
     if not (SHARED / "weights" / "yolov8n_coco_int8rebuild.pt").is_file():
         pytest.skip(f"real fixtures not found at {SHARED} (only present in the project's CI)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """yolo_prune.data's converted-dataset cache in a folder of the module's own, out of the home folder (a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("data_cache")``)."""
+    old = os.environ.get("YOLO_PRUNE_CACHE")
+    os.environ["YOLO_PRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("YOLO_PRUNE_CACHE", None)
+    else:
+        os.environ["YOLO_PRUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def data(synthetic) -> str:
+    return str(synthetic / "yolo.yaml")

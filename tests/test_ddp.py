@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT
-from .test_train import FAST, make_pruned_model, save_like_ultralytics, shapes
+from .helpers import FAST, make_pruned_model, run_ddp_file, save_like_ultralytics, shapes
+from .helpers import subprocess_env as _env
 
 WORKER = r'''
 import os, sys
@@ -66,23 +65,6 @@ torch.save({"params": {k: v.detach().clone() for k, v in model.named_parameters(
 dist.barrier()
 dist.destroy_process_group()
 '''
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-def run_ddp_file(trainer, cwd: Path) -> None:
-    """Run ultralytics' generated DDP worker script for ``trainer`` in a fresh process (one CPU rank)."""
-    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
-
-    file = generate_ddp_file(trainer)
-    try:
-        proc = subprocess.run([sys.executable, file], env=_env(), cwd=cwd, capture_output=True, text=True, timeout=300)
-    finally:
-        ddp_cleanup(trainer, file)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

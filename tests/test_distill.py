@@ -27,10 +27,11 @@ from yolo_prune.train.distill import (
     output_kd,
 )
 
-from .conftest import ROOT, randomize_bn
-from .test_ddp import _env, run_ddp_file
-from .test_train import _data_cache, data  # noqa: F401  (fixtures: the dataset cache kept in tmp, the data yaml)
-from .test_train import FAST, NC, make_pruned_model, read_csv, save_like_ultralytics, shapes
+from .helpers import FAST, NC, ROOT, make_pruned_model, randomize_bn, read_csv, run_ddp_file, save_like_ultralytics
+from .helpers import shapes
+from .helpers import subprocess_env as _env
+
+pytestmark = pytest.mark.usefixtures("data_cache")
 
 
 # ----------------------------------------------------------------------------------------------- fixtures

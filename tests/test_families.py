@@ -23,7 +23,7 @@ from yolo_prune.modules import C2fSplit, C2PSASplit, C2Split, C3k2Split, Prunabl
 from yolo_prune.pruning import build_graph, prepare, protected_layers, prune_model
 from yolo_prune.stats import count_macs
 
-from .conftest import randomize_bn, zero_channels
+from .helpers import randomize_bn, zero_channels
 
 FAMILIES = ["yolo11n.yaml", "yolo11s.yaml", "yolo26n.yaml", "yolo26s.yaml"]
 VARIANTS = ["yolov8-p2.yaml", "yolov8-p6.yaml"]

@@ -22,7 +22,7 @@ def dense_ckpt(tmp_path_factory, synthetic):
 
     from yolo_prune.models import save_checkpoint
 
-    from .conftest import randomize_bn
+    from .helpers import randomize_bn
 
     path = tmp_path_factory.mktemp("dense") / "dense.pt"
     return save_checkpoint(randomize_bn(DetectionModel("yolov8n.yaml", nc=3, verbose=False)), path)

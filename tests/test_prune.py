@@ -15,7 +15,7 @@ from yolo_prune.modules import C2fSplit, to_prunable
 from yolo_prune.pruning import build_graph, prepare, protected_layers, prune, prune_model
 from yolo_prune.stats import count_macs
 
-from .conftest import randomize_bn, zero_channels
+from .helpers import randomize_bn, zero_channels
 
 X = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
 

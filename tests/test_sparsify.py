@@ -32,8 +32,7 @@ from yolo_prune.sparsify import (
     zero_masks,
 )
 
-from .conftest import ROOT, randomize_bn
-from .test_train import FAST, make_pruned_model
+from .helpers import FAST, ROOT, make_pruned_model, randomize_bn
 
 NC = 3
 

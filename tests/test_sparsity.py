@@ -366,7 +366,7 @@ def test_ddp_worker_rebuilds_group_and_greg_penalties(synthetic, tmp_path):
 
     from yolo_prune.train import SparseTrainer
 
-    from .test_ddp import _env
+    from .helpers import subprocess_env as _env
 
     save_dir = tmp_path / "ddp"
     trainer = SparseTrainer(overrides={
@@ -431,7 +431,7 @@ def test_pipeline_greg_then_free_channels_first(synthetic, tmp_path):
     from yolo_prune.models import save_checkpoint
     from yolo_prune.pipeline import pipeline
 
-    from .conftest import randomize_bn
+    from .helpers import randomize_bn
 
     dense = save_checkpoint(randomize_bn(DetectionModel("yolov8n.yaml", nc=3, verbose=False)), tmp_path / "d.pt")
     result = pipeline(dense, synthetic / "yolo.yaml", sparse_epochs=2, sr_mode="greg", sr=0.1, target_macs=0.6,

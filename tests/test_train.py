@@ -6,7 +6,6 @@ The expensive tests train a pruned yolov8n for 2-3 epochs at imgsz=64 on the 16-
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import os
 import signal
@@ -37,73 +36,12 @@ from yolo_prune.train import (
     sr_at,
 )
 
-from .conftest import ROOT, randomize_bn
+from .helpers import FAST, NC, ROOT, make_pruned_model, read_csv, save_like_ultralytics, shapes
 
-NC = 3  # classes of the synthetic dataset
-# Small and fast: 4 optimizer steps per epoch (nbs=batch), no warmup epoch eaten by the tiny run.
-FAST = dict(imgsz=64, batch=4, workers=0, device="cpu", nbs=4, warmup_epochs=0)
+pytestmark = pytest.mark.usefixtures("data_cache")
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _data_cache(tmp_path_factory):
-    """Keep yolo_prune.data's converted-dataset cache out of the home folder."""
-    old = os.environ.get("YOLO_PRUNE_CACHE")
-    os.environ["YOLO_PRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("YOLO_PRUNE_CACHE", None)
-    else:
-        os.environ["YOLO_PRUNE_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def data(synthetic) -> str:
-    return str(synthetic / "yolo.yaml")
-
-
-def make_pruned_model(nc: int = NC, seed: int = 0) -> nn.Module:
-    """A really pruned yolov8n (torch-pruning via yolo_prune.pruning, 30% of channels)."""
-    from ultralytics.nn.tasks import DetectionModel
-
-    torch.manual_seed(seed)
-    model = randomize_bn(DetectionModel("yolov8n.yaml", nc=nc, verbose=False), seed=seed)
-    try:
-        from yolo_prune.pruning import prune
-    except ImportError:  # pruning engine not there: fake it (see fake_pruned_model)
-        return fake_pruned_model(model)
-    return prune(model, method="l1", ratio=0.3, imgsz=64, save=False).model.model
-
-
-def fake_pruned_model(model: nn.Module) -> nn.Module:
-    """Narrow layer 0 (and layer 1's input) to 8 channels and claim the yolov8s yaml: a yaml rebuild would
-    produce different shapes everywhere, which is exactly what must not happen."""
-    from ultralytics.nn.tasks import yaml_model_load
-
-    c0, c1 = model.model[0], model.model[1]
-    keep = slice(0, 8)
-    c0.conv.weight = nn.Parameter(c0.conv.weight.data[keep].clone())
-    c0.conv.out_channels = 8
-    bn = c0.bn
-    bn.weight, bn.bias = nn.Parameter(bn.weight.data[keep].clone()), nn.Parameter(bn.bias.data[keep].clone())
-    bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
-    bn.num_features = 8
-    c1.conv.weight = nn.Parameter(c1.conv.weight.data[:, keep].clone())
-    c1.conv.in_channels = 8
-    model.yaml = {**yaml_model_load("yolov8s.yaml"), "nc": model.nc}
-    return model
-
-
-def save_like_ultralytics(model: nn.Module, path: Path) -> Path:
-    """A checkpoint the way ultralytics writes one: fp16 module under 'model', frozen parameters."""
-    m = copy.deepcopy(model).half()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": m, "train_args": {}, "epoch": -1}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> nn.Module:
     return make_pruned_model()
@@ -112,19 +50,6 @@ def pruned(tmp_path_factory) -> nn.Module:
 @pytest.fixture(scope="module")
 def pruned_pt(pruned, tmp_path_factory) -> Path:
     return save_like_ultralytics(pruned, tmp_path_factory.mktemp("pruned") / "pruned.pt")
-
-
-def shapes(model_or_path) -> dict[str, tuple]:
-    if isinstance(model_or_path, (str, Path)):
-        from ultralytics.nn.tasks import load_checkpoint
-
-        model_or_path = load_checkpoint(model_or_path)[0]
-    return {k: tuple(v.shape) for k, v in model_or_path.state_dict().items()}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:

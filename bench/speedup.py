@@ -12,7 +12,9 @@ models, and every ultralytics export calls ``select_device("cpu")``, which reset
 ultralytics' ``NUM_THREADS`` (cpu_count - 1 = 1 on this machine); so torch eager was always timed with ONE thread.
 This script sets ``ultralytics.utils.torch_utils.NUM_THREADS`` to N for the duration of each run so the reset keeps N.
 
-Result: ``bench/results/latency[_quick].json``; tables with ``python bench/render.py``.
+Result: ``bench/results/latency[_quick].json``; tables with ``python -m bench.render``.
+This script was ``bench/latency.py`` (the name of ``yolo_prune/latency.py``, hence the rename): the commands
+recorded in results made before issue 20 say ``python bench/latency.py``.
 
 ``--compare`` (issue 15): MACs targets against measured-latency targets. For the fixture @640 (mAP on the
 coco128 split's val @320) and the bccd-fine-tuned yolov8n @416 (``common.bccd_dense()``, bccd val @416), on each
@@ -38,13 +40,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+from bench import common
 
 
 ARMS = ("macs", "macs_auto", "latency", "latency_aware")
@@ -234,13 +233,14 @@ def finetune_arms(args: argparse.Namespace) -> int:
         if args.datasets and ds not in args.datasets:
             continue
         work = common.WORK / "latency_target" / ds
+        data = str(common.resolve(entry["data"]))
         for st in entry["settings"]:
             for row in st["rows"]:
                 if row["arm"] not in args.arms:
                     continue
                 if not row.get("checkpoint"):
                     raise SystemExit(f"{name}: rows without a recorded checkpoint (an older --compare run)")
-                ckpt = Path(row["checkpoint"])
+                ckpt = common.resolve(row["checkpoint"])
                 key = str(ckpt)
                 if key not in done:
                     run = f"{ckpt.parent.parent.name}_e{args.finetune}" + (f"_s{args.seed}" if args.seed else "")
@@ -248,10 +248,10 @@ def finetune_arms(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        tr = yp.finetune(str(ckpt), entry["data"], epochs=args.finetune, imgsz=entry["val_imgsz"],
-                                         batch=16, seed=args.seed, teacher=entry["weights"],
+                        tr = yp.finetune(str(ckpt), data, epochs=args.finetune, imgsz=entry["val_imgsz"],
+                                         batch=16, seed=args.seed, teacher=str(common.resolve(entry["weights"])),
                                          project=str(work / "finetune"), name=run, exist_ok=True, val=False)
-                        v = yp.validate(str(tr.last), entry["data"], imgsz=entry["val_imgsz"])
+                        v = yp.validate(str(tr.last), data, imgsz=entry["val_imgsz"])
                     done[key] = {"map50_95": v.map50_95, "map50": v.map50, "epochs": args.finetune,
                                  "checkpoint": str(tr.last), "seconds": round(time.perf_counter() - t0, 1)}
                     log(f"{ds}: {run}: mAP50-95 {v.map50_95:.3f} after {args.finetune} epochs")
@@ -269,7 +269,8 @@ def finetune_arms(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                     prog="python -m bench.speedup")
     parser.add_argument("--compare", action="store_true",
                         help="issue 15: target_macs vs target_latency on onnxruntime/OpenVINO (latency_target.json)")
     parser.add_argument("--finetune", type=int, metavar="EPOCHS",
