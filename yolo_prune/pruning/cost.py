@@ -5,7 +5,7 @@
 candidate plan toward ``cost.target``; a cost may also give each channel group its width multiple
 (``round_to=auto``) and tilt the channel ranking. :class:`MacsCost` (conv MACs of the traced graph, exact) is
 the default; :class:`yolo_prune.latency.LatencyCost` (a measured latency table) implements the same protocol
-one layer up, so this package never imports the latency model.
+one layer up, so that this package does not depend on the latency model.
 
 ``delta`` in every method maps ``(conv, is_output)`` to the channels a plan removes from that side of that conv
 (see :meth:`~yolo_prune.pruning.graph.PruneGraph.conv_macs`).

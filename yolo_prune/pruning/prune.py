@@ -302,7 +302,7 @@ def prune(
             macs_imgsz=imgsz,
             progress=progress,
             before_recalibration=keep_stats,
-            latency=latency,
+            cost=latency,
         )
     else:
         from .engine import layer_widths
