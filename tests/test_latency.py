@@ -71,15 +71,15 @@ def test_cache_key_and_reuse(_v8n_base, monkeypatch, tmp_path):
     def no_measuring(*a, **k):
         raise AssertionError("a cached table was measured again")
 
-    monkeypatch.setattr(latency, "probe_quanta", no_measuring)
+    monkeypatch.setattr(latency.build, "probe_quanta", no_measuring)  # where build_table looks it up
     again = build_table(copy.deepcopy(_v8n_base), imgsz=64, runtime="torch", threads=1, **FAST)
     assert again.key == first.key and again.dense_ms == first.dense_ms
     assert again.predict_ms({}) == pytest.approx(first.predict_ms({}))
     # every part of the key matters: architecture, imgsz, runtime, threads (the CPU model is in it too)
-    from yolo_prune.latency import _prepared, conv_specs
+    from yolo_prune.latency import conv_specs, prepared_model
     from yolo_prune.pruning.graph import build_graph
 
-    module = _prepared(_v8n_base)
+    module = prepared_model(_v8n_base)
     specs = conv_specs(module, build_graph(module), 64, 64)
     base = dict(imgsz=64, runtime="torch", threads=1, clock="cpu", points=2, min_fraction=0.25)
     keys = {table_key(specs, **base)}

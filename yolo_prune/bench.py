@@ -45,6 +45,7 @@ import torch
 
 from .errors import UsageError
 from .results import Result, markdown_table, table
+from .runtimes import require_openvino
 from .stats import ModelLike, as_module, inference_copy, input_channels
 
 BACKENDS = ("torch", "onnx", "openvino")
@@ -122,16 +123,6 @@ def parse_backends(backends: str | Sequence[str]) -> list[str]:
     if "openvino" in names:
         require_openvino()
     return names
-
-
-def require_openvino():
-    """Import and return the ``openvino`` module, or raise a one-line :class:`UsageError` naming the extra."""
-    try:
-        import openvino
-    except ImportError:
-        raise UsageError("the openvino runtime is not installed: pip install 'yolo-prune[openvino]' "
-                         "(or pip install openvino)") from None
-    return openvino
 
 
 def check_threads(threads: Any) -> int | None:

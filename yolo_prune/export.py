@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import OutputError, UsageError
 from .io import atomic_path
+from .runtimes import require_openvino
 from .stats import ModelLike, as_module
 
 
@@ -143,8 +144,6 @@ def export_model(
     """
     fmt = check_format(format)
     if fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
-        from .bench import require_openvino
-
         require_openvino()
     module = as_module(model)
     args = _export_args(fmt, imgsz, half, simplify, kwargs)

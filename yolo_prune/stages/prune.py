@@ -25,8 +25,8 @@ from ..report import plot_layer_channels, prune_report_markdown
 from ..results import Result, table
 from ..stats import model_stats
 from ..pruning.calibration import load_calibration_images
-from ..pruning.engine import (PruneOutcome, Reference, StepRecord, _compensation, _recalibration, layer_widths,
-                              prune_model)
+from ..pruning.engine import PruneOutcome, Reference, StepRecord, layer_widths, prune_model
+from ..pruning.recovery import normalize_compensation, normalize_recalibration
 from ..pruning.graph import build_graph
 from ..pruning.importance import resolve_method
 from ..pruning.threshold import remove_free_channels
@@ -275,7 +275,7 @@ def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, lat
         LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
                     p.threshold, free.channels_removed, free.macs_fraction)
     if free is None or (p.target_macs is not None and free.macs_fraction > p.target_macs):
-        recal_mode = _recalibration(p.recalibrate) if calib is not None else None
+        recal_mode = normalize_recalibration(p.recalibrate) if calib is not None else None
         outcome: PruneOutcome = prune_model(
             module,
             method=p.method or "auto",
@@ -297,7 +297,7 @@ def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, lat
             macs_imgsz=t.imgsz,
             progress=progress,
             before_recalibration=keep_stats,
-            latency=latency,
+            cost=latency,
         )
     else:
         after_layers = layer_widths(module, build_graph(module))
@@ -316,11 +316,11 @@ def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: A
     """The result of a pruning run, with its provenance (the settings it ran with)."""
     t, lat = s.train, s.latency
     after = model_stats(module, imgsz=t.imgsz)
-    recal_mode = _recalibration(p.recalibrate) if calib is not None else None
+    recal_mode = normalize_recalibration(p.recalibrate) if calib is not None else None
     args = dict(method=outcome.method, target_macs=p.target_macs, ratio=p.ratio, threshold=p.threshold,
                 imgsz=t.imgsz, global_pruning=p.global_pruning, max_layer_ratio=p.max_layer_ratio,
                 round_to=p.round_to, steps=p.steps, calib_images=p.calib_images,
-                compensate=_compensation(p.compensate) if calib is not None else "none", recalibrate=recal_mode,
+                compensate=normalize_compensation(p.compensate) if calib is not None else "none", recalibrate=recal_mode,
                 allocation=outcome.allocation, sensitivity=str(p.sensitivity) if p.sensitivity else None)
     if latency is not None:
         args.update(target_latency=lat.target_latency, target_ms=lat.target_ms, runtime=latency.table.runtime,

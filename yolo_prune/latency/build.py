@@ -1,0 +1,259 @@
+"""Measuring a latency table: :func:`build_table` (cached), :func:`calibrate_table`, :func:`validate_table`, and
+:func:`measure_models` (whole models, interleaved) under them."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..bench import check_threads, interleaved_times, make_runner, torch_threads
+from ..errors import UsageError
+from ..pruning.graph import build_graph, prepare
+from ..stats import as_module, input_channels
+from .convs import ConvSpec, architecture_hash, conv_specs
+from .measure import NOISY, measure_conv, pool_quanta, probe_quanta
+from .probe import cache_dir, check_runtime, cpu_model, resolve_clock, runtime_version
+from .table import TABLE_VERSION, ConvTable, LatencyTable, group_quantum, model_widths
+
+LOGGER = logging.getLogger("yolo_prune")
+
+_BACKEND = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}  # names in yolo_prune.bench
+
+
+def dense_model(model: Any) -> nn.Module:
+    """An FP32 eval copy of ``model`` as given (the reference users deploy)."""
+    return copy.deepcopy(as_module(model)).float().cpu().eval()
+
+
+def prepared_model(model: Any) -> nn.Module:
+    """An FP32 eval copy in yolo-prune's prunable form (C2f's first conv as two convs), names as in pruning."""
+    return prepare(dense_model(model))
+
+
+def table_key(specs: Sequence[ConvSpec], *, imgsz: int, runtime: str, threads: int | None, clock: str,
+              points: int, min_fraction: float, in_context: bool = True, calibrate: int = 0) -> str:
+    """The cache key: architecture, imgsz, runtime (and version), threads, clock, CPU model, grid settings."""
+    return architecture_hash(specs, (imgsz, runtime, runtime_version(runtime), threads, clock, cpu_model(), points,
+                                     min_fraction, in_context, calibrate, TABLE_VERSION))
+
+
+def whole_model_runner(runtime: str, model: nn.Module, imgsz: int, folder: Path, threads: int | None):
+    """A runner of the whole model (exported as users deploy it) in ``runtime``, on a fixed random image."""
+    x = torch.rand(1, input_channels(model), imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+    return make_runner(_BACKEND[runtime], model, x, folder, threads)
+
+
+def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int, threads: int | None,
+                   clock: str = "auto", runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of every model's runs in ``runtime``, interleaved (the first model is usually the dense one)."""
+    runtime = check_runtime(runtime)
+    threads = check_threads(threads)
+    clock = resolve_clock(clock, threads)
+    before = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="yolo-prune-latency-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runners = {name: whole_model_runner(runtime, m, imgsz, Path(tmp) / str(i), threads)
+                       for i, (name, m) in enumerate(models.items())}
+            with torch_threads(threads or before):
+                return interleaved_times(runners, runs=runs, warmup=warmup, progress=False, clock=clock)
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_table(model: Any, *, imgsz: int = 640, runtime: str = "onnxruntime", threads: int | None = None,
+                clock: str = "auto", points: int = 4, min_fraction: float = 0.25, runs: int = 7, warmup: int = 2,
+                dense_runs: int = 20, in_context: bool = True, calibrate: int = 6, cache: bool = True,
+                rebuild: bool = False, trace_imgsz: int = 64, progress: bool = False) -> LatencyTable:
+    """Measure (or load from the cache) the latency table of ``model`` at ``imgsz`` on ``runtime``.
+
+    ``model`` is the dense model (path, YOLO or DetectionModel; never modified). ``points`` grid widths per
+    prunable side of each conv, from ``min_fraction`` of its width to its width; ``runs``/``warmup`` timed and
+    untimed passes per grid point; ``dense_runs`` passes of the whole model for the fixed part; ``in_context``:
+    count only each conv's own nodes of its tiny model (see :class:`ConvBench`); ``calibrate``: number of random
+    pruned variants measured with the dense model to fit the in-context scale and the fixed part
+    (:func:`calibrate_table`; 0: fixed part = dense time - table sum at the dense widths, scale 1).
+    """
+    runtime = check_runtime(runtime)
+    threads = check_threads(threads)
+    clock = resolve_clock(clock, threads)
+    if not isinstance(imgsz, int) or imgsz < 32 or imgsz % 32:
+        raise UsageError(f"imgsz={imgsz!r} must be a multiple of 32")
+    module = prepared_model(model)
+    graph = build_graph(module, imgsz=trace_imgsz)
+    specs = conv_specs(module, graph, imgsz, trace_imgsz)
+    key = table_key(specs, imgsz=imgsz, runtime=runtime, threads=threads, clock=clock, points=points,
+                    min_fraction=min_fraction, in_context=in_context, calibrate=calibrate)
+    path = cache_dir() / f"{runtime}-t{threads or 0}-{clock}-{imgsz}-{key}.json"
+    if cache and not rebuild and path.is_file():
+        try:
+            LOGGER.info("latency table: %s (cached)", path)
+            return LatencyTable.load(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            LOGGER.warning("latency table %s is unreadable, measuring it again", path)
+    t0 = time.perf_counter()
+    before = torch.get_num_threads()
+    convs: dict[str, ConvTable] = {}
+    kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context, min_fraction=min_fraction)
+    try:
+        with tqdm(total=2 * len(specs), desc=f"latency table {runtime}", disable=not progress, unit="conv") as bar:
+            probes = {}
+            for spec in specs:  # 1. each conv's quanta; the runtime-wide one where a conv is too small to tell
+                probes[spec.name] = probe_quanta(spec, runtime, threads, **kw)
+                bar.update()
+            weights = {s.name: s.cin * s.cout * s.kernel ** 2 * (s.size // s.stride) ** 2 for s in specs}
+            probes, common_q = pool_quanta(probes, weights)
+            for spec in specs:  # 2. the width grid on multiples of the quanta
+                convs[spec.name] = measure_conv(spec, runtime, threads, points=points, probe=probes[spec.name], **kw)
+                bar.update()
+        # the reference is the model as given (C2f's first conv whole), not its prunable form
+        if not calibrate:
+            dense = measure_models({"dense": dense_model(model)}, runtime=runtime, imgsz=imgsz, threads=threads,
+                                   clock=clock, runs=dense_runs, warmup=warmup)["dense"]
+    finally:
+        torch.set_num_threads(before)
+    dense_ms = float(np.median(dense)) if not calibrate else float("nan")
+    conv_ms = sum(c.time(c.spec.cin, c.spec.cout) for c in convs.values())
+    result = LatencyTable(
+        runtime=runtime, threads=threads, imgsz=imgsz, clock=clock, key=key, cpu=cpu_model(),
+        runtime_version=runtime_version(runtime), dense_ms=dense_ms, conv_ms=conv_ms, fixed_ms=dense_ms - conv_ms,
+        dense_spread=float((np.percentile(dense, 90) - np.percentile(dense, 10)) / dense_ms) if not calibrate else 0.0,
+        build_seconds=time.perf_counter() - t0, created=time.strftime("%Y-%m-%d %H:%M:%S"), common_quantum=common_q,
+        convs=convs)
+    if calibrate:
+        calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup)
+        result.build_seconds = time.perf_counter() - t0
+    if result.fixed_ms < -0.05 * result.dense_ms:  # (a few % below 0 is within the fit's noise)
+        LOGGER.warning("latency table: the convs alone (%.1f ms scaled) take longer than the whole model (%.1f ms): "
+                       "the fixed part is taken as negative; the machine was probably busy while measuring",
+                       result.scale * conv_ms, result.dense_ms)
+    if cache:
+        result.save(path)
+    LOGGER.info("latency table built in %.0f s: dense %.1f ms, fixed part %.1f ms (%.0f%%), in-context scale %.3f",
+                result.build_seconds, result.dense_ms, result.fixed_ms, 100 * result.fixed_share, result.scale)
+    return result
+
+
+def calibrate_table(table: LatencyTable, model: Any, *, n: int = 6, seed: int = 12345, runs: int = 20,
+                    warmup: int = 3) -> LatencyTable:
+    """Fit ``measured = fixed + scale * table sum`` on the dense model and ``n`` random pruned variants.
+
+    A conv timed alone is not exactly a conv in the whole model (caches, fused neighbours, layouts): the fit
+    gives the in-context scale of the table and the fixed part (the intercept: the time left with every conv
+    gone). The dense model is measured in the same interleaved run and stays the reference (``dense_ms``);
+    the fixed part is then set so that the dense model is predicted exactly. A fit outside [0.5, 1.5] (a busy
+    machine) falls back to scale 1.
+    """
+    module = prepared_model(model)
+    rng = np.random.default_rng(seed)
+    models = {"dense": dense_model(model)}
+    sums = {"dense": table.conv_ms}
+    for i in range(n):
+        v = random_variant(module, table, rng)
+        models[f"c{i}"] = v
+        sums[f"c{i}"] = table.conv_sum(model_widths(v, table.convs))
+    times = measure_models(models, runtime=table.runtime, imgsz=table.imgsz, threads=table.threads,
+                           clock=table.clock, runs=runs, warmup=warmup)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    dense = times["dense"]
+    table.dense_ms = med["dense"]
+    table.dense_spread = float((np.percentile(dense, 90) - np.percentile(dense, 10)) / table.dense_ms)
+    xs, ys = np.asarray([sums[k] for k in med]), np.asarray([med[k] for k in med])
+    scale, intercept = np.polyfit(xs, ys, 1) if n >= 2 else (1.0, 0.0)
+    resid = ys - (scale * xs + intercept)
+    r2 = float(1 - (resid ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-12)) if n >= 2 else 1.0
+    ok = bool(0.5 <= scale <= 1.5 and r2 >= 0.8)
+    table.scale = float(scale) if ok else 1.0
+    table.fixed_ms = table.dense_ms - table.scale * table.conv_ms
+    spread = {k: float((np.percentile(v, 90) - np.percentile(v, 10)) / np.median(v)) for k, v in times.items()}
+    table.calibration = {"n": n, "seed": seed, "runs": runs, "fit_scale": float(scale), "fit_intercept_ms": float(intercept),
+                         "fit_r2": r2, "used": ok, "max_spread": max(spread.values()), "fixed_ms_by_subtraction": table.dense_ms - table.conv_ms,
+                         "points": [{"name": k, "conv_sum_ms": sums[k], "measured_ms": med[k]} for k in med],
+                         "loadavg": list(os.getloadavg())}
+    if not ok:
+        LOGGER.warning("latency table: the calibration fit (scale %.2f, R^2 %.2f) is implausible; using scale 1",
+                       scale, r2)
+    if max(spread.values()) > NOISY:
+        LOGGER.warning("latency measurements vary by up to %.0f%% (p90-p10 of the median): other processes are using "
+                       "the CPU and the table is unreliable; rebuild it on a quiet machine (or time 1 thread: its CPU "
+                       "clock hardly minds)", 100 * max(spread.values()))
+    return table
+
+
+def random_variant(model: nn.Module, table: LatencyTable, rng: np.random.Generator, *,
+                   min_fraction: float = 0.25, trace_imgsz: int = 64) -> nn.Module:
+    """A copy of the prepared dense ``model`` with every group pruned to a random multiple of its quantum."""
+    variant = copy.deepcopy(model)
+    graph = build_graph(variant, imgsz=trace_imgsz)
+    plans = []
+    for g in graph.groups():
+        q = group_quantum(table, g, graph.names)
+        lo = max(q, int(math.ceil(g.channels * min_fraction / q)) * q)
+        choices = list(range(lo, g.channels, q)) + [g.channels]
+        keep = int(rng.choice(choices))
+        if keep < g.channels:
+            plans.append((g, sorted(rng.choice(g.channels, g.channels - keep, replace=False).tolist())))
+    for g, idxs in plans:
+        graph.prune(g, idxs)
+    return variant.eval()
+
+
+def validate_table(model: Any, table: LatencyTable, *, n: int = 10, seed: int = 0, runs: int = 15, warmup: int = 3,
+                   save: bool = True) -> dict[str, Any]:
+    """Predicted against measured latency of ``n`` randomly pruned variants of ``model`` (and the dense one).
+
+    All models are measured in one interleaved run; errors are on the ratio to the dense model measured in that
+    run (``predicted / table.dense_ms`` vs ``measured / measured dense``) and on milliseconds. The result is
+    stored in ``table.validation`` (and in the cached table file with ``save``).
+    """
+    module = prepared_model(model)
+    rng = np.random.default_rng(seed)
+    variants = {"dense": dense_model(model)}
+    for i in range(n):
+        variants[f"v{i}"] = random_variant(module, table, rng)
+    t0 = time.perf_counter()
+    times = measure_models(variants, runtime=table.runtime, imgsz=table.imgsz, threads=table.threads,
+                           clock=table.clock, runs=runs, warmup=warmup)
+    dense_ms = float(np.median(times["dense"]))
+    rows = []
+    for name, m in variants.items():
+        measured = float(np.median(times[name]))
+        predicted = table.predict_model(m) if name != "dense" else table.dense_ms
+        raw = table.dense_ms - table.conv_ms + table.conv_sum(model_widths(m, table.convs)) if name != "dense" \
+            else table.dense_ms
+        t = np.asarray(times[name])
+        rows.append({"name": name, "predicted_ms": predicted, "measured_ms": measured,
+                     "predicted_ratio": predicted / table.dense_ms, "measured_ratio": measured / dense_ms,
+                     "spread": float((np.percentile(t, 90) - np.percentile(t, 10)) / measured),
+                     "conv_ms": predicted - table.fixed_ms, "uncalibrated_ratio": raw / table.dense_ms,
+                     "params": sum(p.numel() for p in m.parameters())})
+    errs = [r["predicted_ratio"] - r["measured_ratio"] for r in rows[1:]]
+    raw_errs = [r["uncalibrated_ratio"] - r["measured_ratio"] for r in rows[1:]]
+    rel = [r["predicted_ms"] / r["measured_ms"] - 1 for r in rows[1:]]
+    # measured = a + b * (table's conv sum): b near 1 and a near the fixed part support the decomposition
+    b, a = np.polyfit([r["conv_ms"] for r in rows], [r["measured_ms"] for r in rows], 1)
+    result = {
+        "n": n, "seed": seed, "runs": runs, "seconds": time.perf_counter() - t0,
+        "dense_ms_now": dense_ms, "dense_ms_table": table.dense_ms,
+        "mean_abs_ratio_error": float(np.mean(np.abs(errs))), "max_abs_ratio_error": float(np.max(np.abs(errs))),
+        "mean_ratio_error": float(np.mean(errs)), "mean_abs_ms_error_rel": float(np.mean(np.abs(rel))),
+        "uncalibrated_mean_abs_ratio_error": float(np.mean(np.abs(raw_errs))),
+        "uncalibrated_max_abs_ratio_error": float(np.max(np.abs(raw_errs))),
+        "fit_slope": float(b), "fit_intercept_ms": float(a), "loadavg": list(os.getloadavg()), "variants": rows,
+    }
+    table.validation = result
+    if save and table.path is not None:
+        table.save(table.path)
+    return result
