@@ -28,8 +28,6 @@ from .schedule import PlanOptions, solve_for_macs
 
 LOGGER = logging.getLogger("yolo_prune")
 
-# the old private names (yolo_prune.pruning.prune imports them)
-
 
 @dataclasses.dataclass
 class StepRecord:
