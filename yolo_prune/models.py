@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 import pickle
 import zipfile
 from datetime import datetime, timezone
@@ -22,11 +21,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .forms import ModelLike, as_detection_model
 from .io import atomic_write
-
-LOGGER = logging.getLogger("yolo_prune")
-
-ModelLike = Any  # str | Path | YOLO | DetectionModel
 
 
 def _yolo_class():
@@ -46,9 +42,10 @@ def load_model(source: ModelLike) -> Any:
     if isinstance(source, YOLO):
         _check_detection(source.model, repr(source.model_name or "model"))
         return source
-    if isinstance(source, nn.Module):
-        _check_detection(source, type(source).__name__)
-        return wrap_model(source)
+    if isinstance(source, nn.Module) or _is_wrapper(source):
+        net = as_detection_model(source)  # DDP / compile / EMA wrappers peeled off
+        _check_detection(net, type(net).__name__)
+        return wrap_model(net)
     if not isinstance(source, (str, Path)):
         raise ModelLoadError(f"model must be a path, a YOLO object or a DetectionModel, not {type(source).__name__}")
 
@@ -73,6 +70,11 @@ def load_model(source: ModelLike) -> Any:
         )
     _check_detection(model.model, str(source))
     return model
+
+
+def _is_wrapper(source: Any) -> bool:
+    """True for an ultralytics ``ModelEMA`` (not an ``nn.Module``, its ``.ema`` is)."""
+    return isinstance(getattr(source, "ema", None), nn.Module)
 
 
 def _load_pt(path: Path) -> Any:
@@ -128,11 +130,6 @@ def wrap_model(model: nn.Module) -> Any:
     yolo.overrides = {"task": "detect"}
     del yolo.training
     return yolo
-
-
-def detection_model(model: ModelLike) -> nn.Module:
-    """The ``DetectionModel`` inside ``model`` (loading it first if it is a path)."""
-    return load_model(model).model
 
 
 def save_checkpoint(
