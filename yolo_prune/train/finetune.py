@@ -15,7 +15,7 @@ from typing import Any
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG
 
-from ..sparsify import KeepZerosMixin
+from .keep_zeros import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
 
@@ -28,7 +28,7 @@ class FinetuneTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detec
     Use like any ultralytics trainer: ``FinetuneTrainer(overrides={"model": "pruned.pt", "data": ...}).train()``.
     ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it). With
     ``teacher=<checkpoint>`` it distils from that model (see :mod:`yolo_prune.train.distill`). The weights a
-    ``yolo-prune sparsify`` checkpoint set to zero stay zero (:class:`~yolo_prune.sparsify.KeepZerosMixin`).
+    ``yolo-prune sparsify`` checkpoint set to zero stay zero (:class:`~yolo_prune.train.keep_zeros.KeepZerosMixin`).
     """
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):

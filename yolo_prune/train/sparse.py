@@ -43,7 +43,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from ..pruning.bngroups import BNGroups
-from ..sparsify import KeepZerosMixin
+from .keep_zeros import KeepZerosMixin
 from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
 from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
