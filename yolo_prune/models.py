@@ -173,6 +173,23 @@ def save_checkpoint(
     return atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
 
 
+def save_input_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Save an in-memory model as an ultralytics-loadable checkpoint to train from (float32, so nothing is lost).
+
+    Unlike :func:`save_checkpoint` (fp16, a finished model with provenance) this is the minimal checkpoint a
+    trainer loads as its input: the model, its args as ``train_args`` and the date.
+    """
+    m = copy.deepcopy(model).cpu().float()
+    if hasattr(m, "criterion"):
+        m.criterion = None
+    for p in m.parameters():
+        p.requires_grad_(False)
+    args = getattr(model, "args", None)
+    args = dict(args) if isinstance(args, dict) else dict(vars(args)) if args is not None else {}
+    ckpt = {"model": m, "train_args": args, "date": datetime.now().astimezone().isoformat()}
+    return atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
 def read_provenance(path: str | Path) -> dict:
     """The ``yolo_prune`` provenance dict stored in a checkpoint written by :func:`save_checkpoint`."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)

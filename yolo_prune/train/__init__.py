@@ -5,14 +5,19 @@
 * :func:`finetune` / :class:`FinetuneTrainer`: train a pruned checkpoint without the yaml rebuild that
   would silently restore the unpruned architecture.
 * both distil from a ``teacher=`` checkpoint on request (:mod:`yolo_prune.train.distill`): output
-  distillation of class scores and DFL box distributions, ultralytics' feature distillation, label-free mode.
+  distillation of class scores and DFL box distributions, ultralytics' feature distillation, label-free mode;
+* both keep the checkpoint's architecture (:mod:`yolo_prune.train.keep_arch`) and a sparsified checkpoint's zeros
+  (:mod:`yolo_prune.train.keep_zeros`); one run goes through :func:`yolo_prune.train.run.run_training` and returns
+  a :class:`TrainResult` (:class:`SparseResult` for sparsity training, :mod:`yolo_prune.train.results`).
 
 Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
 ``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.
 """
 
-from .common import KeepArchitectureMixin, TrainResult
 from .finetune import FinetuneTrainer, finetune
+from .keep_arch import KeepArchitectureMixin
+from .keep_zeros import KeepZerosMixin
+from .results import SparseResult, TrainResult
 from .sparse import (
     SparseTrainer,
     add_l1_subgradient,
@@ -27,6 +32,8 @@ from .sparse import (
 __all__ = [
     "FinetuneTrainer",
     "KeepArchitectureMixin",
+    "KeepZerosMixin",
+    "SparseResult",
     "SparseTrainer",
     "TrainResult",
     "add_l1_subgradient",

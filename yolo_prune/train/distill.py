@@ -54,6 +54,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import ModelLoadError, UsageError
+from ..forms import as_detection_model
 
 __all__ = [
     "DISTILL_DEFAULTS",
@@ -65,6 +66,7 @@ __all__ = [
     "load_teacher",
     "output_kd",
 ]
+
 
 #: Trainer options of distillation (not ultralytics keys), with their defaults.
 DISTILL_DEFAULTS: dict[str, Any] = {
@@ -191,17 +193,9 @@ class DistillLoss:
 # --------------------------------------------------------------------------------------------- the teacher
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Load a teacher checkpoint: fp32, eval mode, Conv+BN fused (it only runs inference), no gradients."""
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
-
-    p = Path(str(path))
-    if not p.is_file():
-        raise ModelLoadError(f"teacher not found: {path}")
-    try:
-        model, _ = load_checkpoint(p)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load teacher {path}: {e}") from None
-    if not isinstance(model, DetectionModel):
-        raise ModelLoadError(f"teacher {path} is not a detection model ({type(model).__name__})")
+    if Path(str(path)).suffix.lower() in (".yaml", ".yml"):
+        raise ModelLoadError(f"teacher {path} is a model yaml: the teacher must be a trained .pt checkpoint")
+    model = as_detection_model(Path(str(path)), what="teacher")
     model = model.float().fuse(verbose=False).eval().to(device)
     for q in model.parameters():
         q.requires_grad_(False)

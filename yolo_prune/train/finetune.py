@@ -2,7 +2,7 @@
 
 ``YOLO(pruned.pt).train()`` would rebuild the *unpruned* network from the checkpoint's yaml and drop every
 weight whose shape changed; :class:`FinetuneTrainer` trains the checkpoint's own module instead (see
-:class:`~yolo_prune.train.common.KeepArchitectureMixin`). Everything else - EMA, AMP, warmup, LR schedule,
+:class:`~yolo_prune.train.keep_arch.KeepArchitectureMixin`). Everything else - EMA, AMP, warmup, LR schedule,
 ``resume``, ``weights/best.pt`` and ``weights/last.pt`` (fp16, as ultralytics writes them), DDP - is
 ultralytics' own code.
 """
@@ -15,9 +15,11 @@ from typing import Any
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG
 
-from .keep_zeros import KeepZerosMixin
-from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
+from .keep_arch import KeepArchitectureMixin
+from .keep_zeros import KeepZerosMixin
+from .results import TrainResult
+from .run import run_training
 
 __all__ = ["FinetuneTrainer", "finetune"]
 
@@ -88,7 +90,7 @@ def finetune(
         :class:`~yolo_prune.train.TrainResult` with ``best``/``last`` checkpoints and the final mAP of ``best.pt``.
     """
     extra = distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled)
-    trainer, result = run_training(
+    _, result = run_training(
         FinetuneTrainer,
         "finetune",
         model,
@@ -106,6 +108,4 @@ def finetune(
         extra=extra,
         train_args=train_args,
     )
-    result.teacher = getattr(trainer.args, "teacher", None)
-    result.distill = trainer.args.distill if result.teacher else None
     return result

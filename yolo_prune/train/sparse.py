@@ -29,6 +29,7 @@ the run's own values. The validator, whose config check would reject them, gets 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -43,9 +44,11 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from ..pruning.bngroups import BNGroups
-from .keep_zeros import KeepZerosMixin
-from .common import KeepArchitectureMixin, TrainResult, run_training
 from .distill import DistillMixin, distill_options
+from .keep_arch import KeepArchitectureMixin
+from .keep_zeros import KeepZerosMixin
+from .results import SparseResult, TrainResult
+from .run import run_training
 from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
 
 __all__ = [
@@ -510,7 +513,7 @@ def sparse_train(
     unlabeled: Any = None,
     verbose: bool = False,
     **train_args: Any,
-) -> TrainResult:
+) -> SparseResult:
     """Sparsity-train ``model`` on ``data``: drive BatchNorm gammas to zero so that their channels come out for free.
 
     Args:
@@ -545,7 +548,8 @@ def sparse_train(
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
 
     Returns:
-        :class:`TrainResult` with the checkpoints, final mAP and gamma statistics before/after.
+        :class:`~yolo_prune.train.results.SparseResult` with the checkpoints, final mAP and gamma statistics
+        before/after.
     """
     extra = {"sr": sr, "sr_schedule": sr_schedule, "gamma_threshold": gamma_threshold, "sr_mode": sr_mode,
              "sr_group": sr_group, "sr_head": sr_head, "greg_ramp": greg_ramp, "target_macs": target_macs,
@@ -570,20 +574,25 @@ def sparse_train(
         extra=extra,
         train_args=train_args,
     )
-    result.sr = float(trainer.args.sr)
-    result.sr_schedule = str(trainer.args.sr_schedule)
-    result.gamma_threshold = float(trainer.args.gamma_threshold)
-    result.teacher = getattr(trainer.args, "teacher", None)
-    result.distill = trainer.args.distill if result.teacher else None
+    return _sparse_result(result, trainer.args)
+
+
+def _sparse_result(result: TrainResult, args: Any) -> SparseResult:
+    """``result`` with the run's sparsity settings (``args``: the trainer's) and the gamma statistics of its
+    ``sparsity.json``, before and after training."""
     path = result.save_dir / "sparsity.json"
-    if path.is_file():
-        stats = json.loads(path.read_text())
-        start, end = stats.get("start") or {}, stats.get("end") or {}
-        result.gamma_mean_before = start.get("gamma_mean")
-        result.gamma_near_zero_before = start.get("gamma_near_zero")
-        result.gamma_mean_after = end.get("gamma_mean")
-        result.gamma_near_zero_after = end.get("gamma_near_zero")
-        result.gamma_zero_after = end.get("gamma_zero")
-        result.free_macs_after = end.get("free_macs")
-    result.sr_mode = str(trainer.args.sr_mode)
-    return result
+    stats = json.loads(path.read_text()) if path.is_file() else {}
+    start, end = stats.get("start") or {}, stats.get("end") or {}
+    return SparseResult(
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+        sr=float(args.sr),
+        sr_schedule=str(args.sr_schedule),
+        gamma_threshold=float(args.gamma_threshold),
+        gamma_mean_before=start.get("gamma_mean"),
+        gamma_near_zero_before=start.get("gamma_near_zero"),
+        gamma_mean_after=end.get("gamma_mean"),
+        gamma_near_zero_after=end.get("gamma_near_zero"),
+        sr_mode=str(args.sr_mode),
+        gamma_zero_after=end.get("gamma_zero"),
+        free_macs_after=end.get("free_macs"),
+    )
