@@ -44,7 +44,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from ..pruning.bngroups import BNGroups
-from .distill import DistillMixin, distill_options
+from .distill import DistillMixin, DistillOptions
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin
 from .results import SparseResult, TrainResult
@@ -504,14 +504,8 @@ def sparse_train(
     seed: int = 0,
     resume: bool | str | Path = False,
     gamma_threshold: float = 0.01,
-    teacher: str | Path | None = None,
-    distill: str = "output",
-    distill_cls: float = 1.0,
-    distill_box: float = 1.0,
-    distill_temp: float = 1.0,
-    labels: bool = True,
-    unlabeled: Any = None,
     verbose: bool = False,
+    distillation: DistillOptions | None = None,
     **train_args: Any,
 ) -> SparseResult:
     """Sparsity-train ``model`` on ``data``: drive BatchNorm gammas to zero so that their channels come out for free.
@@ -543,8 +537,9 @@ def sparse_train(
         verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
             ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         gamma_threshold: |gamma| below this counts as near zero in the statistics.
-        teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled: distillation from a teacher
-            checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
+        distillation: a :class:`~yolo_prune.train.distill.DistillOptions`, or its fields as keywords (``teacher``,
+            ``distill``, ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels``, ``unlabeled``): distillation
+            from a teacher checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
 
     Returns:
@@ -555,25 +550,10 @@ def sparse_train(
              "sr_group": sr_group, "sr_head": sr_head, "greg_ramp": greg_ramp, "target_macs": target_macs,
              "method": method, "max_layer_ratio": max_layer_ratio, "round_to": round_to}
     check_sparse_options(extra)
-    extra.update(distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled))
-    trainer, result = run_training(
-        SparseTrainer,
-        "sparse",
-        model,
-        data,
-        epochs=epochs,
-        imgsz=imgsz,
-        batch=batch,
-        device=device,
-        project=project,
-        name=name,
-        exist_ok=exist_ok,
-        seed=seed,
-        resume=resume,
-        verbose=verbose,
-        extra=extra,
-        train_args=train_args,
-    )
+    extra.update(DistillOptions.take(train_args, distillation).trainer_options())
+    trainer, result = run_training(SparseTrainer, "sparse", model, data, epochs=epochs, imgsz=imgsz, batch=batch,
+                                   device=device, project=project, name=name, exist_ok=exist_ok, seed=seed,
+                                   resume=resume, verbose=verbose, extra=extra, train_args=train_args)
     return _sparse_result(result, trainer.args)
 
 
