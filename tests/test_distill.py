@@ -21,6 +21,7 @@ from yolo_prune.train.distill import (
     LOSS_NAME,
     TEACHER_KEY,
     DistillLoss,
+    DistillOptions,
     box_kd,
     class_kd,
     load_teacher,
@@ -250,7 +251,23 @@ def test_bad_distill_options_fail_before_anything_is_written(pruned_pt, teacher_
     other = save_like_ultralytics(_dense(nc=5), tmp_path / "nc5" / "t.pt")
     with pytest.raises(UsageError, match="5 classes"):
         finetune(pruned_pt, data, teacher=other, project=tmp_path / "runs", epochs=1, **FAST)
-    assert finetune.__kwdefaults__["teacher"] is None  # plain finetune: no teacher unless given
+    # plain finetune: no teacher unless given
+    assert finetune.__kwdefaults__["distillation"] is None and DistillOptions().teacher is None
+
+
+def test_distill_options_object_or_keywords(pruned_pt, teacher_pt, data, tmp_path):
+    """``distillation=DistillOptions(...)`` and the loose keywords are the same options; never both at once."""
+    kw = {"teacher": teacher_pt, "distill": "feature", "lr0": 0.1}
+    assert DistillOptions.take(kw) == DistillOptions(teacher=teacher_pt, distill="feature") and kw == {"lr0": 0.1}
+    with pytest.raises(UsageError, match="distill must be"):
+        finetune(pruned_pt, data, distillation=DistillOptions(teacher=teacher_pt, distill="logits"), project=tmp_path,
+                 **FAST)
+    with pytest.raises(UsageError, match="not both"):
+        sparse_train(pruned_pt, data, distillation=DistillOptions(teacher=teacher_pt), distill_cls=2.0,
+                     project=tmp_path, **FAST)
+    with pytest.raises(UsageError, match="DistillOptions"):
+        finetune(pruned_pt, data, distillation={"teacher": teacher_pt}, project=tmp_path, **FAST)
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_config_keys():

@@ -19,7 +19,7 @@ import torch
 from yolo_prune import cli
 from yolo_prune.config import build
 from yolo_prune.errors import UsageError
-from yolo_prune.sparsify import (
+from yolo_prune.pruning.masks import (
     SPARSITY_ATTR,
     PercentileUnstructured,
     apply_masks,
@@ -27,10 +27,10 @@ from yolo_prune.sparsify import (
     make_permanent,
     percentile_threshold,
     prunable_convs,
-    sparsify,
     sparsify_module,
     zero_masks,
 )
+from yolo_prune.sparsify import sparsify
 
 from .helpers import FAST, ROOT, make_pruned_model, randomize_bn
 
@@ -157,7 +157,7 @@ def test_percentile_matches_numpy(model):
         expected = np.abs(before[f"{n}.weight"].numpy().astype(np.float64)) >= thr
         assert np.array_equal(conv.weight_mask.numpy().astype(bool), expected), n
     assert make_permanent(m) == len(prunable_convs(m))
-    from yolo_prune.sparsify import layer_sparsity
+    from yolo_prune.pruning.masks import layer_sparsity
 
     assert global_sparsity(layer_sparsity(m)) == pytest.approx(0.6, abs=1 / allw.size)
 
@@ -178,7 +178,7 @@ def test_channel_pruned_model_then_weights():
 def test_batchnorm_correction_restores_the_first_layer_statistics(model):
     """Zeroing conv 0's weights shifts its BN input; the correction makes the BN output's per-channel mean and
     variance on the calibration images those of the dense model again. An unchanged model keeps its statistics."""
-    from yolo_prune.sparsify import batchnorm_input_stats, correct_batchnorm
+    from yolo_prune.pruning.masks import batchnorm_input_stats, correct_batchnorm
 
     images = torch.rand(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 2 batches of the correction
     ref = batchnorm_input_stats(model, images)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from yolo_prune.errors import ModelLoadError
+from yolo_prune.forms import as_detection_model
 from yolo_prune.results import Result
 from yolo_prune.stats import (
     ModelStats,
-    as_module,
     checkpoint_size_mb,
     count_macs,
     count_params,
@@ -97,7 +97,7 @@ def test_yolo_object_and_yaml_path_accepted(nano):
     from ultralytics import YOLO
 
     yolo = YOLO("yolov8n.yaml")
-    assert as_module(yolo) is yolo.model
+    assert as_detection_model(yolo) is yolo.model
     assert count_params(yolo) == count_params("yolov8n.yaml") == count_params(nano)
     assert count_macs(yolo, imgsz=160) == count_macs(nano, imgsz=160)
 

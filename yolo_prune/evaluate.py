@@ -12,12 +12,11 @@ import contextlib
 import dataclasses
 import io as _io
 import json
-import logging
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +24,10 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import ops
 
 from .data.spec import DataSpec, resolve_data
-from .errors import ModelLoadError, OutputError, UsageError
+from .errors import OutputError, UsageError
+from .forms import as_detection_model
 from .io import write_json, write_text
+from .logs import quiet_ultralytics
 from .results import Result
 
 BACKENDS = ("auto", "faster", "faster-coco-eval", "pycocotools")
@@ -209,43 +210,6 @@ def _per_class_ap(ev: Any) -> dict[str, float | None]:
 # evaluate() ------------------------------------------------------------------------------------------------------
 
 
-def _detection_model(model: Any) -> torch.nn.Module:
-    """The ultralytics DetectionModel behind a .pt path / model yaml, a ``YOLO`` object or a DetectionModel."""
-    from ultralytics import YOLO
-    from ultralytics.engine.model import Model
-    from ultralytics.nn.tasks import guess_model_task
-
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if path.suffix == ".pt" and not path.is_file():
-            raise ModelLoadError(f"{path}: model file not found")
-        try:
-            model = YOLO(str(model))
-        except Exception as e:  # ultralytics raises many types for bad checkpoints
-            raise ModelLoadError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
-    net = model.model if isinstance(model, Model) else model
-    if not isinstance(net, torch.nn.Module) or not hasattr(net, "names") or not hasattr(net, "stride"):
-        raise ModelLoadError(f"not an ultralytics detection model: {type(model).__name__}")
-    task = guess_model_task(net)
-    if task != "detect":
-        raise ModelLoadError(f"not a detection model (task={task})")
-    return net
-
-
-@contextlib.contextmanager
-def quiet_ultralytics(verbose: bool = False) -> Iterator[None]:
-    """Silence ultralytics' info logs and progress bars (they follow its logger level) unless ``verbose``."""
-    from ultralytics.utils import LOGGER
-
-    level = LOGGER.level
-    if not verbose:
-        LOGGER.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        LOGGER.setLevel(level)
-
-
 def _out_dir(save_dir: str | Path | None, stack: contextlib.ExitStack) -> Path:
     if save_dir is None:
         return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="yolo_prune_val_")))
@@ -300,7 +264,7 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     """
     backend = resolve_backend(backend)
     spec = resolve_data(data)
-    net = _detection_model(model)
+    net = as_detection_model(model)
     _check_classes(net, spec)
     args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": "detect",
             "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 import pickle
 import zipfile
 from datetime import datetime, timezone
@@ -22,11 +21,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .forms import ModelLike, as_detection_model
 from .io import atomic_write
-
-LOGGER = logging.getLogger("yolo_prune")
-
-ModelLike = Any  # str | Path | YOLO | DetectionModel
 
 
 def _yolo_class():
@@ -46,9 +42,10 @@ def load_model(source: ModelLike) -> Any:
     if isinstance(source, YOLO):
         _check_detection(source.model, repr(source.model_name or "model"))
         return source
-    if isinstance(source, nn.Module):
-        _check_detection(source, type(source).__name__)
-        return wrap_model(source)
+    if isinstance(source, nn.Module) or _is_wrapper(source):
+        net = as_detection_model(source)  # DDP / compile / EMA wrappers peeled off
+        _check_detection(net, type(net).__name__)
+        return wrap_model(net)
     if not isinstance(source, (str, Path)):
         raise ModelLoadError(f"model must be a path, a YOLO object or a DetectionModel, not {type(source).__name__}")
 
@@ -73,6 +70,11 @@ def load_model(source: ModelLike) -> Any:
         )
     _check_detection(model.model, str(source))
     return model
+
+
+def _is_wrapper(source: Any) -> bool:
+    """True for an ultralytics ``ModelEMA`` (not an ``nn.Module``, its ``.ema`` is)."""
+    return isinstance(getattr(source, "ema", None), nn.Module)
 
 
 def _load_pt(path: Path) -> Any:
@@ -130,11 +132,6 @@ def wrap_model(model: nn.Module) -> Any:
     return yolo
 
 
-def detection_model(model: ModelLike) -> nn.Module:
-    """The ``DetectionModel`` inside ``model`` (loading it first if it is a path)."""
-    return load_model(model).model
-
-
 def save_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -174,6 +171,23 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     return atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+
+
+def save_input_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Save an in-memory model as an ultralytics-loadable checkpoint to train from (float32, so nothing is lost).
+
+    Unlike :func:`save_checkpoint` (fp16, a finished model with provenance) this is the minimal checkpoint a
+    trainer loads as its input: the model, its args as ``train_args`` and the date.
+    """
+    m = copy.deepcopy(model).cpu().float()
+    if hasattr(m, "criterion"):
+        m.criterion = None
+    for p in m.parameters():
+        p.requires_grad_(False)
+    args = getattr(model, "args", None)
+    args = dict(args) if isinstance(args, dict) else dict(vars(args)) if args is not None else {}
+    ckpt = {"model": m, "train_args": args, "date": datetime.now().astimezone().isoformat()}
+    return atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
 def read_provenance(path: str | Path) -> dict:

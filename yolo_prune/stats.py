@@ -1,8 +1,8 @@
 """Model cost: parameters, multiply-accumulates (MACs) and checkpoint size.
 
-All functions accept an ultralytics ``DetectionModel`` (any ``nn.Module``), an ultralytics ``YOLO``
-object (its ``.model`` is used) or a path (``.pt`` checkpoint or model ``.yaml``), and never modify
-the model they are given.
+All functions accept what :func:`yolo_prune.forms.as_detection_model` accepts (a ``DetectionModel``, an
+ultralytics ``YOLO`` object, a ``.pt`` checkpoint or model ``.yaml`` path), and never modify the model they
+are given.
 
 MACs are counted with ultralytics-thop on a fused (Conv+BatchNorm folded) copy of the model in eval
 mode, with one ``1 x 3 x imgsz x imgsz`` input. That counts exactly the multiply-accumulates of the
@@ -16,51 +16,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .forms import ModelLike, as_detection_model
 from .results import Result
 
-ModelLike = Any  # nn.Module | ultralytics YOLO | str | Path
-
-
-def as_module(model: ModelLike) -> nn.Module:
-    """Return the ``nn.Module`` behind ``model``: itself, a ``YOLO`` object's ``.model``, or a loaded path."""
-    from ultralytics.engine.model import Model
-
-    if isinstance(model, Model):  # YOLO(...) wrapper (itself an nn.Module): use the network inside
-        if not isinstance(model.model, nn.Module):
-            raise ModelLoadError(f"{type(model).__name__} object holds no PyTorch model ({model.model!r})")
-        return model.model
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, (str, Path)):
-        return load_module(model)
-    raise ModelLoadError(f"expected a DetectionModel, a YOLO object or a model path, got {type(model).__name__}")
-
-
-def load_module(path: str | Path) -> nn.Module:
-    """Load a model from a ``.pt`` checkpoint (FP32, eval) or build a random-init one from a ``.yaml``."""
-    path = str(path)
-    try:
-        if path.lower().endswith((".yaml", ".yml")):
-            from ultralytics.nn.tasks import DetectionModel
-
-            return DetectionModel(path, verbose=False)
-        if not Path(path).is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        from ultralytics.nn.tasks import load_checkpoint
-
-        return load_checkpoint(path)[0]
-    except ModelLoadError:
-        raise
-    except Exception as e:  # corrupt file, foreign pickle, bad yaml...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {path}: {reason}") from e
+#: Thin alias of :func:`yolo_prune.forms.as_detection_model`, kept for the modules that still call it by this name.
+as_module = as_detection_model
 
 
 def input_channels(module: nn.Module) -> int:
@@ -77,7 +41,7 @@ def model_device(module: nn.Module) -> torch.device:
 
 def inference_copy(model: ModelLike) -> nn.Module:
     """A deep copy of ``model`` as ultralytics runs it for inference: FP32, eval mode, Conv+BN fused."""
-    module = copy.deepcopy(as_module(model)).float().eval()
+    module = copy.deepcopy(as_detection_model(model)).float().eval()
     for p in module.parameters():
         p.requires_grad_(False)
     if hasattr(module, "fuse"):
@@ -112,7 +76,7 @@ def count_macs(model: ModelLike, *, imgsz: int = 640) -> int:
 
 def count_params(model: ModelLike) -> int:
     """Number of parameters of the model as given (unfused: BatchNorm weights included, like ultralytics)."""
-    return sum(p.numel() for p in as_module(model).parameters())
+    return sum(p.numel() for p in as_detection_model(model).parameters())
 
 
 def checkpoint_size_mb(model: ModelLike) -> float:
@@ -121,7 +85,7 @@ def checkpoint_size_mb(model: ModelLike) -> float:
     This mirrors an ultralytics checkpoint without optimizer or training state, so sizes before and
     after pruning compare like for like.
     """
-    half = copy.deepcopy(as_module(model)).half()
+    half = copy.deepcopy(as_detection_model(model)).half()
     buffer = io.BytesIO()
     torch.save({"model": half}, buffer)
     return buffer.getbuffer().nbytes / 1e6
@@ -140,7 +104,7 @@ class ModelStats(Result):
 
 def model_stats(model: ModelLike, *, imgsz: int = 640) -> ModelStats:
     """Parameters, MACs (one batch-1 forward at ``imgsz``) and fp16 checkpoint size of ``model``."""
-    module = as_module(model)
+    module = as_detection_model(model)
     macs = count_macs(module, imgsz=imgsz)
     return ModelStats(
         params=count_params(module),

@@ -4,15 +4,22 @@
   AMP-safe, with per-epoch gamma statistics in ``results.csv`` and gamma histograms.
 * :func:`finetune` / :class:`FinetuneTrainer`: train a pruned checkpoint without the yaml rebuild that
   would silently restore the unpruned architecture.
-* both distil from a ``teacher=`` checkpoint on request (:mod:`yolo_prune.train.distill`): output
-  distillation of class scores and DFL box distributions, ultralytics' feature distillation, label-free mode.
+* both distil from a ``teacher=`` checkpoint on request (:mod:`yolo_prune.train.distill`, options grouped in
+  :class:`DistillOptions`): output distillation of class scores and DFL box distributions, ultralytics' feature
+  distillation, label-free mode;
+* both keep the checkpoint's architecture (:mod:`yolo_prune.train.keep_arch`) and a sparsified checkpoint's zeros
+  (:mod:`yolo_prune.train.keep_zeros`); one run goes through :func:`yolo_prune.train.run.run_training` and returns
+  a :class:`TrainResult` (:class:`SparseResult` for sparsity training, :mod:`yolo_prune.train.results`).
 
 Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
 ``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.
 """
 
-from .common import KeepArchitectureMixin, TrainResult
+from .distill import DistillOptions
 from .finetune import FinetuneTrainer, finetune
+from .keep_arch import KeepArchitectureMixin
+from .keep_zeros import KeepZerosMixin
+from .results import SparseResult, TrainResult
 from .sparse import (
     SparseTrainer,
     add_l1_subgradient,
@@ -25,8 +32,11 @@ from .sparse import (
 )
 
 __all__ = [
+    "DistillOptions",
     "FinetuneTrainer",
     "KeepArchitectureMixin",
+    "KeepZerosMixin",
+    "SparseResult",
     "SparseTrainer",
     "TrainResult",
     "add_l1_subgradient",

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-LOGGER = logging.getLogger("yolo_prune")
+from ..logs import LOGGER
 
 __all__ = ["EpochProgress", "format_seconds"]
 

@@ -29,6 +29,7 @@ the run's own values. The validator, whose config check would reject them, gets 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -43,9 +44,11 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from ..pruning.bngroups import BNGroups
-from ..sparsify import KeepZerosMixin
-from .common import KeepArchitectureMixin, TrainResult, run_training
-from .distill import DistillMixin, distill_options
+from .distill import DistillMixin, DistillOptions
+from .keep_arch import KeepArchitectureMixin
+from .keep_zeros import KeepZerosMixin
+from .results import SparseResult, TrainResult
+from .run import run_training
 from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
 
 __all__ = [
@@ -501,16 +504,10 @@ def sparse_train(
     seed: int = 0,
     resume: bool | str | Path = False,
     gamma_threshold: float = 0.01,
-    teacher: str | Path | None = None,
-    distill: str = "output",
-    distill_cls: float = 1.0,
-    distill_box: float = 1.0,
-    distill_temp: float = 1.0,
-    labels: bool = True,
-    unlabeled: Any = None,
     verbose: bool = False,
+    distillation: DistillOptions | None = None,
     **train_args: Any,
-) -> TrainResult:
+) -> SparseResult:
     """Sparsity-train ``model`` on ``data``: drive BatchNorm gammas to zero so that their channels come out for free.
 
     Args:
@@ -540,50 +537,42 @@ def sparse_train(
         verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
             ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
         gamma_threshold: |gamma| below this counts as near zero in the statistics.
-        teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled: distillation from a teacher
-            checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
+        distillation: a :class:`~yolo_prune.train.distill.DistillOptions`, or its fields as keywords (``teacher``,
+            ``distill``, ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels``, ``unlabeled``): distillation
+            from a teacher checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
         **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
 
     Returns:
-        :class:`TrainResult` with the checkpoints, final mAP and gamma statistics before/after.
+        :class:`~yolo_prune.train.results.SparseResult` with the checkpoints, final mAP and gamma statistics
+        before/after.
     """
     extra = {"sr": sr, "sr_schedule": sr_schedule, "gamma_threshold": gamma_threshold, "sr_mode": sr_mode,
              "sr_group": sr_group, "sr_head": sr_head, "greg_ramp": greg_ramp, "target_macs": target_macs,
              "method": method, "max_layer_ratio": max_layer_ratio, "round_to": round_to}
     check_sparse_options(extra)
-    extra.update(distill_options(teacher, distill, distill_cls, distill_box, distill_temp, labels, unlabeled))
-    trainer, result = run_training(
-        SparseTrainer,
-        "sparse",
-        model,
-        data,
-        epochs=epochs,
-        imgsz=imgsz,
-        batch=batch,
-        device=device,
-        project=project,
-        name=name,
-        exist_ok=exist_ok,
-        seed=seed,
-        resume=resume,
-        verbose=verbose,
-        extra=extra,
-        train_args=train_args,
-    )
-    result.sr = float(trainer.args.sr)
-    result.sr_schedule = str(trainer.args.sr_schedule)
-    result.gamma_threshold = float(trainer.args.gamma_threshold)
-    result.teacher = getattr(trainer.args, "teacher", None)
-    result.distill = trainer.args.distill if result.teacher else None
+    extra.update(DistillOptions.take(train_args, distillation).trainer_options())
+    trainer, result = run_training(SparseTrainer, "sparse", model, data, epochs=epochs, imgsz=imgsz, batch=batch,
+                                   device=device, project=project, name=name, exist_ok=exist_ok, seed=seed,
+                                   resume=resume, verbose=verbose, extra=extra, train_args=train_args)
+    return _sparse_result(result, trainer.args)
+
+
+def _sparse_result(result: TrainResult, args: Any) -> SparseResult:
+    """``result`` with the run's sparsity settings (``args``: the trainer's) and the gamma statistics of its
+    ``sparsity.json``, before and after training."""
     path = result.save_dir / "sparsity.json"
-    if path.is_file():
-        stats = json.loads(path.read_text())
-        start, end = stats.get("start") or {}, stats.get("end") or {}
-        result.gamma_mean_before = start.get("gamma_mean")
-        result.gamma_near_zero_before = start.get("gamma_near_zero")
-        result.gamma_mean_after = end.get("gamma_mean")
-        result.gamma_near_zero_after = end.get("gamma_near_zero")
-        result.gamma_zero_after = end.get("gamma_zero")
-        result.free_macs_after = end.get("free_macs")
-    result.sr_mode = str(trainer.args.sr_mode)
-    return result
+    stats = json.loads(path.read_text()) if path.is_file() else {}
+    start, end = stats.get("start") or {}, stats.get("end") or {}
+    return SparseResult(
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+        sr=float(args.sr),
+        sr_schedule=str(args.sr_schedule),
+        gamma_threshold=float(args.gamma_threshold),
+        gamma_mean_before=start.get("gamma_mean"),
+        gamma_near_zero_before=start.get("gamma_near_zero"),
+        gamma_mean_after=end.get("gamma_mean"),
+        gamma_near_zero_after=end.get("gamma_near_zero"),
+        sr_mode=str(args.sr_mode),
+        gamma_zero_after=end.get("gamma_zero"),
+        free_macs_after=end.get("free_macs"),
+    )

@@ -1,0 +1,262 @@
+"""One training run through an ultralytics trainer: checks, run folder, overrides, resume, the result.
+
+The API functions :func:`yolo_prune.train.sparse_train` and :func:`yolo_prune.train.finetune` both go through
+:func:`run_training`: it refuses bad options before anything is written, turns an in-memory model into a
+checkpoint *path* in the run folder (DDP workers and ``resume`` rebuild the model from ``args.model``, see
+:mod:`yolo_prune.train.keep_arch`), finds the ``last.pt`` to resume, quiets ultralytics unless ``verbose``,
+turns SIGTERM into ``KeyboardInterrupt`` and returns a :class:`~yolo_prune.train.results.TrainResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DatasetError, ModelLoadError, UsageError
+from ..forms import as_detection_model
+from ..io import run_dir, run_path
+from ..logs import quiet_ultralytics
+from ..models import save_input_checkpoint
+from .progress import EpochProgress
+from .results import TrainResult
+
+__all__ = ["resolve_data_yaml", "run_training", "sigterm_as_interrupt"]
+
+MAP50_95_KEY = "metrics/mAP50-95(B)"
+MAP50_KEY = "metrics/mAP50(B)"
+
+
+def resolve_data_yaml(data: Any) -> str:
+    """Return a YOLO-format data yaml ultralytics can train on.
+
+    The single call site of ``yolo_prune.data.resolve_data`` (which also converts COCO-format input);
+    without that module a path to a YOLO data yaml is required.
+    """
+    try:
+        from ..data import resolve_data  # type: ignore[attr-defined]
+    except ImportError:
+        resolve_data = None
+    if resolve_data is not None:
+        return str(resolve_data(data).yaml)
+    if data is None:
+        raise DatasetError("no dataset given: data= must be a dataset yaml")
+    path = Path(str(data))
+    if path.suffix.lower() not in {".yaml", ".yml"}:
+        raise DatasetError(f"data must be a YOLO-format dataset yaml, got {data}")
+    if not path.is_file():
+        raise DatasetError(f"dataset yaml not found: {data}")
+    return str(path)
+
+
+# Keys the API sets itself from its own arguments.
+_API_KEYS = {"model", "data", "epochs", "imgsz", "batch", "device", "project", "name", "exist_ok", "seed", "resume",
+             "save_dir"}
+
+
+def _check_train_args(train_args: dict[str, Any], model: Any) -> None:
+    """Refuse unknown keys and keys the API owns before anything is written."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    unknown = sorted(k for k in train_args if k not in DEFAULT_CFG_DICT)
+    if unknown:
+        raise UsageError(f"unknown training option(s): {', '.join(unknown)} (not an ultralytics train key)")
+    owned = sorted(k for k in train_args if k in _API_KEYS)
+    if owned:
+        raise UsageError(f"pass {', '.join(owned)} as the function's own argument(s)")
+    pretrained = train_args.get("pretrained", True)
+    is_yaml = isinstance(model, (str, Path)) and Path(model).suffix.lower() in {".yaml", ".yml"}
+    if pretrained is not True and not is_yaml:
+        raise UsageError(
+            f"pretrained={pretrained!r} is not supported when training a checkpoint: the checkpoint itself is the "
+            "model (pruned architectures cannot be rebuilt from their yaml)"
+        )
+
+
+def _check_model_path(model: str | Path) -> str:
+    """A model yaml as it is; a ``.pt`` path once it loads as a detection model (before any run folder exists)."""
+    path = Path(model)
+    suffix = path.suffix.lower()
+    if suffix in {".yaml", ".yml"}:
+        return str(model)  # a model yaml (random init); ultralytics resolves its own names such as yolov8n.yaml
+    if suffix != ".pt":
+        raise ModelLoadError(f"model must be a .pt checkpoint or a model yaml, got {model}")
+    as_detection_model(path)  # missing, unreadable or not a detection model: ModelLoadError
+    return str(path)
+
+
+def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path | None, mode: str, name: str | None) -> Path:
+    """Locate ``last.pt`` for ``resume``: a path given as ``resume``, ``model=.../last.pt``, or the run folder."""
+    candidates = []
+    if isinstance(resume, (str, Path)):
+        p = Path(resume)
+        candidates.append(p if p.suffix == ".pt" else p / "weights" / "last.pt")
+    elif isinstance(model, (str, Path)) and Path(model).name == "last.pt":
+        candidates.append(Path(model))
+    else:
+        candidates.append(run_path(project, mode, name) / "weights" / "last.pt")
+    for c in candidates:
+        if c.is_file():
+            from ultralytics.utils.patches import torch_load
+
+            ckpt = torch_load(c, map_location="cpu", weights_only=False)
+            if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
+                raise UsageError(f"{c} is from a finished run, nothing to resume")
+            return c
+    raise UsageError(f"nothing to resume: {candidates[0]} not found")
+
+
+def _resume_data(last: Path) -> str:
+    """The dataset yaml a run was trained on, from its checkpoint (``yolo train resume`` needs no ``data=``)."""
+    from ultralytics.utils.patches import torch_load
+
+    data = (torch_load(last, map_location="cpu", weights_only=False).get("train_args") or {}).get("data")
+    if not data:
+        raise UsageError(f"{last} does not record its dataset: pass data=...")
+    if Path(str(data)).suffix.lower() in {".yaml", ".yml"} and not Path(str(data)).is_file():
+        raise DatasetError(f"{last} was trained on {data}, which no longer exists: pass data=...")
+    return str(data)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` while training, so a killed run unwinds like Ctrl-C.
+
+    Only installed from the main thread and only when nobody else handles SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"training interrupted by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
+    metrics = getattr(trainer, "metrics", None)
+    if not metrics or MAP50_95_KEY not in metrics:  # e.g. DDP parent: the workers validated
+        metrics = {}
+        for ckpt_path in (trainer.best, trainer.last):
+            if Path(ckpt_path).is_file():
+                from ultralytics.utils.patches import torch_load
+
+                metrics = torch_load(ckpt_path, map_location="cpu", weights_only=False).get("train_metrics") or {}
+                break
+    m95, m50 = metrics.get(MAP50_95_KEY), metrics.get(MAP50_KEY)
+    return (None if m95 is None else float(m95)), (None if m50 is None else float(m50))
+
+
+def run_training(
+    trainer_cls: type,
+    mode: str,
+    model: Any,
+    data: Any,
+    *,
+    epochs: int,
+    imgsz: int,
+    batch: int,
+    device: str | int | None,
+    project: str | Path | None,
+    name: str | None,
+    exist_ok: bool,
+    seed: int,
+    resume: bool | str | Path,
+    verbose: bool = False,
+    extra: dict[str, Any] | None = None,
+    train_args: dict[str, Any] | None = None,
+) -> tuple[Any, TrainResult]:
+    """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
+
+    ``extra`` are trainer-specific options (e.g. ``sr``) that the trainer itself pops from its overrides.
+    Returns the trainer and a :class:`TrainResult` (the caller adds what is specific to its trainer).
+    """
+    train_args = dict(train_args or {})
+    _check_train_args(train_args, model)
+    if resume:
+        overrides = _resume_overrides(model, data, resume, project, mode, name)
+    else:
+        overrides = _new_run_overrides(model, data, mode, epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
+                                       project=project, name=name, exist_ok=exist_ok, extra=extra)
+    if device is not None:
+        overrides["device"] = str(device)
+    overrides.update(train_args)
+    with quiet_ultralytics(verbose), sigterm_as_interrupt():
+        try:
+            trainer = trainer_cls(overrides=overrides)
+        except SyntaxError as e:  # ultralytics' unknown-key error
+            raise UsageError(str(e).strip().splitlines()[-1] if str(e).strip() else str(e)) from None
+        if not verbose:  # ultralytics' own output is silenced: one line per epoch on the yolo_prune logger instead
+            EpochProgress(mode).attach(trainer)
+        trainer.train()
+    return trainer, _train_result(trainer, mode)
+
+
+def _resume_overrides(model: Any, data: Any, resume: Any, project: str | Path | None, mode: str,
+                      name: str | None) -> dict[str, Any]:
+    """Overrides that continue the interrupted run whose ``last.pt`` :func:`_find_resume_checkpoint` finds."""
+    last = _find_resume_checkpoint(model, resume, project, mode, name)
+    save_dir = last.resolve().parent.parent  # where last.pt is now, even if the run folder was moved
+    return {"model": str(last), "resume": str(last), "save_dir": str(save_dir), "plots": False,
+            "data": _resume_data(last) if data is None else resolve_data_yaml(data)}
+
+
+def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: int, batch: int, seed: int,
+                       project: str | Path | None, name: str | None, exist_ok: bool,
+                       extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Overrides of a new run; checks the model and data first, then creates the run folder (and ``input.pt``)."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise UsageError(f"epochs must be a positive integer, got {epochs!r}")
+    model_path = _check_model_path(model) if isinstance(model, (str, Path)) else None
+    module = as_detection_model(model) if model_path is None else None
+    data_yaml = resolve_data_yaml(data)
+    save_dir = run_dir(project, mode, name, exist_ok=exist_ok).resolve()
+    if module is not None:
+        model_path = str(save_input_checkpoint(module, save_dir / "weights" / "input.pt"))
+    overrides = {
+        "model": model_path,
+        "data": data_yaml,
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "seed": seed,
+        "project": str(save_dir.parent),
+        "name": save_dir.name,
+        "exist_ok": True,
+        "save_dir": str(save_dir),
+        "plots": False,
+        **(extra or {}),
+    }
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0:
+        # one optimizer step per batch: ultralytics' nbs=64 accumulates 4 batches of 16, i.e. 3 steps per epoch
+        # on a 200-image dataset, too few for a pruned model to recover (BENCHMARKS.md section 7); nbs=64 in
+        # train_args restores it. (batch -1 / a fraction means autobatch: ultralytics' own nbs then.)
+        overrides["nbs"] = batch
+    return overrides
+
+
+def _train_result(trainer: Any, mode: str) -> TrainResult:
+    """The common outcome of a finished run: checkpoints, epochs, final mAP of ``best.pt``, the teacher if any."""
+    map50_95, map50 = _final_metrics(trainer)
+    teacher = getattr(trainer.args, "teacher", None)
+    return TrainResult(
+        mode=mode,
+        save_dir=Path(trainer.save_dir),
+        best=Path(trainer.best) if Path(trainer.best).is_file() else None,
+        last=Path(trainer.last) if Path(trainer.last).is_file() else None,
+        epochs=int(trainer.epochs),
+        map50_95=map50_95,
+        map50=map50,
+        teacher=teacher,
+        distill=getattr(trainer.args, "distill", None) if teacher else None,
+    )
