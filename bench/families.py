@@ -84,9 +84,9 @@ def attention_widths(model: Any) -> list[dict[str, Any]]:
     """Every attention block: outer channels (qkv inputs = proj outputs), FFN hidden width, inner widths."""
     from ultralytics.nn.modules.block import Attention, PSABlock
 
-    from yolo_prune.stats import as_module
+    from yolo_prune.forms import as_detection_model
 
-    module = as_module(model)
+    module = as_detection_model(model)
     rows = []
     for name, m in module.named_modules():
         if isinstance(m, PSABlock):

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "yolo_prune"
 
 # bottom-up; a module belongs to the first entry that names it or a package above it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("errors", "results", "io", "logs", "modules", "stats", "provenance", "report", "options", "config")),
+    ("core", ("errors", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options", "config")),
     ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "export")),
     ("pruning", ("pruning",)),
     ("latency", ("latency",)),
@@ -73,13 +73,14 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[str, int,
                 targets = [base] + [f"{base}.{a.name}" for a in child.names]
             elif isinstance(child, ast.Import):
                 targets = [a.name for a in child.names]
+            reached: set[str] = set()
             for target in targets:
-                while target and target not in known:
+                while target and target not in known:  # `from .x import name`: name is no module, x is
                     target = target.rsplit(".", 1)[0] if "." in target else ""
                 while target and target != module and not module.startswith(target + "."):
-                    if target != "yolo_prune":
-                        found.append((target, child.lineno, in_function))
+                    reached.add(target)  # the module and every package above it run
                     target = target.rsplit(".", 1)[0] if "." in target else ""
+            found.extend((t, child.lineno, in_function) for t in sorted(reached - {"yolo_prune"}))
             visit(child, nested)
 
     visit(tree, False)
@@ -231,9 +232,12 @@ def test_every_key_reaches_cli_cfg_and_the_script():
 
 
 def _sample(key):
+    """A valid command-line value of ``key`` (text, as the CLI receives it)."""
     if key.choices:
         return str(key.choices[0])
-    return {"bool": "True", "int": "1", "float": "0.5", "int|auto": "auto", "bool|float": "0.5"}.get(key.kind, "x")
+    if key.default is not None:
+        return str(key.default)
+    return {"int": "1", "float": "0.5", "device": "cpu"}.get(key.name, {"int": "1", "float": "0.5"}.get(key.kind, "x"))
 
 
 def test_values_are_read_by_the_declared_type():

@@ -46,7 +46,10 @@ import torch
 from .errors import UsageError
 from .results import Result, markdown_table, table
 from .runtimes import require_openvino
-from .stats import ModelLike, as_module, inference_copy, input_channels
+from .forms import ModelLike, as_detection_model
+from .stats import inference_copy, input_channels
+from .export import export_model
+from .export import export_onnx
 
 BACKENDS = ("torch", "onnx", "openvino")
 CLOCKS = ("wall", "cpu")
@@ -178,8 +181,6 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None):
 
 def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
     """Export ``model`` to ONNX under ``folder`` and return a callable running one onnxruntime pass on ``x``."""
-    from .export import export_onnx
-
     path = export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0])
     session = onnx_session(path, threads)
     feed = {session.get_inputs()[0].name: x}
@@ -208,8 +209,6 @@ def openvino_compiled(model: Any, threads: int | None = None, *, precision: str 
 
 def export_openvino(model: ModelLike, save_dir: str | Path, *, imgsz: int = 640, batch: int = 1) -> Path:
     """Export ``model`` with the ultralytics OpenVINO exporter (FP32 IR, static shape); return the ``.xml``."""
-    from .export import export_model
-
     folder = export_model(model, format="openvino", imgsz=imgsz, save_dir=save_dir, batch=batch)
     return next(Path(folder).glob("*.xml"))
 
@@ -305,7 +304,7 @@ def measure_latency(
     threads = check_threads(threads)
     _check_args(models, backends, runs, warmup, batch)
     names = list(models)
-    modules = {name: as_module(m) for name, m in models.items()}
+    modules = {name: as_detection_model(m) for name, m in models.items()}
     channels = input_channels(modules[names[0]])
     x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
     # ultralytics' exporter (inside onnx_runner) resets torch's thread count: remember what to time with,

@@ -11,14 +11,12 @@ benchmark (:mod:`yolo_prune.bench`), so the graph that is timed is the graph tha
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
-import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +24,8 @@ from torch import nn
 from .errors import OutputError, UsageError
 from .io import atomic_path
 from .runtimes import require_openvino
-from .stats import ModelLike, as_module
+from .forms import ModelLike, as_detection_model
+from .logs import quiet_ultralytics
 
 
 def export_formats() -> list[str]:
@@ -76,19 +75,6 @@ def _save_checkpoint(module: nn.Module, path: Path) -> None:
     if isinstance(getattr(module, "args", None), dict):
         ckpt["train_args"] = dict(module.args)  # ultralytics re-attaches these as model.args on load
     torch.save(ckpt, path)
-
-
-@contextlib.contextmanager
-def quiet_ultralytics(quiet: bool = True) -> Iterator[None]:
-    """Raise the ultralytics logger to WARNING for the duration (no-op if ``quiet`` is False)."""
-    logger = logging.getLogger("ultralytics")
-    old = logger.level
-    if quiet:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
 
 
 def _one_line(e: BaseException) -> str:
@@ -145,7 +131,7 @@ def export_model(
     fmt = check_format(format)
     if fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
         require_openvino()
-    module = as_module(model)
+    module = as_detection_model(model)
     args = _export_args(fmt, imgsz, half, simplify, kwargs)
     save_dir = Path(save_dir).expanduser().absolute()  # the exporter writes beside its (absolute) checkpoint
     try:
@@ -158,7 +144,7 @@ def export_model(
         _save_checkpoint(module, ckpt)
         from ultralytics import YOLO
 
-        with quiet_ultralytics(not verbose):
+        with quiet_ultralytics(verbose):
             try:
                 out = YOLO(ckpt).export(**args)
             except (AssertionError, SyntaxError) as e:  # ultralytics' argument checks

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import sha256_file
+from . import __version__
 
 
 def versions() -> dict[str, str]:
@@ -18,7 +19,6 @@ def versions() -> dict[str, str]:
     import torch_pruning
     import ultralytics
 
-    from . import __version__
 
     return {
         "yolo_prune": __version__,

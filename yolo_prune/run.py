@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UsageError
 from .io import run_dir, run_path, write_json, write_yaml
+from .bench import measure_latency
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -155,7 +156,6 @@ def bench_stage(state: RunState, models: Mapping[str, Any], *, imgsz: int, backe
     done = state.done("bench")
     if done is not None or not backends:
         return done
-    from .bench import measure_latency
 
     lat = measure_latency(dict(models), imgsz=imgsz, backends=tuple(backends), runs=runs, warmup=warmup, seed=seed,
                           progress=verbose)

@@ -23,9 +23,6 @@ from torch import nn
 from .forms import ModelLike, as_detection_model
 from .results import Result
 
-#: Thin alias of :func:`yolo_prune.forms.as_detection_model`, kept for the modules that still call it by this name.
-as_module = as_detection_model
-
 
 def input_channels(module: nn.Module) -> int:
     """Number of image channels the model expects (ultralytics stores it in ``model.yaml``)."""

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..bench import check_threads, interleaved_times, make_runner, torch_threads
 from ..errors import UsageError
 from ..pruning.graph import build_graph, prepare
-from ..stats import as_module, input_channels
+from ..forms import as_detection_model
+from ..stats import input_channels
 from .convs import ConvSpec, architecture_hash, conv_specs
 from .measure import NOISY, measure_conv, pool_quanta, probe_quanta
 from .probe import cache_dir, check_runtime, cpu_model, resolve_clock, runtime_version
@@ -34,7 +35,7 @@ _BACKEND = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}  # 
 
 def dense_model(model: Any) -> nn.Module:
     """An FP32 eval copy of ``model`` as given (the reference users deploy)."""
-    return copy.deepcopy(as_module(model)).float().cpu().eval()
+    return copy.deepcopy(as_detection_model(model)).float().cpu().eval()
 
 
 def prepared_model(model: Any) -> nn.Module:

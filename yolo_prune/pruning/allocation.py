@@ -30,6 +30,7 @@ from ..errors import UsageError
 from .graph import ChannelGroup, PruneGraph
 from .schedule import DirectionAllocation, LossAllocation, LossCurve, PlanOptions, plan, solve_for_macs
 from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from .recalibrate import bn_reference
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -139,7 +140,6 @@ def make_planner(
         return by_loss, {"curves": {k: list(v.losses) for k, v in curves.items()}}
 
     # search: candidates at the target, scored with re-estimated BN statistics -----------------------------------
-    from .recalibrate import bn_reference
 
     ref = bn_reference(model, calib_images[:PROBE_IMAGES])
     gen = torch.Generator().manual_seed(seed)

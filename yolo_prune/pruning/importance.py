@@ -24,6 +24,8 @@ from torch import nn
 
 from ..errors import UsageError
 from .calibration import run_with_hooks
+from .compensate import bn_after
+from .sensitivity import ConvGrams
 
 METHODS = ("auto", "bn", "l1", "l2", "activation", "recon", "random")
 
@@ -108,8 +110,6 @@ class ReconstructionImportance(tp.importance.Importance):
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module) -> None:
-        from .compensate import bn_after
-        from .sensitivity import ConvGrams
 
         self.grams = ConvGrams(model, self.images[:32], seed=self.seed)
         self.inverse = {}

@@ -32,6 +32,9 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 from ..errors import UsageError
+from ..models import save_checkpoint
+from .calibration import run_with_hooks
+from .graph import protected_layers
 
 __all__ = [
     "LAYER_SETS",
@@ -126,8 +129,6 @@ def prunable_convs(model: nn.Module, layers: str = "conv") -> list[tuple[str, nn
     never = {id(m) for m in head.dfl.modules()} if hasattr(head, "dfl") else set()
     skip = set(never)
     if layers == "conv":
-        from .graph import protected_layers
-
         for layer in protected_layers(model):
             skip |= {id(m) for m in layer.modules()}
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in skip]
@@ -175,7 +176,7 @@ def count_nonzero(model: nn.Module) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- masks
-def _check(amount: Any, scope: str, method: str, layers: str) -> float:
+def check_mask_options(amount: Any, scope: str, method: str, layers: str) -> float:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
         raise UsageError(f"amount={amount!r} must be a number")
     if not 0 <= amount < 1:
@@ -199,7 +200,7 @@ def apply_masks(model: nn.Module, *, amount: float, scope: str = "global", metho
     ``n`` = the layer's weights) or across the selection (``scope=global``). ``percentile``: per layer, or one
     global threshold, at the ``100 * amount``-th percentile of |w|.
     """
-    amount = _check(amount, scope, method, layers)
+    amount = check_mask_options(amount, scope, method, layers)
     convs = prunable_convs(model, layers)
     if amount == 0 or not convs:
         return []
@@ -287,8 +288,6 @@ class _Moments:
 def batchnorm_input_stats(model: nn.Module, images: torch.Tensor, *, batch: int = 8) -> dict[str, list[tuple]]:
     """Per-channel mean and variance of every BatchNorm's input on ``images`` (eval mode, in batches of ``batch``):
     ``{name: [(mean, var) over the first 1, 2, ... batches]}`` (cumulative, as :func:`correct_batchnorm` needs)."""
-    from .calibration import run_with_hooks
-
     moments = {m: _Moments() for _, m in _batchnorms(model)}
     out: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in moments}
     run_with_hooks(model, images, list(moments), lambda mod, i, o: out[mod].append(moments[mod].add(i[0])),
@@ -374,10 +373,8 @@ def checkpoint_sizes(path: str | Path, level: int = 9) -> tuple[int, int]:
     return len(data), len(gzip.compress(data, compresslevel=level, mtime=0))
 
 
-def _model_sizes(module: nn.Module, folder: Path) -> tuple[int, int]:
+def model_sizes(module: nn.Module, folder: Path) -> tuple[int, int]:
     """Sizes of ``module`` written as :func:`yolo_prune.models.save_checkpoint` writes it (fp16, no optimizer)."""
-    from ..models import save_checkpoint
-
     tmp = save_checkpoint(module, folder / ".size_probe.pt")
     try:
         return checkpoint_sizes(tmp)

@@ -32,6 +32,7 @@ from .compensate import bn_after
 from .forward import ForwardCache, top_level_index
 from .graph import ChannelGroup, PruneGraph
 from .reconstruct import removed_inputs
+from .recalibrate import recalibrate_bn
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -195,8 +196,6 @@ class Probe:
         record, start = self.apply(plans)
         try:
             if bn_reference is not None:
-                from .recalibrate import recalibrate_bn
-
                 for bn in (m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)):
                     record.append((bn.running_mean, bn.running_mean.clone()))
                     record.append((bn.running_var, bn.running_var.clone()))

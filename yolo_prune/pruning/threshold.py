@@ -24,6 +24,7 @@ from torch import nn
 from .bngroups import BNGroups, threshold_counts
 from .compensate import compensate, input_means
 from .graph import build_graph, prepare
+from .engine import layer_widths
 
 __all__ = ["FreeOutcome", "remove_free_channels", "detect_outputs", "output_change"]
 
@@ -50,8 +51,6 @@ def remove_free_channels(model: nn.Module, threshold: float, *, round_to: int | 
     consumers first (see the module docstring). MACs are counted at ``macs_imgsz`` (default ``trace_imgsz``), as
     :func:`~yolo_prune.pruning.engine.prune_model` counts them. Returns a :class:`FreeOutcome`.
     """
-    from .engine import layer_widths
-
     prepare(model)
     model.eval()
     for p in model.parameters():

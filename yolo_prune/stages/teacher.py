@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..models import load_model
-from ..train.common import save_input_checkpoint, unwrap_detection_model
+from ..forms import as_detection_model
+from ..models import load_model, save_input_checkpoint
 
 LOGGER = logging.getLogger("yolo_prune")
 
@@ -25,7 +25,7 @@ def pipeline_teacher(teacher: Any, model: Any, nc: int, save_dir: Path) -> str |
         path = Path(model).expanduser().absolute()
         head_nc = int(load_model(path).model.model[-1].nc)
     else:
-        net = unwrap_detection_model(load_model(model))
+        net = as_detection_model(model)
         head_nc = int(net.model[-1].nc)
         path = save_dir / "teacher.pt"
         if not path.is_file():

@@ -56,6 +56,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import ModelLoadError, UsageError
 from ..forms import as_detection_model
+from ..data.spec import image_folder
 
 __all__ = [
     "DISTILL_DEFAULTS",
@@ -342,8 +343,6 @@ class DistillMixin:
         """The dataset; with ``unlabeled=`` its train split is replaced by those images (linked into the cache)."""
         data = super().get_dataset()
         if getattr(self.args, "unlabeled", None):
-            from ..data.spec import image_folder
-
             data["train"] = str(image_folder(self.args.unlabeled))
         return data
 

@@ -27,6 +27,7 @@ from ultralytics.utils import LOGGER, RANK, IterableSimpleNamespace
 
 from ..errors import DatasetError, UsageError
 from ..io import write_text
+from ..models import reset_class_head
 
 __all__ = ["KeepArchitectureMixin"]
 
@@ -83,7 +84,6 @@ class KeepArchitectureMixin:
             if _rebuild_keeps_shapes(model, model_nc):
                 LOGGER.info(f"model has nc={model_nc}, data nc={nc}: rebuilding the class head (model is unpruned)")
                 return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
-            from ..models import reset_class_head
 
             kept = reset_class_head(model, nc, names=self.data.get("names"))
             LOGGER.info(f"model has nc={model_nc}, data nc={nc}: new class output convs for the pruned head "

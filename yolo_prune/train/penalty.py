@@ -50,6 +50,9 @@ from torch import nn
 from ..errors import UsageError
 from ..io import write_json
 from ..pruning.bngroups import BNGroup, BNGroups
+from ..pruning.compensate import bn_after, shift_output
+from ..pruning.importance import make_importance
+from ..pruning.schedule import PlanOptions, plan, solve_for_macs
 
 __all__ = ["SR_MODES", "SparsityPenalty", "GregPlan", "greg_plan", "soft_threshold_", "group_soft_threshold_",
            "retire_dead_channels"]
@@ -114,8 +117,6 @@ def greg_plan(groups: BNGroups, *, target_macs: float, method: str = "bn", head:
     """The channels pruning to ``target_macs`` with ranking ``method`` would remove, planned on the traced copy
     behind ``groups`` with the pruning schedule (:func:`~yolo_prune.pruning.schedule.plan` and
     :func:`~yolo_prune.pruning.schedule.solve_for_macs`), without pruning anything."""
-    from ..pruning.importance import make_importance
-    from ..pruning.schedule import PlanOptions, plan, solve_for_macs
 
     method = "bn" if method == "auto" else method  # auto without calibration images is bn
     if method in ("activation", "recon"):
@@ -286,8 +287,6 @@ def retire_dead_channels(model: nn.Module, groups: BNGroups, *, threshold: float
     zeroed: an input channel that was constant and is 0 afterwards lost exactly that constant, which is added
     back through the conv's BN (running mean) or bias (:func:`~yolo_prune.pruning.compensate.shift_output`).
     """
-    from ..pruning.compensate import bn_after, shift_output
-
     net = _unwrap(model)
     mods = dict(net.named_modules())
     dead: list[tuple[nn.BatchNorm2d, torch.Tensor]] = []

@@ -22,6 +22,7 @@ from ..logs import quiet_ultralytics
 from ..models import save_input_checkpoint
 from .progress import EpochProgress
 from .results import TrainResult
+from ..data import resolve_data
 
 __all__ = ["resolve_data_yaml", "run_training", "sigterm_as_interrupt"]
 
@@ -32,23 +33,9 @@ MAP50_KEY = "metrics/mAP50(B)"
 def resolve_data_yaml(data: Any) -> str:
     """Return a YOLO-format data yaml ultralytics can train on.
 
-    The single call site of ``yolo_prune.data.resolve_data`` (which also converts COCO-format input);
-    without that module a path to a YOLO data yaml is required.
+    The single call site of ``yolo_prune.data.resolve_data`` in training (which also converts COCO-format input).
     """
-    try:
-        from ..data import resolve_data  # type: ignore[attr-defined]
-    except ImportError:
-        resolve_data = None
-    if resolve_data is not None:
-        return str(resolve_data(data).yaml)
-    if data is None:
-        raise DatasetError("no dataset given: data= must be a dataset yaml")
-    path = Path(str(data))
-    if path.suffix.lower() not in {".yaml", ".yml"}:
-        raise DatasetError(f"data must be a YOLO-format dataset yaml, got {data}")
-    if not path.is_file():
-        raise DatasetError(f"dataset yaml not found: {data}")
-    return str(path)
+    return str(resolve_data(data).yaml)
 
 
 # Keys the API sets itself from its own arguments.

@@ -50,6 +50,7 @@ from .keep_zeros import KeepZerosMixin
 from .results import SparseResult, TrainResult
 from .run import run_training
 from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
+from ..pruning.importance import METHODS
 
 __all__ = [
     "SparseTrainer",
@@ -426,7 +427,6 @@ def check_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
         if t >= 1:
             raise UsageError(f"sr_mode=greg needs target_macs < 1, got {o['target_macs']!r}")
         o["target_macs"] = t
-        from ..pruning.importance import METHODS
 
         if o["method"] == "auto":  # auto without calibration images is bn
             o["method"] = "bn"
