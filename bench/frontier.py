@@ -187,7 +187,7 @@ def dense_synthetic(cfg: dict[str, Any], data: Path, work: Path, epochs: int) ->
 
 def run_dataset(name: str, args: argparse.Namespace, store: Store) -> None:
     from yolo_prune.data import resolve_data
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
     from yolo_prune.train import finetune, sparse_train
 
     cfg = dict(DATASETS[name])
@@ -311,7 +311,7 @@ def run_dataset(name: str, args: argparse.Namespace, store: Store) -> None:
 
 def prune_only(name: str, args: argparse.Namespace, store: Store) -> None:
     """mAP right after pruning the dense model (no training at all) for bn / l1 / random at ``args.targets``."""
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     cfg = DATASETS[name]
     imgsz = args.imgsz or cfg["imgsz"]

@@ -70,7 +70,7 @@ def ultralytics_threads(n: int):
 def build_models(targets: list[float], round_tos: list[int | None], method: str) -> dict[str, dict]:
     """name -> {model, target, round_to, prune_seconds}; the dense model first (the latency reference)."""
     from yolo_prune.models import load_model
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     models = {"dense": {"model": load_model(str(common.WEIGHTS)).model, "target": 1.0, "round_to": None}}
     for rt in round_tos:
@@ -121,7 +121,7 @@ def compare(args: argparse.Namespace) -> int:
 
     from yolo_prune.latency import build_table, measure_models, validate_table
     from yolo_prune.models import load_model
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     name = args.name or ("latency_target_quick" if args.quick else "latency_target")
     payload = {"benchmark": "latency_target", "command": common.command_line(), "machine": common.machine(),

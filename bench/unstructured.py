@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Unstructured pruning (``yolo_prune.sparsify``) on the fixture: mAP, compressed size, fine-tuning, channels + weights.
+"""Unstructured pruning (``yolo_prune.stages.sparsify``) on the fixture: mAP, compressed size, fine-tuning, channels + weights.
 
 The fixture's COCO yolov8n (``../shared/fixtures/weights``, an INT8-rebuilt checkpoint) on the coco128 split of
 ``common.coco128_split()`` (96 train / 32 val images, COCO evaluation), imgsz 320:
@@ -46,7 +46,7 @@ def zeros_of(path: Path) -> dict[str, Any]:
     """Sparsity facts of a checkpoint: zeros of its sparsified parameters, non-zero params, sizes."""
     from ultralytics.nn.tasks import load_checkpoint
 
-    from yolo_prune.sparsify import SPARSITY_ATTR, checkpoint_sizes, count_nonzero, global_sparsity, layer_sparsity
+    from yolo_prune.pruning.masks import SPARSITY_ATTR, checkpoint_sizes, count_nonzero, global_sparsity, layer_sparsity
 
     m = load_checkpoint(path)[0]
     info = getattr(m, SPARSITY_ATTR, None) or {}
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.latency_runs = 1, 5
     name = "unstructured_quick" if args.quick else "unstructured"
     from yolo_prune.models import save_checkpoint
-    from yolo_prune.pruning import prune
-    from yolo_prune.sparsify import sparsify
+    from yolo_prune.stages.prune import prune
+    from yolo_prune.stages.sparsify import sparsify
 
     t_start = time.perf_counter()
     data = common.coco128_split()

@@ -62,7 +62,7 @@ def make_pruned_model(nc: int = NC, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = randomize_bn(DetectionModel("yolov8n.yaml", nc=nc, verbose=False), seed=seed)
     try:
-        from yolo_prune.pruning import prune
+        from yolo_prune.stages.prune import prune
     except ImportError:  # pruning engine not there: fake it (see fake_pruned_model)
         return fake_pruned_model(model)
     return prune(model, method="l1", ratio=0.3, imgsz=64, save=False).model.model

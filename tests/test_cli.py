@@ -124,7 +124,7 @@ def small_ckpt(tmp_path_factory):
     """A pruned 3-class yolov8n checkpoint (the generated dataset has 3 classes)."""
     from ultralytics.nn.tasks import DetectionModel
 
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     return prune(model, ratio=0.3, imgsz=64, project=tmp_path_factory.mktemp("c"), name="p").checkpoint

@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from yolo_prune.errors import DatasetError, ModelLoadError, UsageError
+from yolo_prune.options import DistillOptions
 from yolo_prune.train import FinetuneTrainer, SparseTrainer, finetune, sparse_train
 from yolo_prune.train.distill import (
     LOSS_NAME,
     TEACHER_KEY,
     DistillLoss,
-    DistillOptions,
     box_kd,
     class_kd,
+    distill_options,
     load_teacher,
     output_kd,
 )
@@ -245,28 +246,27 @@ def test_bad_distill_options_fail_before_anything_is_written(pruned_pt, teacher_
         finetune(pruned_pt, data, teacher=teacher_pt, distill_cls=-1, project=tmp_path, **FAST)
     with pytest.raises(ModelLoadError, match="teacher"):
         finetune(pruned_pt, data, teacher=tmp_path / "missing.pt", project=tmp_path, **FAST)
-    with pytest.raises(UsageError, match="checkpoint path"):
+    with pytest.raises(UsageError, match="must be a path"):
         finetune(pruned_pt, data, teacher=_dense(), project=tmp_path, **FAST)
     assert not any(tmp_path.iterdir())
     other = save_like_ultralytics(_dense(nc=5), tmp_path / "nc5" / "t.pt")
     with pytest.raises(UsageError, match="5 classes"):
         finetune(pruned_pt, data, teacher=other, project=tmp_path / "runs", epochs=1, **FAST)
-    # plain finetune: no teacher unless given
-    assert finetune.__kwdefaults__["distillation"] is None and DistillOptions().teacher is None
+    # plain finetune: no teacher unless given (the default teacher=auto means the input model only in a pipeline)
+    assert DistillOptions().teacher == "auto" and distill_options(**DistillOptions().to_dict()) == {}
 
 
 def test_distill_options_object_or_keywords(pruned_pt, teacher_pt, data, tmp_path):
-    """``distillation=DistillOptions(...)`` and the loose keywords are the same options; never both at once."""
-    kw = {"teacher": teacher_pt, "distill": "feature", "lr0": 0.1}
-    assert DistillOptions.take(kw) == DistillOptions(teacher=teacher_pt, distill="feature") and kw == {"lr0": 0.1}
-    with pytest.raises(UsageError, match="distill must be"):
-        finetune(pruned_pt, data, distillation=DistillOptions(teacher=teacher_pt, distill="logits"), project=tmp_path,
-                 **FAST)
-    with pytest.raises(UsageError, match="not both"):
-        sparse_train(pruned_pt, data, distillation=DistillOptions(teacher=teacher_pt), distill_cls=2.0,
-                     project=tmp_path, **FAST)
-    with pytest.raises(UsageError, match="DistillOptions"):
-        finetune(pruned_pt, data, distillation={"teacher": teacher_pt}, project=tmp_path, **FAST)
+    """A ``DistillOptions`` object and the loose keywords are the same options (a keyword overrides the object's
+    field); both are checked by the schema before anything is written."""
+    opts = DistillOptions(teacher=teacher_pt, distill="feature")
+    assert opts.teacher == str(teacher_pt) and opts.replace(distill_cls=2.0).distill_cls == 2.0
+    with pytest.raises(UsageError, match="unknown distill 'logits'"):
+        DistillOptions(teacher=teacher_pt, distill="logits")
+    with pytest.raises(UsageError, match="out of range"):
+        sparse_train(pruned_pt, data, opts, distill_cls=-2.0, project=tmp_path, **FAST)
+    with pytest.raises(UsageError, match="takes option objects"):
+        finetune(pruned_pt, data, {"teacher": teacher_pt}, project=tmp_path, **FAST)
     assert not any(tmp_path.iterdir())
 
 
@@ -289,7 +289,7 @@ def test_cli_config_keys():
 
 
 def test_pipeline_teacher_defaults_to_its_input(teacher_pt, tmp_path, caplog):
-    from yolo_prune.pipeline import _pipeline_teacher
+    from yolo_prune.stages.teacher import pipeline_teacher as _pipeline_teacher
 
     assert _pipeline_teacher("auto", teacher_pt, NC, tmp_path) == str(teacher_pt.absolute())
     assert _pipeline_teacher("auto", str(teacher_pt), 7, tmp_path) is None  # other classes: no teacher

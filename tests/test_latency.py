@@ -16,7 +16,8 @@ import torch
 from yolo_prune import cli, latency
 from yolo_prune.errors import PruningError, UsageError
 from yolo_prune.latency import LatencyCost, LatencyTable, build_table, model_widths, table_key
-from yolo_prune.pruning import prune, prune_model
+from yolo_prune.pruning import prune_model
+from yolo_prune.stages.prune import prune
 
 FAST = dict(points=2, runs=1, warmup=0, dense_runs=2, calibrate=0)
 

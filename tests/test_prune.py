@@ -12,7 +12,8 @@ from torch import nn
 
 from yolo_prune.errors import PruningError, UnsupportedModelError, UsageError
 from yolo_prune.modules import C2fSplit, to_prunable
-from yolo_prune.pruning import build_graph, prepare, protected_layers, prune, prune_model
+from yolo_prune.pruning import build_graph, prepare, protected_layers, prune_model
+from yolo_prune.stages.prune import prune
 from yolo_prune.stats import count_macs
 
 from .helpers import randomize_bn, zero_channels

@@ -13,7 +13,8 @@ from yolo_prune import cli
 from yolo_prune.errors import DatasetError, ModelLoadError, OutputError
 from yolo_prune.io import atomic_write, run_dir
 from yolo_prune.models import load_model, read_provenance
-from yolo_prune.pruning import prune, prune_model
+from yolo_prune.pruning import prune_model
+from yolo_prune.stages.prune import prune
 
 
 def _one_line_error(argv, capsys) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""Unstructured pruning (yolo_prune.sparsify): exact sparsity, the head left intact, the percentile method, permanent
+"""Unstructured pruning (yolo_prune.stages.sparsify, yolo_prune.pruning.masks): exact sparsity, the head left intact, the percentile method, permanent
 zeros that load in a fresh process and export, fine-tuning that keeps the zeros (1 epoch, resume, DDP worker),
 the iterative schedule and one-line CLI errors."""
 
@@ -30,7 +30,7 @@ from yolo_prune.pruning.masks import (
     sparsify_module,
     zero_masks,
 )
-from yolo_prune.sparsify import sparsify
+from yolo_prune.stages.sparsify import sparsify
 
 from .helpers import FAST, ROOT, make_pruned_model, randomize_bn
 

@@ -159,7 +159,7 @@ def test_retired_channels_come_out_exactly(v8n_big_beta):
 
 def test_prune_threshold_then_target(v8n_big_beta, tmp_path):
     """prune(threshold=T) removes the free channels first (exactly), then ranks the rest to reach target_macs."""
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     model = v8n_big_beta
     zero_gammas(model, BNGroups.build(model), fraction=0.25)
@@ -282,7 +282,7 @@ def test_proximal_training_reaches_exact_zeros(optimizer, sr, synthetic, tmp_pat
     (AdamW for a run this short) and SGD; the zeros of the model are zeros (or < gamma_threshold) in best.pt and
     last.pt; the free channels come out leaving mAP unchanged."""
     from yolo_prune.evaluate import evaluate
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
     from yolo_prune.train import sparse_train
 
     data = str(synthetic / "yolo.yaml")
@@ -324,7 +324,7 @@ def test_greg_training_then_free_removal_is_the_trained_model(synthetic, tmp_pat
     """greg zeroes exactly its plan; best.pt comes from an epoch after the zeroing; removing the free channels
     reaches the target and gives the trained model's outputs."""
     from yolo_prune.models import load_model
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
     from yolo_prune.train import sparse_train
 
     data = str(synthetic / "yolo.yaml")
@@ -388,14 +388,14 @@ def test_ddp_worker_rebuilds_group_and_greg_penalties(synthetic, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_keys_and_target_resolution():
-    from yolo_prune import cli
+    from yolo_prune import options
     from yolo_prune.config import build
 
     cfg, _ = build("prune", {"threshold": 0.01})
-    assert cfg["target_macs"] is None and cli.target_macs(cfg) is None  # only the free channels
-    assert cli.target_macs(build("prune", {})[0]) == 0.5
-    assert cli.target_macs(build("prune", {"threshold": 0.01, "target_macs": 0.6})[0]) == 0.6
-    assert cli.target_macs(build("sparse", {"sr_mode": "greg"})[0]) == 0.5
+    assert cfg["target_macs"] is None and options.target_macs(cfg) is None  # only the free channels
+    assert options.target_macs(build("prune", {})[0]) == 0.5
+    assert options.target_macs(build("prune", {"threshold": 0.01, "target_macs": 0.6})[0]) == 0.6
+    assert options.target_macs(build("sparse", {"sr_mode": "greg"})[0]) == 0.5
     cfg, _ = build("sparse", {"sr_mode": "greg", "sr_group": True, "sr_head": False, "greg_ramp": 0.3,
                               "sr_schedule": "ramp"})
     assert (cfg["sr_mode"], cfg["sr_group"], cfg["sr_head"], cfg["greg_ramp"]) == ("greg", True, False, 0.3)

@@ -514,7 +514,7 @@ def test_finetune_real_pruned_model_validates_like_trainer(shared_fixtures, tmp_
     final mAP and keeps the pruned shapes."""
     from ultralytics import YOLO
 
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     pruned = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="l1", ratio=0.05, imgsz=160,
                    project=tmp_path, name="p")
@@ -538,7 +538,7 @@ def test_pruned_coco_model_moves_to_bccd(shared_fixtures, tmp_path):
     """The 80-class COCO fixture, pruned, set up for training on bccd (3 blood-cell classes): the class convs are
     new (3 outputs, the pruned widths), every other tensor is the pruned model's."""
     from yolo_prune.data import resolve_data
-    from yolo_prune.pruning import prune
+    from yolo_prune.stages.prune import prune
 
     pruned = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="bn", target_macs=0.8,
                    imgsz=64, project=tmp_path, name="p")

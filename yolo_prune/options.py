@@ -218,9 +218,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "stage", lo=0, modes=_STEPPED),
         K("max_map_drop", None, "float", "pipeline/sparsify with steps>1: stop early and keep the last model whose "
           "mAP50-95 dropped by at most this (absolute)", "stage", optional=True, lo=0, hi=1, modes=_STEPPED),
-        K("resume", False, "bool", "continue an interrupted run with its own settings (no data= needed): "
+        K("resume", False, "bool|str", "continue an interrupted run with its own settings (no data= needed): "
           "sparse/finetune from model=.../weights/last.pt (or the project/name run folder); pipeline/demo/sparsify "
-          "from the last finished stage of model=<run folder> (or project/name)", "run", modes=_TRAIN),
+          "from the last finished stage of model=<run folder> (or project/name); the API also takes the path of a "
+          "last.pt", "run", modes=_TRAIN, label="bool | path"),
     )),
     ("Distillation (mode=sparse, finetune, pipeline)", "", (
         K("teacher", "auto", "str", "checkpoint to distil from while training (usually the dense model); auto: in a "
@@ -377,8 +378,16 @@ def coerce(name: str, value: Any, mode: str | None = None) -> Any:
         if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
             return _bool(key, value)
         return _number(key, value, float)
-    if key.kind == "bool|str" and isinstance(value, str) and value.strip().lower() == "none":
-        return False
+    if key.kind == "bool|str":
+        if isinstance(value, bool):
+            return _choice(key, value, mode) if key.choices else value
+        text = str(os.fspath(value) if isinstance(value, os.PathLike) else value).strip()
+        if text.lower() in ("true", "false", "none", ""):
+            return text.lower() == "true"
+        if not key.choices:
+            return text
+    if name == "unlabeled" and isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
     if key.choices or key.mode_choices:
         return _choice(key, value, mode)
     if isinstance(value, os.PathLike):
@@ -511,6 +520,18 @@ def settings(classes: Sequence[type], options: Iterable[Any] = (), overrides: Ma
              where: str) -> Settings:
     """Typed ``options`` (instances of ``classes``) with keyword ``overrides`` routed to the class owning each key;
     an unknown key is a one-line :class:`UsageError` naming ``where``."""
+    result, rest = settings_and_rest(classes, options, overrides, where=where)
+    if rest:
+        bad = sorted(rest)
+        known = [n for c in classes for n in c.names()]
+        raise UsageError(f"unknown {where} option(s): {', '.join(bad)}{suggest(bad[0], known)}")
+    return result
+
+
+def settings_and_rest(classes: Sequence[type], options: Iterable[Any] = (), overrides: Mapping[str, Any] | None = None,
+                      *, where: str) -> tuple[Settings, dict[str, Any]]:
+    """As :func:`settings`, but the keys no class owns are returned (the training functions pass them on to
+    ultralytics, which checks them)."""
     given: dict[type, Any] = {}
     for obj in options:
         if type(obj) not in classes:
@@ -518,11 +539,7 @@ def settings(classes: Sequence[type], options: Iterable[Any] = (), overrides: Ma
             raise UsageError(f"{where} takes option objects of types {names}, not {type(obj).__name__}")
         given[type(obj)] = obj
     routed, rest = split_options(overrides or {}, *classes)
-    if rest:
-        bad = sorted(rest)
-        known = [n for c in classes for n in c.names()]
-        raise UsageError(f"unknown {where} option(s): {', '.join(bad)}{suggest(bad[0], known)}")
-    return Settings(cls.make(given.get(cls), **r) for cls, r in zip(classes, routed))
+    return Settings(cls.make(given.get(cls), **r) for cls, r in zip(classes, routed)), rest
 
 
 if __name__ == "__main__":  # python -m yolo_prune.options > cfg/default.yaml

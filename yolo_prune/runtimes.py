@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import UsageError
+from .options import SCHEMA, choices
 
-RUNTIMES = ("onnxruntime", "openvino", "torch")
-ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "pytorch": "torch"}
+RUNTIMES = choices("runtime")
+ALIASES = dict(SCHEMA["runtime"].aliases)
 
 
 def require_openvino():

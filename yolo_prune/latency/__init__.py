@@ -59,7 +59,6 @@ from .measure import NOISY, QUANTA, Probe, measure_conv, pool_quanta, probe_quan
 from .probe import ALIASES, RUNTIMES, cache_dir, check_runtime, cpu_model, resolve_clock, runtime_version
 from .table import TABLE_VERSION, ConvTable, LatencyTable, group_quantum, model_widths
 
-_ALIASES = ALIASES  # the old private name (yolo_prune.config imports it)
 
 __all__ = [
     "ALIASES",

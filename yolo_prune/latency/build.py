@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import logging
 import math
@@ -74,10 +75,24 @@ def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int,
         torch.set_num_threads(before)
 
 
-def build_table(model: Any, *, imgsz: int = 640, runtime: str = "onnxruntime", threads: int | None = None,
-                clock: str = "auto", points: int = 4, min_fraction: float = 0.25, runs: int = 7, warmup: int = 2,
-                dense_runs: int = 20, in_context: bool = True, calibrate: int = 6, cache: bool = True,
-                rebuild: bool = False, trace_imgsz: int = 64, progress: bool = False) -> LatencyTable:
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """How a latency table is measured (see :func:`build_table`)."""
+
+    clock: str = "auto"
+    points: int = 4
+    min_fraction: float = 0.25
+    runs: int = 7
+    warmup: int = 2
+    dense_runs: int = 20
+    in_context: bool = True
+    calibrate: int = 6
+    trace_imgsz: int = 64
+
+
+def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: int = 640, runtime: str = "onnxruntime",
+                threads: int | None = None, cache: bool = True, rebuild: bool = False, progress: bool = False,
+                **overrides: Any) -> LatencyTable:
     """Measure (or load from the cache) the latency table of ``model`` at ``imgsz`` on ``runtime``.
 
     ``model`` is the dense model (path, YOLO or DetectionModel; never modified). ``points`` grid widths per
@@ -85,8 +100,12 @@ def build_table(model: Any, *, imgsz: int = 640, runtime: str = "onnxruntime", t
     untimed passes per grid point; ``dense_runs`` passes of the whole model for the fixed part; ``in_context``:
     count only each conv's own nodes of its tiny model (see :class:`ConvBench`); ``calibrate``: number of random
     pruned variants measured with the dense model to fit the in-context scale and the fixed part
-    (:func:`calibrate_table`; 0: fixed part = dense time - table sum at the dense widths, scale 1).
+    (:func:`calibrate_table`; 0: fixed part = dense time - table sum at the dense widths, scale 1). These knobs
+    are the fields of :class:`Measurement`, given as an object or by name in ``overrides``.
     """
+    m = dataclasses.replace(measurement or Measurement(), **overrides)
+    clock, points, min_fraction, runs, warmup = m.clock, m.points, m.min_fraction, m.runs, m.warmup
+    dense_runs, in_context, calibrate, trace_imgsz = m.dense_runs, m.in_context, m.calibrate, m.trace_imgsz
     runtime = check_runtime(runtime)
     threads = check_threads(threads)
     clock = resolve_clock(clock, threads)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
@@ -31,10 +30,11 @@ from .graph import ChannelGroup, PruneGraph
 from .schedule import DirectionAllocation, LossAllocation, LossCurve, PlanOptions, plan, solve_for_macs
 from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
 from .recalibrate import bn_reference
+from ..options import choices
 
 LOGGER = logging.getLogger("yolo_prune")
 
-ALLOCATIONS = ("auto", "global", "sensitivity", "search")
+ALLOCATIONS = choices("allocation")
 PROBE_IMAGES = 32  # calibration images the sensitivity / search probes score on (the first ones)
 
 Planner = Callable[[float], list[int]]
@@ -93,7 +93,6 @@ def curves_from(measured: Sequence[GroupSensitivity]) -> dict[str, LossCurve]:
 def make_planner(
     allocation: str,
     *,
-    model: nn.Module,
     graph: PruneGraph,
     scored: Sequence[tuple[ChannelGroup, torch.Tensor]],
     opts: PlanOptions,
@@ -107,7 +106,8 @@ def make_planner(
     progress: bool = False,
 ) -> tuple[Planner, dict]:
     """The ``plan_of`` of ``allocation`` for the groups ``scored`` (group, channel scores); returns it with a
-    small record of what was measured (for the report)."""
+    small record of what was measured (for the report). ``graph.model`` is the model being pruned."""
+    model = graph.model
     scores = [s for _, s in scored]
     channels = [g.channels for g, _ in scored]
 

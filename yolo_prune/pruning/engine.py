@@ -194,7 +194,7 @@ class _Pass:
         goal = None if opts.ratio is not None else 1 - (1 - self.goal.target) * step / opts.steps
         # the allocation plans with the (cost-weighted) scores and reaches the goal in the goal's own cost
         plan_scored = [(g, s) for (g, _), s in zip(scored, self.ranking(scored))]
-        plan_of, _ = make_planner(opts.allocation, model=self.model, graph=graph, scored=plan_scored,
+        plan_of, _ = make_planner(opts.allocation, graph=graph, scored=plan_scored,
                                   opts=self.step_plan_options(scored), macs_of=cost_of, target=goal,
                                   tolerance=opts.tolerance, calib_images=self.calib_images,
                                   sensitivity=opts.sensitivity if step == 1 else None,

@@ -26,8 +26,9 @@ from ..errors import UsageError
 from .calibration import run_with_hooks
 from .compensate import bn_after
 from .sensitivity import ConvGrams
+from ..options import choices
 
-METHODS = ("auto", "bn", "l1", "l2", "activation", "recon", "random")
+METHODS = choices("method")
 
 
 def resolve_method(method: str, has_images: bool) -> str:

@@ -35,6 +35,7 @@ from ..errors import UsageError
 from ..models import save_checkpoint
 from .calibration import run_with_hooks
 from .graph import protected_layers
+from ..options import choices
 
 __all__ = [
     "LAYER_SETS",
@@ -59,9 +60,9 @@ __all__ = [
     "zero_masks",
 ]
 
-SCOPES = ("global", "layer")
-METHODS = ("l1", "random", "percentile")
-LAYER_SETS = ("conv", "all")
+SCOPES = choices("scope")
+METHODS = choices("method", "sparsify")
+LAYER_SETS = choices("layers")
 #: Attribute of a sparsified ``DetectionModel``: ``{"params": [parameter names], "amount", "scope", "method",
 #: "layers"}``. Pickled with the model, so it is in every checkpoint written afterwards (including ultralytics').
 SPARSITY_ATTR = "yolo_prune_sparsity"

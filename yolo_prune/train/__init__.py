@@ -15,7 +15,7 @@ Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTra
 ``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.
 """
 
-from .distill import DistillOptions
+from ..options import DistillOptions
 from .finetune import FinetuneTrainer, finetune
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin

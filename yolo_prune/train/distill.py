@@ -42,7 +42,6 @@ models with the rest of the criterion.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -57,13 +56,13 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import ModelLoadError, UsageError
 from ..forms import as_detection_model
 from ..data.spec import image_folder
+from ..options import DistillOptions, choices
 
 __all__ = [
     "DISTILL_DEFAULTS",
     "DISTILL_MODES",
     "DistillLoss",
     "DistillMixin",
-    "DistillOptions",
     "box_kd",
     "class_kd",
     "load_teacher",
@@ -72,44 +71,10 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- the options
-@dataclasses.dataclass(frozen=True)
-class DistillOptions:
-    """The distillation options of :func:`~yolo_prune.train.finetune` and :func:`~yolo_prune.train.sparse_train`.
-
-    Pass it as ``distillation=DistillOptions(teacher="dense.pt", distill="both")``, or pass the same names as
-    keywords (``finetune(model, data, teacher="dense.pt", distill="both")``): :meth:`take` folds them into one.
-    The trainers keep them in ``args`` under these names (:class:`DistillMixin`).
-    """
-
-    teacher: str | Path | None = None  # path of the teacher checkpoint; None: no distillation
-    distill: str = "output"  # output | feature | both
-    distill_cls: float = 1.0  # weight of the class-score KD term
-    distill_box: float = 1.0  # weight of the DFL box-distribution KD term
-    distill_temp: float = 1.0  # temperature of both output terms
-    labels: bool = True  # False: no ground-truth loss, the teacher alone teaches
-    unlabeled: Any = None  # images to train on with labels=False (folder / list file / list); None: the train split
-
-    @classmethod
-    def take(cls, kwargs: dict[str, Any], given: DistillOptions | None = None) -> DistillOptions:
-        """The options: ``given``, or the distillation keywords popped from ``kwargs`` (in place), not both."""
-        loose = {k: kwargs.pop(k) for k in DISTILL_DEFAULTS if k in kwargs}
-        if given is None:
-            return cls(**loose)
-        if not isinstance(given, cls):
-            raise UsageError(f"distillation must be a DistillOptions, got {type(given).__name__}")
-        if loose:
-            raise UsageError(f"pass {', '.join(loose)} inside distillation=DistillOptions(...) or as keywords, "
-                             "not both")
-        return given
-
-    def trainer_options(self) -> dict[str, Any]:
-        """Checked trainer overrides (:func:`distill_options`); ``{}`` without a teacher."""
-        return distill_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-
-
-#: Trainer options of distillation (not ultralytics keys), with their defaults: the fields of :class:`DistillOptions`.
-DISTILL_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DistillOptions)}
-DISTILL_MODES = ("output", "feature", "both")
+#: Trainer options of distillation (not ultralytics keys), with their defaults: the keys of
+#: :class:`yolo_prune.options.DistillOptions` (a trainer without a ``teacher`` does not distil).
+DISTILL_DEFAULTS: dict[str, Any] = {**DistillOptions().to_dict(), "teacher": None}
+DISTILL_MODES = choices("distill")
 #: Batch key carrying the teacher's raw head outputs to the criterion.
 TEACHER_KEY = "distill_teacher"
 #: Name of the distillation loss component (``train/kd_loss`` in results.csv).

@@ -53,11 +53,12 @@ from ..pruning.bngroups import BNGroup, BNGroups
 from ..pruning.compensate import bn_after, shift_output
 from ..pruning.importance import make_importance
 from ..pruning.schedule import PlanOptions, plan, solve_for_macs
+from ..options import choices
 
 __all__ = ["SR_MODES", "SparsityPenalty", "GregPlan", "greg_plan", "soft_threshold_", "group_soft_threshold_",
            "retire_dead_channels"]
 
-SR_MODES = ("subgradient", "proximal", "greg")
+SR_MODES = choices("sr_mode")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

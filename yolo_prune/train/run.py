@@ -19,6 +19,7 @@ from ..errors import DatasetError, ModelLoadError, UsageError
 from ..forms import as_detection_model
 from ..io import run_dir, run_path
 from ..logs import quiet_ultralytics
+from ..options import RunOptions, TrainOptions
 from ..models import save_input_checkpoint
 from .progress import EpochProgress
 from .results import TrainResult
@@ -144,40 +145,29 @@ def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
     return (None if m95 is None else float(m95)), (None if m50 is None else float(m50))
 
 
-def run_training(
-    trainer_cls: type,
-    mode: str,
-    model: Any,
-    data: Any,
-    *,
-    epochs: int,
-    imgsz: int,
-    batch: int,
-    device: str | int | None,
-    project: str | Path | None,
-    name: str | None,
-    exist_ok: bool,
-    seed: int,
-    resume: bool | str | Path,
-    verbose: bool = False,
-    extra: dict[str, Any] | None = None,
-    train_args: dict[str, Any] | None = None,
-) -> tuple[Any, TrainResult]:
+def run_training(trainer_cls: type, mode: str, model: Any, data: Any, train: TrainOptions, run: RunOptions, *,
+                 extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
+                 ) -> tuple[Any, TrainResult]:
     """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
+
+    ``train`` gives epochs, imgsz, batch, workers, device and seed; ``run`` the run folder, ``resume`` and ``verbose``.
 
     ``extra`` are trainer-specific options (e.g. ``sr``) that the trainer itself pops from its overrides.
     Returns the trainer and a :class:`TrainResult` (the caller adds what is specific to its trainer).
     """
     train_args = dict(train_args or {})
     _check_train_args(train_args, model)
-    if resume:
-        overrides = _resume_overrides(model, data, resume, project, mode, name)
+    if run.resume:
+        overrides = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
     else:
-        overrides = _new_run_overrides(model, data, mode, epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
-                                       project=project, name=name, exist_ok=exist_ok, extra=extra)
-    if device is not None:
-        overrides["device"] = str(device)
+        overrides = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz, batch=train.batch,
+                                       seed=train.seed, project=run.project, name=run.name, exist_ok=run.exist_ok,
+                                       extra=extra)
+    if train.device is not None:
+        overrides["device"] = str(train.device)
+    overrides["workers"] = train.workers
     overrides.update(train_args)
+    verbose = run.verbose
     with quiet_ultralytics(verbose), sigterm_as_interrupt():
         try:
             trainer = trainer_cls(overrides=overrides)

@@ -44,13 +44,16 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..errors import UsageError
 from ..io import atomic_write, write_json
 from ..pruning.bngroups import BNGroups
-from .distill import DistillMixin, DistillOptions
+from ..options import (DistillOptions, Options, PruneOptions, RunOptions, SparseOptions, TrainOptions,
+                       settings_and_rest)
+from .distill import DistillMixin, distill_options
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin
 from .results import SparseResult, TrainResult
 from .run import run_training
 from .penalty import SR_MODES, SparsityPenalty, greg_plan, load_plan, save_plan
 from ..pruning.importance import METHODS
+from ..options import SCHEMA, choices
 
 __all__ = [
     "SparseTrainer",
@@ -68,19 +71,11 @@ __all__ = [
 #: Options of :class:`SparseTrainer` that are not ultralytics keys, with their defaults (``target_macs``,
 #: ``method``, ``max_layer_ratio``, ``round_to`` only matter to ``sr_mode=greg``, which plans like pruning).
 SPARSE_DEFAULTS: dict[str, Any] = {
-    "sr": 0.05,
-    "sr_schedule": "constant",
-    "gamma_threshold": 0.01,
-    "sr_mode": "greg",
-    "sr_group": False,
-    "sr_head": True,
-    "greg_ramp": 0.5,
-    "target_macs": None,
-    "method": "bn",
-    "max_layer_ratio": 0.75,
-    "round_to": 8,
+    **{k: SCHEMA[k].default for k in SparseOptions.names()},
+    **{k: SCHEMA[k].default for k in ("target_macs", "max_layer_ratio", "round_to")},
+    "method": "bn",  # the schema's empty method means auto; without calibration images that is bn
 }
-SR_SCHEDULES = ("constant", "linear", "cosine", "ramp")
+SR_SCHEDULES = choices("sr_schedule")
 #: Extra columns SparseTrainer appends to ultralytics' results.csv.
 CSV_COLUMNS = ("sparsity/sr", "sparsity/gamma_mean", "sparsity/gamma_near_zero", "sparsity/gamma_zero",
                "sparsity/free_macs")
@@ -480,80 +475,41 @@ def _check_float(name: str, value: Any, *, minimum: float, open_: bool = False) 
 
 
 # --------------------------------------------------------------------------------------------- API
-def sparse_train(
-    model: Any,
-    data: Any,
-    *,
-    sr: float = SPARSE_DEFAULTS["sr"],
-    sr_schedule: str = "constant",
-    sr_mode: str = SPARSE_DEFAULTS["sr_mode"],
-    sr_group: bool = SPARSE_DEFAULTS["sr_group"],
-    sr_head: bool = SPARSE_DEFAULTS["sr_head"],
-    greg_ramp: float = 0.5,
-    target_macs: float | None = None,
-    method: str = "bn",
-    max_layer_ratio: float = 0.75,
-    round_to: int | None = 8,
-    epochs: int = 10,
-    imgsz: int = 640,
-    batch: int = 16,
-    device: str | int | None = None,
-    project: str | Path | None = None,
-    name: str | None = None,
-    exist_ok: bool = False,
-    seed: int = 0,
-    resume: bool | str | Path = False,
-    gamma_threshold: float = 0.01,
-    verbose: bool = False,
-    distillation: DistillOptions | None = None,
-    **train_args: Any,
-) -> SparseResult:
+GROUPS = (SparseOptions, PruneOptions, TrainOptions, RunOptions, DistillOptions)
+
+
+def sparse_train(model: Any, data: Any, *options: Options, **overrides: Any) -> SparseResult:
     """Sparsity-train ``model`` on ``data``: drive BatchNorm gammas to zero so that their channels come out for free.
 
     Args:
         model: a ``.pt`` checkpoint path (pruned or not), a model yaml (random init), or an in-memory
             ultralytics ``YOLO`` / ``DetectionModel`` (saved first as ``weights/input.pt`` in the run folder).
         data: a YOLO- or COCO-format dataset yaml; with ``resume``, None takes the one recorded in ``last.pt``.
-        sr: penalty strength; what it means depends on ``sr_mode`` (see ``cfg/default.yaml``).
-        sr_schedule: ``constant``, ``linear`` (to 0 at the last epoch), ``cosine`` or ``ramp`` (up to ``sr``
-            over the first half, then constant).
-        sr_mode: ``proximal`` (soft-threshold the gammas by ``lr * sr`` after every optimizer step: exact zeros
-            with any optimizer), ``subgradient`` (add ``sr * sign(gamma)`` to the gradient) or ``greg`` (growing
-            L2 on the channels pruning to ``target_macs`` with ``method`` would remove); see
-            :mod:`yolo_prune.train.penalty`.
-        sr_group: ``proximal`` only: group soft-thresholding over the coupled channels pruning removes together.
-        sr_head: also penalise the Detect head's BatchNorms.
-        greg_ramp: ``greg``: fraction of the training over which the penalty grows to ``sr``; the chosen
-            channels are exactly 0 from then on.
-        target_macs, method, max_layer_ratio, round_to: ``greg``'s pruning plan (as in :func:`yolo_prune.prune`);
-            ``round_to`` also shapes the "MACs free at the threshold" statistic.
-        epochs, imgsz, batch, device, seed: as in ultralytics (``device=None``: a GPU if any, else CPU;
-            ``"0,1"`` trains with ultralytics DDP).
-        project, name, exist_ok: the run folder is ``<project>/<name>``, default ``runs/sparse/sparse`` (name defaults to ``sparse``,
-            incremented unless ``exist_ok``).
-        resume: continue an interrupted run, in the folder where its ``last.pt`` is now: ``True`` (the run
-            folder of ``project``/``name``, or ``model=.../last.pt``) or a path to ``last.pt`` / a run folder.
-            Checkpoint settings win.
-        verbose: show ultralytics' logs and progress bars; otherwise one INFO line per epoch on the
-            ``yolo_prune`` logger (shown by the CLI, silent for library users who do not configure it).
-        gamma_threshold: |gamma| below this counts as near zero in the statistics.
-        distillation: a :class:`~yolo_prune.train.distill.DistillOptions`, or its fields as keywords (``teacher``,
-            ``distill``, ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels``, ``unlabeled``): distillation
-            from a teacher checkpoint while sparsity-training, as in :func:`~yolo_prune.train.finetune`.
-        **train_args: any other ultralytics train key (lr0, optimizer, workers, amp, ...).
+        options: :class:`~yolo_prune.options.SparseOptions` (``sr``, ``sr_mode``, ``sr_schedule``, ``sr_group``,
+            ``sr_head``, ``greg_ramp``, ``gamma_threshold``), the plan ``greg`` fades toward from
+            :class:`~yolo_prune.options.PruneOptions` (``target_macs``, ``method``, ``max_layer_ratio``,
+            ``round_to``), and ``TrainOptions``, ``RunOptions``, ``DistillOptions`` as in
+            :func:`~yolo_prune.train.finetune`; every key is documented in ``yolo-prune cfg``.
+        overrides: any of their keys by name (``sr=0.05, epochs=30``); every other key is an ultralytics train key
+            (lr0, optimizer, amp, ...) and passes through.
+
+    ``sr_mode``: ``proximal`` (soft-threshold the gammas by ``lr * sr`` after every optimizer step: exact zeros with
+    any optimizer), ``subgradient`` (add ``sr * sign(gamma)`` to the gradient) or ``greg`` (growing L2 on the channels
+    pruning to ``target_macs`` with ``method`` would remove); see :mod:`yolo_prune.train.penalty`. The run folder is
+    ``<project>/<name>``, default ``runs/sparse/sparse``; ``resume`` as in :func:`~yolo_prune.train.finetune`.
 
     Returns:
         :class:`~yolo_prune.train.results.SparseResult` with the checkpoints, final mAP and gamma statistics
         before/after.
     """
-    extra = {"sr": sr, "sr_schedule": sr_schedule, "gamma_threshold": gamma_threshold, "sr_mode": sr_mode,
-             "sr_group": sr_group, "sr_head": sr_head, "greg_ramp": greg_ramp, "target_macs": target_macs,
-             "method": method, "max_layer_ratio": max_layer_ratio, "round_to": round_to}
+    s, train_args = settings_and_rest(GROUPS, options, overrides, where="sparse_train")
+    p = s.prune
+    extra = {**s.sparse.to_dict(), "target_macs": p.target_macs, "method": p.method or "bn",
+             "max_layer_ratio": p.max_layer_ratio, "round_to": p.round_to}
     check_sparse_options(extra)
-    extra.update(DistillOptions.take(train_args, distillation).trainer_options())
-    trainer, result = run_training(SparseTrainer, "sparse", model, data, epochs=epochs, imgsz=imgsz, batch=batch,
-                                   device=device, project=project, name=name, exist_ok=exist_ok, seed=seed,
-                                   resume=resume, verbose=verbose, extra=extra, train_args=train_args)
+    extra.update(distill_options(**s.distill.to_dict()))
+    trainer, result = run_training(SparseTrainer, "sparse", model, data, s.train, s.run, extra=extra,
+                                   train_args=train_args)
     return _sparse_result(result, trainer.args)
 
 
