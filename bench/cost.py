@@ -69,7 +69,7 @@ def _bench_prune(scales: list[str], repeats: int, target: float, method: str) ->
     from ultralytics.nn.tasks import DetectionModel
 
     from yolo_prune.pruning import prune_model
-from yolo_prune.stages.prune import prune
+    from yolo_prune.stages.prune import prune
     from yolo_prune.stats import model_stats
 
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "loadavg_1min_before": os.getloadavg()[0],
