@@ -24,7 +24,9 @@ def test_values_are_parsed_safely(text, value):
 def test_argv_split_and_bare_flags():
     mode, over = parse_argv(["prune", "model=a.pt", "ratio=0.3", "exist_ok", "--name=x"])
     assert mode == "prune"
-    assert over == {"model": "a.pt", "ratio": 0.3, "exist_ok": True, "name": "x"}
+    assert over == {"model": "a.pt", "ratio": "0.3", "exist_ok": True, "name": "x"}  # text until build() reads it
+    cfg, _ = build("prune", over)
+    assert cfg["ratio"] == 0.3 and cfg["exist_ok"] is True and cfg["name"] == "x"
 
 
 def test_unknown_key_suggests_the_closest():

@@ -234,7 +234,7 @@ def test_trainer_keeps_distill_options_in_args_and_away_from_the_validator(prune
 
 
 def test_bad_distill_options_fail_before_anything_is_written(pruned_pt, teacher_pt, data, tmp_path):
-    with pytest.raises(UsageError, match="distill must be"):
+    with pytest.raises(UsageError, match="unknown distill 'logits'"):
         finetune(pruned_pt, data, teacher=teacher_pt, distill="logits", project=tmp_path, **FAST)
     with pytest.raises(UsageError, match="labels=False"):
         finetune(pruned_pt, data, labels=False, project=tmp_path, **FAST)
@@ -276,10 +276,10 @@ def test_cli_config_keys():
 
     cfg, extra = build("finetune", {})
     assert cfg["teacher"] == "auto" and cfg["distill"] == "output" and cfg["labels"] is True and not extra
-    assert cli._distill(cfg)["teacher"] == "auto"
+    assert cli.mode_keys(cfg)["teacher"] == "auto"
     _, over = parse_argv(["pipeline", "teacher=none", "labels=false", "distill=feature"])
     cfg, _ = build("pipeline", over)
-    assert cfg["teacher"] is None and cfg["labels"] is False and cfg["distill"] == "feature"
+    assert cfg["teacher"] == "none" and cfg["labels"] is False and cfg["distill"] == "feature"  # read as text
     for bad in ({"distill": "x"}, {"distill_temp": 0}, {"distill_box": -1}, {"labels": "maybe"}, {"teacher": 3}):
         with pytest.raises(UsageError):
             build("finetune", bad)

@@ -85,7 +85,7 @@ def test_pipeline_resumes_from_the_last_finished_stage(run):
     resumed = pipeline(args["model"], args["data"], target_macs=0.5, project=d.parent, name=d.name,
                        resume=True, **TINY)
     after = json.loads((d / "pipeline.json").read_text())["stages"]
-    assert set(after) == {"baseline", "sparse", "prune", "finetune", "val", "bench"}
+    assert set(after) == {"baseline", "sparse", "prune.step1", "prune", "finetune", "val", "bench"}
     assert pruned.stat().st_mtime_ns == stamp  # pruning was not redone
     assert resumed.final.is_file()
 
@@ -130,15 +130,15 @@ def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt,
     """steps=3 with max_map_drop: the step whose mAP falls out of budget is rejected, the one before is kept."""
     import dataclasses
 
-    import yolo_prune.evaluate as ev
+    import yolo_prune.pipeline as pl
 
-    real = ev.evaluate
+    real = pl.evaluate
     maps = iter([0.50, 0.48, 0.47, 0.45, 0.44, 0.30, 0.29, 0.6, 0.6])  # baseline, then (pruned, tuned) per step
 
     def fake(*args, **kwargs):
         return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
 
-    monkeypatch.setattr(ev, "evaluate", fake)
+    monkeypatch.setattr(pl, "evaluate", fake)  # every evaluation of the pipeline's stages
     result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.4, steps=3, step_epochs=1,
                       max_map_drop=0.1, project=tmp_path, name="it", **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0})
     state = json.loads((result.save_dir / "pipeline.json").read_text())["stages"]["prune"]

@@ -221,7 +221,7 @@ def test_cli_sensitivity_then_prune_with_every_option(v8n, synthetic, tmp_path, 
     from yolo_prune.models import save_checkpoint
 
     assert main(["prune", "allocation=magic"]) == 2
-    assert "allocation='magic' must be one of auto, global, sensitivity, search" in capsys.readouterr().err
+    assert "unknown allocation 'magic'; choose one of auto, global, sensitivity, search" in capsys.readouterr().err
     assert main(["prune", "recalibrate=maybe"]) == 2
     assert main(["prune", "compensate=lstsq_sequential"]) == 2
     pt = save_checkpoint(v8n, tmp_path / "v8n.pt")

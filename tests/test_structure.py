@@ -270,3 +270,24 @@ def test_option_objects_are_typed_frozen_and_checked():
         yp.PruneOptions.make(methd="bn")
     with pytest.raises(UsageError, match="out of range"):
         opts.replace(max_layer_ratio=1.0)
+
+
+@pytest.mark.parametrize("mode", ["prune", "pipeline", "sparsify", "sparse", "finetune", "sensitivity"])
+def test_every_key_of_a_mode_reaches_its_function(mode):
+    """The CLI hands a mode's keys (by the schema's ``modes``) to its API function: each must land in one of the
+    option objects that function reads, so a new key needs no hand list anywhere."""
+    import importlib
+
+    from yolo_prune import cli
+    from yolo_prune.config import build
+    from yolo_prune.options import settings_and_rest
+
+    module = {"prune": "stages.prune", "pipeline": "pipeline", "sparsify": "stages.sparsify", "sparse": "train.sparse",
+              "finetune": "train.finetune", "sensitivity": "stages.sensitivity"}[mode]
+    groups = importlib.import_module(f"yolo_prune.{module}").GROUPS
+    cfg, _ = build(mode, {"latency_aware": "0.5"} if mode == "prune" else {})
+    keys = cli.mode_keys(cfg)
+    s, rest = settings_and_rest(groups, (), keys, where=mode)
+    assert rest == {} and keys  # nothing would fall through to ultralytics as an unknown train key
+    if mode == "prune":
+        assert s.latency.latency_aware == 0.5  # a key added to the schema reaches prune() with no other edit

@@ -34,7 +34,8 @@ _ALL = frozenset(MODES)
 _TRAIN = frozenset({"sparse", "finetune", "pipeline", "demo", "sparsify"})
 _PIPE = frozenset({"pipeline", "demo"})
 _PRUNE = frozenset({"prune", "pipeline", "demo"})
-_GREG = _PRUNE | {"sparse"}  # greg plans a pruning while it trains
+_GREG = _PRUNE | {"sparse"}  # greg plans a pruning while it trains (the pruning keys it reads)
+_SPARSE = frozenset({"sparse", "pipeline", "demo"})
 _STEPPED = frozenset({"pipeline", "demo", "sparsify"})
 
 
@@ -117,22 +118,22 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
     )),
     ("Sparsity training (mode=sparse, pipeline)", _SR_NOTE, (
         K("sr", 0.05, "float", "penalty strength, its meaning depends on sr_mode (above); 0.05 suits the default "
-          "greg", "sparse", lo=0, modes=_GREG),
+          "greg", "sparse", lo=0, modes=_SPARSE),
         K("sr_mode", "greg", "str", "greg (growing L2 on the channels target_macs would remove: the only mode that "
           "freed channels without collapsing on bccd, BENCHMARKS.md section 8), proximal (exact zeros by "
           "soft-thresholding), subgradient (the published L1 sub-gradient; frees nothing under AdamW)", "sparse",
-          choices=("greg", "proximal", "subgradient"), modes=_GREG),
+          choices=("greg", "proximal", "subgradient"), modes=_SPARSE),
         K("sr_group", False, "bool", "proximal: group soft-thresholding over the channels pruning removes together "
-          "(all BNs coupled to a channel: residual ends, C2f halves...)", "sparse", modes=_GREG),
-        K("sr_head", True, "bool", "also penalise the Detect head's BatchNorms", "sparse", modes=_GREG),
+          "(all BNs coupled to a channel: residual ends, C2f halves...)", "sparse", modes=_SPARSE),
+        K("sr_head", True, "bool", "also penalise the Detect head's BatchNorms", "sparse", modes=_SPARSE),
         K("sr_schedule", "constant", "str", "how sr evolves over the epochs: constant, linear (decays to 0), cosine "
           "(decays to 0), ramp (rises to sr over the first half)", "sparse",
-          choices=("constant", "linear", "cosine", "ramp"), modes=_GREG),
+          choices=("constant", "linear", "cosine", "ramp"), modes=_SPARSE),
         K("greg_ramp", 0.5, "float", "greg: fraction of the sparse training over which the penalty grows; the chosen "
-          "channels are 0 afterwards, in (0, 1]", "sparse", lo=0, hi=1, bounds="(]", modes=_GREG),
+          "channels are 0 afterwards, in (0, 1]", "sparse", lo=0, hi=1, bounds="(]", modes=_SPARSE),
         K("gamma_threshold", 0.01, "float", "|gamma| below this counts as near zero; channels whose coupled gammas "
           "are all below it are \"free\" (logged per epoch, removed first by the pipeline's prune stage)", "sparse",
-          lo=0, modes=_GREG),
+          lo=0, modes=_SPARSE),
         K("epochs", 10, "int", "training epochs for mode=sparse and mode=finetune", "train", lo=0,
           modes=frozenset({"sparse", "finetune", "demo"})),
     )),
@@ -313,8 +314,7 @@ def _literal(text: str) -> Any:
 
 def _bool(key: Key, value: Any) -> bool:
     if isinstance(value, str):
-        value = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}.get(
-            value.strip().lower(), value)
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
     if not isinstance(value, bool):
         raise UsageError(f"{key.name}={value!r} must be True or False")
     return value

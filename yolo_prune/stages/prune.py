@@ -19,7 +19,7 @@ from ..bench import check_threads
 from ..io import run_dir, write_json, write_text, write_yaml
 from ..latency import NOISY, LatencyCost, LatencyTable, build_table, check_runtime, measure_models
 from ..models import load_model, save_checkpoint, wrap_model
-from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings
+from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings, target_macs
 from ..provenance import provenance
 from ..report import plot_layer_channels, prune_report_markdown
 from ..results import Result, table
@@ -219,6 +219,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     """
     s = settings(GROUPS, options, overrides, where="prune")
     p, lat, t = s.prune, s.latency, s.train
+    if p.ratio is None:  # an empty target_macs means 0.5, except with a threshold (only the free channels go)
+        p = p.replace(target_macs=target_macs({**p.to_dict(), "mode": "prune"}))
     _check_threshold(p)
     yolo = load_model(model)
     module = copy.deepcopy(yolo.model).float().cpu().eval()

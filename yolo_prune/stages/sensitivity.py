@@ -147,8 +147,8 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
     """
     if not any(isinstance(o, PruneOptions) for o in options):
         overrides = {"calib_images": 32, **overrides}
-    s = settings(GROUPS, options, overrides, where="sensitivity")
-    t, calib_images, method = s.train, s.prune.calib_images, s.prune.method or "auto"
+    opts = settings(GROUPS, options, overrides, where="sensitivity")
+    t, calib_images, method = opts.train, opts.prune.calib_images, opts.prune.method or "auto"
     imgsz, seed = t.imgsz, t.seed
     if data is None:
         raise UsageError("sensitivity is measured on images: pass data=<dataset yaml>")
@@ -191,7 +191,7 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
     if save:
-        save_dir = run_dir(s.run.project, "sensitivity", s.run.name, exist_ok=s.run.exist_ok)
+        save_dir = run_dir(opts.run.project, "sensitivity", opts.run.name, exist_ok=opts.run.exist_ok)
         result.save_dir = save_dir
         result.csv = write_sensitivity_csv(measured, save_dir / "sensitivity.csv")
         result.heatmap = plot_sensitivity(measured, save_dir / "sensitivity.png")
