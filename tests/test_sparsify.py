@@ -411,15 +411,15 @@ def test_iterative_steps_ramp_and_stop_at_the_map_budget(dense_pt, synthetic, tm
     the one before is the result, and its fine-tune kept the zeros of its own step."""
     import dataclasses
 
-    import yolo_prune.evaluate as ev
+    import yolo_prune.stages.sparsify as stage
 
-    real = ev.evaluate
+    real = stage.evaluate
     maps = iter([0.50, 0.49, 0.48, 0.47, 0.45, 0.30, 0.29])  # baseline, then (sparsified, tuned) per step
 
     def fake(*args, **kwargs):
         return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
 
-    monkeypatch.setattr(ev, "evaluate", fake)
+    monkeypatch.setattr(stage, "evaluate", fake)  # every evaluation of the stage
     kw = dict(amount=0.6, steps=3, step_epochs=1, max_map_drop=0.1, data=str(synthetic / "yolo.yaml"), imgsz=64,
               batch=4, workers=0, device="cpu", bench=False, project=tmp_path, name="it",
               train_args={"nbs": 4, "warmup_epochs": 0})
@@ -436,7 +436,7 @@ def test_iterative_steps_ramp_and_stop_at_the_map_budget(dense_pt, synthetic, tm
     final = dict(load_checkpoint(res.checkpoint)[0].named_parameters())
     assert all(bool((final[n][m] == 0).all()) for n, m in step1.items())
     # resume of a finished run redoes nothing
-    monkeypatch.setattr(ev, "evaluate", real)
+    monkeypatch.setattr(stage, "evaluate", real)
     again = sparsify(dense_pt, **{**kw, "resume": True})
     assert again.kept_step == 2 and again.steps == res.steps
 

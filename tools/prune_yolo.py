@@ -26,13 +26,12 @@ def _flag(key) -> tuple[str, dict]:
     """The argparse flag of one schema key; values stay text and are checked by the schema, as on the CLI."""
     text = (HELP.get(key.name) or key.doc).replace("%", "%%")
     kw: dict = {"dest": key.name, "default": None, "help": f"{text} (default: {key.default})"}
-    if key.kind == "bool":
+    if key.kind == "bool" or (key.kind == "bool|str" and not key.choices):  # --resume: a flag in a script
         kw["action"] = argparse.BooleanOptionalAction
     else:
         kw["metavar"] = key.type_label().split(",")[0].replace(" ", "").upper()
-        words = [str(c) for c in key.choices if isinstance(c, str)]
-        if words:
-            kw["metavar"] = "{" + ",".join(words) + "}"
+        if key.choices:
+            kw["metavar"] = "{" + ",".join(str(c) for c in key.choices) + "}"
     return "--" + key.name.replace("_", "-"), kw
 
 
