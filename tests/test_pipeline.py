@@ -169,3 +169,44 @@ def test_a_new_run_in_a_reused_folder_starts_afresh(run, tmp_path):
     assert abs(state["stages"]["prune"]["steps"][0]["macs_fraction"] - 0.8) <= 0.03
     assert "finetune" not in state["stages"] and "sparse" not in state["stages"]
     assert again.final == folder / "prune" / "step1" / "weights" / "pruned.pt"
+
+
+def test_verdict_says_why_and_what_helps():
+    from yolo_prune.stages.report import verdict
+
+    held = verdict({"map50_95": 0.50}, {"map50_95_pruned": 0.40}, {"map50_95": 0.51}, target_macs=0.5, steps=1,
+                   finetune_epochs=10)
+    assert held == []
+    lines = verdict({"map50_95": 0.345}, {"map50_95_pruned": 0.065}, {"map50_95": 0.315}, target_macs=0.5, steps=1,
+                    finetune_epochs=10)
+    assert lines[0] == ("the pruned model is worse than the model you gave: mAP50-95 0.315 < 0.345 "
+                        "(input 0.345 -> right after pruning 0.065 -> final 0.315)")
+    assert "kept only 19% of the mAP" in lines[1] and "target_macs=0.75" in lines[1] and "steps=3" in lines[1]
+    assert "won back 89% of the drop in 10 epoch(s)" in lines[2] and "finetune_epochs=20" in lines[2]
+
+
+def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthetic, dense_ckpt, monkeypatch, caplog):
+    """A constructed case: the final model measures below the input; the pipeline says so in one line, in the
+    result and in the report, with the mAP of each stage."""
+    import dataclasses
+    import logging
+
+    import yolo_prune.pipeline as pl
+
+    real = pl.evaluate
+    maps = iter([0.50, 0.20, 0.30])  # baseline, right after pruning, final
+
+    def fake(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
+
+    monkeypatch.setattr(pl, "evaluate", fake)
+    with caplog.at_level(logging.INFO, logger="yolo_prune"):
+        result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.5, project=tmp_path, name="worse",
+                          **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0, "backends": ()})
+    first = "the pruned model is worse than the model you gave: mAP50-95 0.300 < 0.500"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and first in r.getMessage()]
+    assert len(warned) == 1 and "right after pruning 0.200" in warned[0].getMessage()
+    assert result.warning[0].startswith(first) and "WARNING: " + first in str(result)
+    report = (result.save_dir / "report.md").read_text()
+    assert f"**Warning: {first}" in report and "steps=3" in report
+    assert json.loads((result.save_dir / "report.json").read_text())["warning"] == result.warning

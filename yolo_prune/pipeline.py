@@ -22,7 +22,7 @@ from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
 from .stages.prune import prune
-from .stages.report import PipelineResult, pipeline_report
+from .stages.report import PipelineResult, pipeline_report, verdict
 from .stages.teacher import pipeline_teacher
 from .stats import model_stats
 from .train import finetune, sparse_train
@@ -107,8 +107,12 @@ def pipeline(model: Any, data: str | Path | None, *options: Options, train_args:
         be = run.bench_stage(ctx.state, {"dense": model, "pruned": final}, imgsz=s.train.imgsz,
                              backends=run.backend_list(s.bench.backends), runs=s.bench.bench_runs,
                              warmup=s.bench.bench_warmup, seed=s.train.seed, verbose=s.run.verbose)
+    warning = verdict(base, kept, va, target_macs=ctx.target_macs, steps=s.prune.steps,
+                      finetune_epochs=s.stage.finetune_epochs)
+    for i, line in enumerate(warning):  # never silently worse than the model the user gave
+        (LOGGER.warning if i == 0 else LOGGER.info)("pipeline: %s" if i == 0 else "  - %s", line)
     return pipeline_report(folder, ctx.state, base=base, sparse=sp, prune=pr, kept=kept, val=va, bench=be, final=final,
-                           imgsz=s.train.imgsz, seconds=time.perf_counter() - t_start)
+                           imgsz=s.train.imgsz, seconds=time.perf_counter() - t_start, warning=warning)
 
 
 def _resumed(folder: Path, model: Any, data: Any, s: Settings) -> tuple[Any, Any, Settings, dict[str, Any]]:

@@ -27,6 +27,7 @@ class PipelineResult(Result):
     rows_: list[tuple[str, Any, Any, Any]] = dataclasses.field(repr=False)
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
     seconds: float = 0.0
+    warning: list[str] = dataclasses.field(default_factory=list, repr=False)  # the final model is worse: why, what helps
 
     @property
     def model(self) -> Any:
@@ -36,8 +37,30 @@ class PipelineResult(Result):
         return [(r[0], r[2]) for r in self.rows_]
 
     def __str__(self) -> str:
-        return (f"PipelineResult: {self.save_dir} ({self.seconds / 60:.1f} min)\nfinal model: {self.final}\n"
+        text = (f"PipelineResult: {self.save_dir} ({self.seconds / 60:.1f} min)\nfinal model: {self.final}\n"
                 + table(self.rows_, header=("", "before", "after", "ratio")))
+        return text + "".join(f"\n{'WARNING: ' if i == 0 else '  - '}{line}" for i, line in enumerate(self.warning))
+
+
+def verdict(base: dict, kept: dict, val: dict, *, target_macs: float | None, steps: int,
+            finetune_epochs: int) -> list[str]:
+    """Empty when the final model holds the input model's mAP50-95. Otherwise a first line that says so, with the
+    mAP measured at each stage, then what would help, read from those measurements."""
+    dense, pruned, final = base.get("map50_95"), kept.get("map50_95_pruned"), val.get("map50_95")
+    if dense is None or final is None or final >= dense:
+        return []
+    path = f"input {dense:.3f}" + (f" -> right after pruning {pruned:.3f}" if pruned is not None else "") \
+        + f" -> final {final:.3f}"
+    lines = [f"the pruned model is worse than the model you gave: mAP50-95 {final:.3f} < {dense:.3f} ({path})"]
+    if pruned is not None and dense > 0 and pruned / dense < 0.5:
+        milder = f"a milder target (target_macs={min(0.9, round((1 + target_macs) / 2, 2))}), " if target_macs else ""
+        lines.append(f"pruning kept only {pruned / dense:.0%} of the mAP in one go: try {milder}or reaching the target "
+                     f"in steps (steps={max(3, steps + 2)}) with max_map_drop= to stop at the last one that holds")
+    if pruned is not None and dense > pruned:
+        recovered = (final - pruned) / (dense - pruned)
+        lines.append(f"fine-tuning won back {recovered:.0%} of the drop in {finetune_epochs} epoch(s): more epochs "
+                     f"(finetune_epochs={max(2 * finetune_epochs, finetune_epochs + 10)}) would help")
+    return lines
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -98,19 +121,24 @@ def _sparse_section(save_dir: Path, base: dict, sp: dict | None, kept: dict) -> 
 
 
 def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict | None, prune: dict, kept: dict,
-                    val: dict, bench: dict | None, final: Path, imgsz: int, seconds: float) -> PipelineResult:
-    """Write ``report.json``, ``report.md``, ``layers.csv`` and the plots; return the result table."""
+                    val: dict, bench: dict | None, final: Path, imgsz: int, seconds: float,
+                    warning: list[str] | None = None) -> PipelineResult:
+    """Write ``report.json``, ``report.md``, ``layers.csv`` and the plots; return the result table. ``warning``
+    (from :func:`verdict`) heads the report when the final model is worse than the input."""
+    warning = list(warning or [])
     rows = _rows(base, kept, val, bench, imgsz)
     _plots(save_dir, base, prune, kept, val)
     sparse_lines = _sparse_section(save_dir, base, sparse, kept)
     report = {"save_dir": str(save_dir), "final_checkpoint": str(final), "seconds": seconds,
               "sparse_free_macs": (sparse or {}).get("free_macs_after"),
               "sparse_gamma_zero": (sparse or {}).get("gamma_zero_after"),
-              "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows],
+              "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows], "warning": warning,
               "stages": state.data["stages"], "args": state.data["args"]}
     write_json(save_dir / "report.json", report)
-    md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", "",
-          markdown_table(rows, header=("", "before", "after", "ratio")), "",
+    md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", ""]
+    if warning:
+        md += [f"**Warning: {warning[0]}.**", ""] + [f"- {line}" for line in warning[1:]] + [""]
+    md += [markdown_table(rows, header=("", "before", "after", "ratio")), "",
           "![channels kept per layer](channels.png)", "", "![mAP vs MACs](map_vs_macs.png)", ""]
     md += sparse_lines
     if (save_dir / "gamma_hist.png").is_file():
@@ -118,7 +146,8 @@ def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict
     if (save_dir / "sparsity.png").is_file():
         md += ["![MACs removable for free per sparse epoch](sparsity.png)", ""]
     write_text(save_dir / "report.md", "\n".join(md))
-    return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=prune["steps"], seconds=seconds)
+    return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=prune["steps"], seconds=seconds,
+                          warning=warning)
 
 
 def _abs_gammas(model: Any) -> list[float]:
