@@ -210,3 +210,55 @@ def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthe
     report = (result.save_dir / "report.md").read_text()
     assert f"**Warning: {first}" in report and "steps=3" in report
     assert json.loads((result.save_dir / "report.json").read_text())["warning"] == result.warning
+
+
+def test_step_choice_and_budget_split():
+    from yolo_prune.pipeline import split_budget, steps_for
+
+    assert [steps_for(r) for r in (None, 0.9, 0.75, 0.6, 0.5, 0.3, 0.25, 0.1, 0.0)] == [1, 1, 1, 2, 2, 3, 3, 4, 4]
+    for epochs in range(0, 31):
+        for steps in (1, 2, 3, 4):
+            each, final = split_budget(epochs, steps)
+            assert steps * each + final == epochs and final >= each >= 0  # the asked budget, never more
+    assert split_budget(10, 1) == (0, 10) and split_budget(10, 3) == (2, 4)
+
+
+def test_steps_auto_spreads_the_asked_epochs_over_the_chosen_steps(tmp_path, synthetic, dense_ckpt, monkeypatch):
+    """A trial prune that keeps 40% of the mAP asks for 3 steps; the 8 fine-tune epochs asked are spread over them
+    (2 after each step, 2 at the end): the total trained is what was asked."""
+    import dataclasses
+
+    import yolo_prune.pipeline as pl
+
+    real = pl.evaluate
+    maps = iter([0.50, 0.20] + [0.3, 0.4] * 3 + [0.45])  # baseline, trial, (pruned, tuned) per step, final
+
+    def fake(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
+
+    monkeypatch.setattr(pl, "evaluate", fake)
+    result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.5, steps="auto", project=tmp_path,
+                      name="auto", **{**TINY, "finetune_epochs": 8, "sparse_epochs": 0, "backends": ()})
+    stages = json.loads((result.save_dir / "pipeline.json").read_text())["stages"]
+    plan = stages["plan"]
+    assert (plan["retained"], plan["steps"], plan["step_epochs"], plan["finetune_epochs"]) == (0.4, 3, 2, 2)
+    assert [s["step"] for s in stages["prune"]["steps"]] == [1, 2, 3]
+    step_runs = sorted((result.save_dir / "finetune").glob("step*/results.csv"))
+    final_run = result.save_dir / "finetune" / "final" / "results.csv"
+    rows = [len(p.read_text().strip().splitlines()) - 1 for p in step_runs + [final_run]]
+    assert rows == [2, 2, 2, 2] and sum(rows) == 8
+    assert abs(stages["prune"]["steps"][-1]["macs_fraction"] - 0.5) <= 0.03
+
+
+def test_steps_auto_is_deterministic_and_keeps_a_good_trial(tmp_path, synthetic, dense_ckpt):
+    """The same seed plans the same steps; a trial that keeps most of the mAP is step 1 itself (no pruning twice)."""
+    plans = []
+    for name in ("a", "b"):
+        result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.9, steps="auto", project=tmp_path,
+                          name=name, seed=3, **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0, "backends": ()})
+        stages = json.loads((result.save_dir / "pipeline.json").read_text())["stages"]
+        plans.append({k: stages["plan"][k] for k in ("retained", "steps", "step_epochs", "finetune_epochs")})
+        if stages["plan"]["steps"] == 1:
+            assert stages["prune.step1"] == stages["plan"]["trial"]
+            assert not (result.save_dir / "prune" / "step1").exists()
+    assert plans[0] == plans[1]

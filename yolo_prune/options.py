@@ -159,8 +159,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("round_to", 8, "int|auto", "keep channel counts multiples of this (hardware-friendly widths); auto: per "
           "layer, the multiple its convs run fastest at on `runtime` (measured latency table); null for none",
           "prune", optional=True, lo=1, modes=_GREG),
-        K("steps", 1, "int", "pruning increments toward the target; in a pipeline each increment is followed by a "
-          "short fine-tune", "prune", lo=1, modes=_PRUNE | _STEPPED),
+        K("steps", 1, "int|auto", "pruning increments toward the target; in a pipeline each increment is followed by "
+          "a short fine-tune of step_epochs (on top of finetune_epochs); auto (pipeline): a trial prune to the target "
+          "picks 1-4 steps from the share of mAP it keeps, and finetune_epochs is spread over them (same total "
+          "epochs)", "prune", lo=1, modes=_PRUNE | _STEPPED),
         K("calib_images", 64, "int", "images from the data's train split for method=activation|recon, compensate, "
           "recalibrate and allocation (the sensitivity probes use the first 32)", "prune", lo=0,
           modes=_PRUNE | {"sensitivity", "sparsify"}),
@@ -507,6 +509,12 @@ class Settings:
         self._objects = list(objects)
         for obj in self._objects:
             setattr(self, obj.GROUP, obj)
+
+    def with_(self, *changed: Options) -> Settings:
+        """A copy with ``changed`` objects in place of those of their groups."""
+        new = {type(o): o for o in self._objects}
+        new.update({type(o): o for o in changed})
+        return Settings(new.values())
 
     def flat(self) -> dict[str, Any]:
         """Every key of every group in one dict."""

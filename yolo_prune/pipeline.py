@@ -107,8 +107,8 @@ def pipeline(model: Any, data: str | Path | None, *options: Options, train_args:
         be = run.bench_stage(ctx.state, {"dense": model, "pruned": final}, imgsz=s.train.imgsz,
                              backends=run.backend_list(s.bench.backends), runs=s.bench.bench_runs,
                              warmup=s.bench.bench_warmup, seed=s.train.seed, verbose=s.run.verbose)
-    warning = verdict(base, kept, va, target_macs=ctx.target_macs, steps=s.prune.steps,
-                      finetune_epochs=s.stage.finetune_epochs)
+    warning = verdict(base, kept, va, target_macs=ctx.target_macs, steps=ctx.s.prune.steps,
+                      finetune_epochs=ctx.s.stage.finetune_epochs)
     for i, line in enumerate(warning):  # never silently worse than the model the user gave
         (LOGGER.warning if i == 0 else LOGGER.info)("pipeline: %s" if i == 0 else "  - %s", line)
     return pipeline_report(folder, ctx.state, base=base, sparse=sp, prune=pr, kept=kept, val=va, bench=be, final=final,
@@ -183,6 +183,8 @@ def _sparse(ctx: _Run) -> dict[str, Any] | None:
 
 def _prune(ctx: _Run, source: Any, base: dict[str, Any]) -> dict[str, Any]:
     """Prune in ``steps`` increments, each but a single one followed by a short fine-tune (stage ``prune``)."""
+    if ctx.s.prune.steps == "auto":  # (a resumed run reuses its recorded plan)
+        _plan_steps(ctx, source, base)
     pr = ctx.state.done("prune")
     if pr is not None:
         return pr
@@ -200,7 +202,44 @@ def _prune(ctx: _Run, source: Any, base: dict[str, Any]) -> dict[str, Any]:
                                       "pruned_checkpoint": kept["checkpoint"]})
 
 
-def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float) -> dict[str, Any]:
+def steps_for(retained: float | None) -> int:
+    """How many pruning steps a target needs, from the share of mAP50-95 a one-shot trial prune kept."""
+    if retained is None or retained >= 0.75:
+        return 1
+    return 2 if retained >= 0.5 else 3 if retained >= 0.25 else 4
+
+
+def split_budget(epochs: int, steps: int) -> tuple[int, int]:
+    """(epochs after each of ``steps`` prune steps, epochs of the final fine-tune): ``steps * each + final ==
+    epochs``, the final fine-tune never shorter than a step's."""
+    each = epochs // (steps + 1) if steps > 1 else 0
+    return each, epochs - steps * each
+
+
+def _plan_steps(ctx: _Run, source: Any, base: dict[str, Any]) -> None:
+    """``steps=auto``: prune once to the target (the trial), choose the number of steps from the share of mAP it kept,
+    and spread ``finetune_epochs`` over them. With one step the trial is that step. Recorded as stage ``plan``."""
+    plan = ctx.state.done("plan")
+    if plan is None:
+        trial_ctx = dataclasses.replace(ctx, s=ctx.s.with_(ctx.s.prune.replace(steps=1)))
+        trial = _prune_step(trial_ctx, 1, source, base["macs"], base["macs"], folder="trial")
+        dense = base.get("map50_95")
+        retained = trial["map50_95_pruned"] / dense if dense else None
+        steps = steps_for(retained)
+        each, final = split_budget(ctx.s.stage.finetune_epochs, steps)
+        plan = ctx.state.finish("plan", {"trial": trial, "retained": retained, "steps": steps, "step_epochs": each,
+                                         "finetune_epochs": final, "budget": ctx.s.stage.finetune_epochs})
+        LOGGER.info("prune: a one-shot trial kept %s of the mAP50-95: %d step(s), %d epoch(s) after each and %d at "
+                    "the end (%d in all, as asked)", "n/a" if retained is None else f"{retained:.0%}", steps, each,
+                    final, ctx.s.stage.finetune_epochs)
+        if steps == 1:
+            ctx.state.finish("prune.step1", trial)
+    ctx.s = ctx.s.with_(ctx.s.prune.replace(steps=plan["steps"]),
+                        ctx.s.stage.replace(step_epochs=plan["step_epochs"], finetune_epochs=plan["finetune_epochs"]))
+
+
+def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float, *,
+                folder: str | None = None) -> dict[str, Any]:
     p, steps = ctx.s.prune, ctx.s.prune.steps
     if p.ratio is not None:
         step_kw = {"ratio": 1 - (1 - p.ratio) ** (1 / steps), "target_macs": None}
@@ -209,7 +248,7 @@ def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs:
         step_kw = {"target_macs": min(1.0, goal * base_macs / prev_macs), "ratio": None}
     threshold = ctx.threshold if step == 1 else None
     res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), data=ctx.data, seed=ctx.s.train.seed,
-                imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=f"step{step}", exist_ok=True)
+                imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=folder or f"step{step}", exist_ok=True)
     record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after, "params": res.params_after,
               "size_mb": res.size_mb_after, "macs_fraction": res.macs_after / base_macs, "prune_seconds": res.seconds,
               "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free,

@@ -263,6 +263,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
 
 
 def _check_threshold(p: PruneOptions) -> None:
+    if p.steps == "auto":
+        raise UsageError("steps=auto spreads pruning steps over a fine-tune budget: use it with 'yolo-prune pipeline'")
     if p.threshold is not None and p.ratio is not None:
         raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
 
