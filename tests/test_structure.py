@@ -291,3 +291,16 @@ def test_every_key_of_a_mode_reaches_its_function(mode):
     assert rest == {} and keys  # nothing would fall through to ultralytics as an unknown train key
     if mode == "prune":
         assert s.latency.latency_aware == 0.5  # a key added to the schema reaches prune() with no other edit
+
+
+def test_every_public_name_resolves_and_every_returned_result_is_exported():
+    import typing
+
+    import yolo_prune as yp
+
+    for name in yp.__all__:
+        assert getattr(yp, name) is not None
+    for fn in (yp.prune, yp.sparsify, yp.sensitivity, yp.pipeline, yp.finetune, yp.sparse_train, yp.validate,
+               yp.benchmark, yp.model_stats):
+        returned = typing.get_type_hints(fn).get("return")
+        assert returned is not None and returned.__name__ in yp.__all__, fn.__name__

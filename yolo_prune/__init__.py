@@ -12,7 +12,8 @@ The public API follows the pipeline::
     yp.benchmark({"dense": "best.pt", "pruned": tuned.best})          #    latency
     yp.export(tuned.best, format="onnx", save_dir="out")              #    export
 
-or all at once with :func:`pipeline`. Every function returns a typed result that prints as a table.
+or all at once with :func:`pipeline`. Every function returns a typed result that prints as a table. Options are
+keywords (every key of ``yolo-prune cfg``) or typed, frozen option objects (``yp.PruneOptions(...)``, ...).
 Names are imported lazily, so ``import yolo_prune`` stays cheap.
 """
 
@@ -56,6 +57,7 @@ _API = {
     "SensitivityResult": ("yolo_prune.stages.sensitivity", "SensitivityResult"),
     "PipelineResult": ("yolo_prune.stages.report", "PipelineResult"),
     "TrainResult": ("yolo_prune.train", "TrainResult"),
+    "SparseResult": ("yolo_prune.train.results", "SparseResult"),
     "ValResult": ("yolo_prune.evaluate", "ValResult"),
     "LatencyResult": ("yolo_prune.bench", "LatencyResult"),
     "ModelStats": ("yolo_prune.stats", "ModelStats"),
