@@ -189,6 +189,21 @@ class _Opt:
         self.param_groups = [{"params": list(params), "lr": lr, "initial_lr": initial_lr or lr}]
 
 
+@pytest.mark.parametrize("yaml", ["yolo11n.yaml", "yolov8n-p6.yaml"])
+def test_bn_groups_map_every_split_block_to_the_live_model(yaml):
+    """C2PSA (YOLO11) and C2 (P6 neck) are split like C2f: their halves are the live block's cv1 (a greg run on
+    YOLO11 failed with KeyError 'model.10.cv0.bn' before)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    live = DetectionModel(yaml, verbose=False)
+    groups = BNGroups.build(live)
+    mods = dict(live.named_modules())
+    seen = [(m.bn, i) for g in groups.groups for m in g.members for i in m.idx.tolist()]
+    assert seen and all(bn in mods and 0 <= i < mods[bn].num_features for bn, i in seen)
+    assert len(seen) == len(set(seen))
+    assert 0 <= groups.free_macs(live, 0.01) <= 1
+
+
 def test_proximal_per_bn_and_group(v8n):
     model = v8n
     groups = BNGroups.build(model)

@@ -113,6 +113,10 @@ class C2PSASplit(_SplitFirstConv, C2PSA):
         return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))
 
 
+#: The split forms (a block's first conv held as ``cv0`` + ``cv1``; C3k2Split is a C2fSplit).
+SPLIT_FORMS = (C2fSplit, C2Split, C2PSASplit)
+
+
 class PrunableAttention(Attention):
     """ultralytics ``Attention`` whose inner widths do not depend on its input width.
 

@@ -26,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..modules import C2fSplit
+from ..modules import SPLIT_FORMS
 from .graph import ChannelGroup, PruneGraph, build_graph, prepare
 
 __all__ = ["BNMember", "BNGroup", "BNGroups", "threshold_counts", "bn_members"]
@@ -80,15 +80,16 @@ def bn_members(graph: PruneGraph, group: ChannelGroup) -> list[tuple[nn.BatchNor
 def _live_name(traced: nn.Module, live: nn.Module, name: str) -> tuple[str, int]:
     """Map a BN name of the prunable copy to (name, channel offset) in ``live``.
 
-    :func:`~yolo_prune.modules.to_prunable` turns a C2f's ``cv1`` into ``cv0`` (first half) and ``cv1``
-    (second half); in a live model that still holds the plain C2f both halves are its ``cv1``.
+    :func:`~yolo_prune.modules.to_prunable` turns the first conv ``cv1`` of a C2f, C3k2, C2 or C2PSA into ``cv0``
+    (first half) and ``cv1`` (second half); in a live model that still holds the plain block both halves are its
+    ``cv1``.
     """
     parts = name.split(".")
     if len(parts) >= 3 and parts[-1] == "bn" and parts[-2] in ("cv0", "cv1"):
         block_name = ".".join(parts[:-2])
         block_t = traced.get_submodule(block_name)
         block_l = live.get_submodule(block_name)
-        if isinstance(block_t, C2fSplit) and not isinstance(block_l, C2fSplit):
+        if isinstance(block_t, SPLIT_FORMS) and not isinstance(block_l, SPLIT_FORMS):
             offset = 0 if parts[-2] == "cv0" else block_t.cv0.conv.out_channels
             return f"{block_name}.cv1.bn", offset
     return name, 0
