@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """The realistic case of issue 12: the bccd-tuned yolov8n through ``yolo_prune.pipeline`` with its defaults.
 
+``--dataset fixture`` runs the same arms on the COCO yolov8n fixture and coco128 (96 train / 32 val, imgsz 320;
+results in ``bench/results/fixture_pipeline.json``): the 80-class case of issue 24, where one-shot pruning collapses.
+
 Start: ``common.bccd_dense()`` (the fixture COCO yolov8n fine-tuned 12 epochs on bccd train @416, val mAP50-95
 0.617). Each arm runs ``yolo_prune.pipeline(dense, bccd, target_macs=T, imgsz=416, ...)`` with the pipeline's
 defaults unless ``--set key=value`` overrides them, and records mAP50-95 of the dense model, right after pruning
@@ -12,6 +15,8 @@ reference for "mAP kept" is the dense model trained the same number of extra epo
     python -m bench.bccd_pipeline --reference 16          # dense + 16 epochs, same recipe
     python -m bench.bccd_pipeline --arm prune_first_f16_nbs16 --set sparse_epochs=0 finetune_epochs=16 "train_args={nbs: 16}"
     python -m bench.bccd_pipeline --reference 16 --set nbs=16   # its reference: the same train keys
+    python -m bench.bccd_pipeline --dataset fixture --reference 16 --set nbs=16
+    python -m bench.bccd_pipeline --dataset fixture --arm auto_f16 --set sparse_epochs=0 finetune_epochs=16 steps=auto "train_args={nbs: 16}"
 
 Results: ``bench/results/bccd_pipeline.json`` (one entry per arm; the command of each is recorded).
 """
@@ -44,13 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline() keyword overrides")
     ap.add_argument("--reference", type=int, metavar="EPOCHS", help="train the dense model EPOCHS more instead")
     ap.add_argument("--reuse", action="store_true", help="--reference: evaluate an existing training of it again")
+    ap.add_argument("--dataset", choices=("bccd", "fixture"), default="bccd",
+                    help="bccd (the bccd-tuned model @416) or fixture (COCO yolov8n on coco128 96/32 @320)")
     args = ap.parse_args(argv)
+    global IMGSZ, NAME
+    if args.dataset == "fixture":
+        IMGSZ, NAME = 320, "fixture_pipeline"
     if not args.arm and args.reference is None:
         ap.error("give --arm NAME or --reference EPOCHS")
 
     import yolo_prune as yp
 
-    dense, data = common.bccd_dense(), common.bccd()
+    if args.dataset == "fixture":
+        dense, data = common.WEIGHTS, common.coco128_split()
+    else:
+        dense, data = common.bccd_dense(), common.bccd()
     res = common.read_result(NAME) or {"arms": {}}
     work = common.WORK / NAME
     t0 = time.perf_counter()
@@ -76,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                      table=report["table"], args=report["args"], sparse_free_macs=report.get("sparse_free_macs"),
                      map50_95_dense=rows["mAP50-95"]["before"], map50_95=rows["mAP50-95"]["after"],
                      map50_95_pruned=prune_steps[-1].get("map50_95_pruned"),
-                     macs_ratio=prune_steps[-1].get("macs_fraction"),
+                     macs_ratio=prune_steps[-1].get("macs_fraction"), plan=_plan(report),
+                     warning=report.get("warning"),
                      epochs=(report["args"]["sparse_epochs"] + report["args"]["finetune_epochs"]))
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     res = common.read_result(NAME) or {"arms": {}}  # again: arms may run in parallel processes
@@ -84,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_result(NAME, res)
     print(f"{key}: written to {path}")
     return 0
+
+
+def _plan(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``steps=auto`` chose (the trial's share of mAP kept, steps, epochs per step and at the end)."""
+    plan = report["stages"].get("plan")
+    return None if plan is None else {k: plan[k] for k in ("retained", "steps", "step_epochs", "finetune_epochs")}
 
 
 if __name__ == "__main__":
