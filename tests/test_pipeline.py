@@ -181,7 +181,7 @@ def test_verdict_says_why_and_what_helps():
                     finetune_epochs=10)
     assert lines[0] == ("the pruned model is worse than the model you gave: mAP50-95 0.315 < 0.345 "
                         "(input 0.345 -> right after pruning 0.065 -> final 0.315)")
-    assert "kept only 19% of the mAP" in lines[1] and "target_macs=0.75" in lines[1] and "steps=3" in lines[1]
+    assert "kept only 19% of the mAP" in lines[1] and "target_macs=0.75" in lines[1] and "steps=auto" in lines[1]
     assert "won back 89% of the drop in 10 epoch(s)" in lines[2] and "finetune_epochs=20" in lines[2]
 
 
@@ -208,7 +208,7 @@ def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthe
     assert len(warned) == 1 and "right after pruning 0.200" in warned[0].getMessage()
     assert result.warning[0].startswith(first) and "WARNING: " + first in str(result)
     report = (result.save_dir / "report.md").read_text()
-    assert f"**Warning: {first}" in report and "steps=3" in report
+    assert f"**Warning: {first}" in report and "steps=auto" in report
     assert json.loads((result.save_dir / "report.json").read_text())["warning"] == result.warning
 
 

@@ -54,8 +54,9 @@ def verdict(base: dict, kept: dict, val: dict, *, target_macs: float | None, ste
     lines = [f"the pruned model is worse than the model you gave: mAP50-95 {final:.3f} < {dense:.3f} ({path})"]
     if pruned is not None and dense > 0 and pruned / dense < 0.5:
         milder = f"a milder target (target_macs={min(0.9, round((1 + target_macs) / 2, 2))}), " if target_macs else ""
-        lines.append(f"pruning kept only {pruned / dense:.0%} of the mAP in one go: try {milder}or reaching the target "
-                     f"in steps (steps={max(3, steps + 2)}) with max_map_drop= to stop at the last one that holds")
+        how = "steps=auto (gradual pruning within the same epochs)" if steps == 1 else f"more steps (steps={steps + 2})"
+        lines.append(f"pruning kept only {pruned / dense:.0%} of the mAP in one go: try {milder}or {how}, with "
+                     "max_map_drop= to stop at the last step that holds")
     if pruned is not None and dense > pruned:
         recovered = (final - pruned) / (dense - pruned)
         lines.append(f"fine-tuning won back {recovered:.0%} of the drop in {finetune_epochs} epoch(s): more epochs "
