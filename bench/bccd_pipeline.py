@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The realistic case of issue 12: the bccd-tuned yolov8n through ``yolo_prune.pipeline`` with its defaults.
+"""The realistic case of issue 12: the bccd-tuned yolov8n through ``yolo_prune.job`` with its defaults.
 
 ``--dataset fixture`` runs the same arms on the COCO yolov8n fixture and coco128 (96 train / 32 val, imgsz 320;
 results in ``bench/results/fixture_pipeline.json``): the 80-class case of issue 24, where one-shot pruning collapses.
 
 Start: ``common.bccd_dense()`` (the fixture COCO yolov8n fine-tuned 12 epochs on bccd train @416, val mAP50-95
-0.617). Each arm runs ``yolo_prune.pipeline(dense, bccd, target_macs=T, imgsz=416, ...)`` with the pipeline's
+0.617). Each arm runs ``yolo_prune.job(dense, bccd, target_macs=T, imgsz=416, ...)`` with the pipeline's
 defaults unless ``--set key=value`` overrides them, and records mAP50-95 of the dense model, right after pruning
 and after the fine-tune (the pipeline's own COCO evaluation on bccd val), MACs and the training budget. The
 reference for "mAP kept" is the dense model trained the same number of extra epochs (``--reference``).

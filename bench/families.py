@@ -5,7 +5,7 @@ family):
 
 1. **dense**: the model is trained from its yaml (random init, ``D`` epochs, the CPU recipe of the dataset below),
    once, cached in ``bench/work/families_dense`` (not ``bench/work/dense``, which is shared);
-2. **pipeline**: ``yolo_prune.pipeline(dense, target_macs=0.5)``: ``S`` sparsity-training epochs, prune (bn,
+2. **pipeline**: ``yolo_prune.job(dense, target_macs=0.5)``: ``S`` sparsity-training epochs, prune (bn,
    least-squares compensation), ``F`` fine-tune epochs, COCO val, torch / onnxruntime latency at the dataset's
    image size;
 3. **dense + S+F**: the dense model fine-tuned for ``S + F`` more epochs with the same recipe: the reference at an
@@ -137,7 +137,7 @@ def estimate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from yolo_prune.bench import measure_latency
-    from yolo_prune.pipeline import pipeline
+    from yolo_prune.job import pipeline
     from yolo_prune.stats import model_stats
     from yolo_prune.train import finetune
 

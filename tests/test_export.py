@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from yolo_prune.errors import UsageError
-from yolo_prune.export import check_format, export_model, export_onnx
+from yolo_prune.deploy import check_format, export_model, export_onnx
 from yolo_prune.stats import inference_copy
 
 IMGSZ = 160

@@ -225,7 +225,7 @@ def test_table_round_trips_through_json(torch_table, tmp_path, v8n):
 def test_openvino_export_of_a_pruned_model_matches_torch(v8n, tmp_path):
     ov = pytest.importorskip("openvino")
     from yolo_prune.bench import openvino_compiled
-    from yolo_prune.export import export_model
+    from yolo_prune.deploy import export_model
     from yolo_prune.stats import inference_copy
 
     model = copy.deepcopy(v8n)

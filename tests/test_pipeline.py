@@ -9,7 +9,7 @@ import pytest
 
 from yolo_prune import cli
 from yolo_prune.io import sha256_file
-from yolo_prune.pipeline import pipeline
+from yolo_prune.job import pipeline
 
 TINY = dict(imgsz=64, batch=4, workers=0, sparse_epochs=1, finetune_epochs=1, bench_runs=2, bench_warmup=1,
             backends=("torch",), train_args={"mosaic": 0.0, "warmup_epochs": 0})
@@ -130,7 +130,7 @@ def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt,
     """steps=3 with max_map_drop: the step whose mAP falls out of budget is rejected, the one before is kept."""
     import dataclasses
 
-    import yolo_prune.pipeline as pl
+    import yolo_prune.job as pl
 
     real = pl.evaluate
     maps = iter([0.50, 0.48, 0.47, 0.45, 0.44, 0.30, 0.29, 0.6, 0.6])  # baseline, then (pruned, tuned) per step
@@ -185,13 +185,13 @@ def test_verdict_says_why_and_what_helps():
     assert "won back 89% of the drop in 10 epoch(s)" in lines[2] and "finetune_epochs=20" in lines[2]
 
 
-def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthetic, dense_ckpt, monkeypatch, caplog):
+def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthetic, dense_ckpt, monkeypatch):
     """A constructed case: the final model measures below the input; the pipeline says so in one line, in the
     result and in the report, with the mAP of each stage."""
     import dataclasses
     import logging
 
-    import yolo_prune.pipeline as pl
+    import yolo_prune.job as pl
 
     real = pl.evaluate
     maps = iter([0.50, 0.20, 0.30])  # baseline, right after pruning, final
@@ -200,11 +200,18 @@ def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthe
         return dataclasses.replace(real(*args, **kwargs), map50_95=next(maps))
 
     monkeypatch.setattr(pl, "evaluate", fake)
-    with caplog.at_level(logging.INFO, logger="yolo_prune"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # the CLI's logger does not propagate, so listen on it directly
+    logger = logging.getLogger("yolo_prune")
+    logger.addHandler(handler)
+    try:
         result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.5, project=tmp_path, name="worse",
                           **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0, "backends": ()})
+    finally:
+        logger.removeHandler(handler)
     first = "the pruned model is worse than the model you gave: mAP50-95 0.300 < 0.500"
-    warned = [r for r in caplog.records if r.levelno == logging.WARNING and first in r.getMessage()]
+    warned = [r for r in records if r.levelno == logging.WARNING and first in r.getMessage()]
     assert len(warned) == 1 and "right after pruning 0.200" in warned[0].getMessage()
     assert result.warning[0].startswith(first) and "WARNING: " + first in str(result)
     report = (result.save_dir / "report.md").read_text()
@@ -213,7 +220,7 @@ def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthe
 
 
 def test_step_choice_and_budget_split():
-    from yolo_prune.pipeline import split_budget, steps_for
+    from yolo_prune.job import split_budget, steps_for
 
     assert [steps_for(r) for r in (None, 0.9, 0.75, 0.6, 0.5, 0.3, 0.25, 0.1, 0.0)] == [1, 1, 1, 2, 2, 3, 3, 4, 4]
     for epochs in range(0, 31):
@@ -228,7 +235,7 @@ def test_steps_auto_spreads_the_asked_epochs_over_the_chosen_steps(tmp_path, syn
     (2 after each step, 2 at the end): the total trained is what was asked."""
     import dataclasses
 
-    import yolo_prune.pipeline as pl
+    import yolo_prune.job as pl
 
     real = pl.evaluate
     maps = iter([0.50, 0.20] + [0.3, 0.4] * 3 + [0.45])  # baseline, trial, (pruned, tuned) per step, final

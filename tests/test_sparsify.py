@@ -272,7 +272,7 @@ def test_sparsify_writes_a_plain_checkpoint_that_reloads_with_its_zeros(dense_pt
         """, tmp_path))
     assert there == here and sum(here.values()) == sum(round(0.5 * state[n].numel()) for n in names)
 
-    from yolo_prune.export import export_model
+    from yolo_prune.deploy import export_model
     from yolo_prune.stats import inference_copy
 
     onnx = export_model(res.checkpoint, format="onnx", imgsz=64, save_dir=tmp_path / "onnx")

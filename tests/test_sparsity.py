@@ -444,7 +444,7 @@ def test_pipeline_greg_then_free_channels_first(synthetic, tmp_path):
     from ultralytics.nn.tasks import DetectionModel
 
     from yolo_prune.models import save_checkpoint
-    from yolo_prune.pipeline import pipeline
+    from yolo_prune.job import pipeline
 
     from .helpers import randomize_bn
 

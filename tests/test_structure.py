@@ -22,12 +22,12 @@ PACKAGE = ROOT / "yolo_prune"
 # bottom-up; a module belongs to the first entry that names it or a package above it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options", "config")),
-    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "export")),
+    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "deploy")),
     ("pruning", ("pruning",)),
     ("latency", ("latency",)),
     ("train", ("train",)),
     ("stages", ("run", "stages")),
-    ("pipeline", ("pipeline", "demo")),
+    ("pipeline", ("job", "demo")),
     ("cli and API", ("cli", "")),
 ]
 MAX_LINES = 80  # of a function's body, its docstring left out
@@ -282,7 +282,7 @@ def test_every_key_of_a_mode_reaches_its_function(mode):
     from yolo_prune.config import build
     from yolo_prune.options import settings_and_rest
 
-    module = {"prune": "stages.prune", "pipeline": "pipeline", "sparsify": "stages.sparsify", "sparse": "train.sparse",
+    module = {"prune": "stages.prune", "pipeline": "job", "sparsify": "stages.sparsify", "sparse": "train.sparse",
               "finetune": "train.finetune", "sensitivity": "stages.sensitivity"}[mode]
     groups = importlib.import_module(f"yolo_prune.{module}").GROUPS
     cfg, _ = build(mode, {"latency_aware": "0.5"} if mode == "prune" else {})
@@ -300,6 +300,11 @@ def test_every_public_name_resolves_and_every_returned_result_is_exported():
 
     for name in yp.__all__:
         assert getattr(yp, name) is not None
+        # a submodule of the same name would replace the public name once imported (yp.pipeline -> a module)
+        assert not (PACKAGE / f"{name}.py").exists() and not (PACKAGE / name).is_dir(), name
+    import yolo_prune.job  # noqa: F401  (imported: the public function must stay the function)
+
+    assert callable(yp.pipeline) and callable(yp.export)
     for fn in (yp.prune, yp.sparsify, yp.sensitivity, yp.pipeline, yp.finetune, yp.sparse_train, yp.validate,
                yp.benchmark, yp.model_stats):
         returned = typing.get_type_hints(fn).get("return")

@@ -4,7 +4,7 @@ What is timed
     * ``torch``: the model as ultralytics runs it for inference (a deep copy, FP32, eval mode,
       Conv+BN fused with ``model.fuse()``), called under ``torch.inference_mode()``. Only the network
       forward (including the Detect head's box decoding) is timed: no pre-processing or NMS.
-    * ``onnx``: the same model exported with :func:`yolo_prune.export.export_onnx` (the ultralytics
+    * ``onnx``: the same model exported with :func:`yolo_prune.deploy.export_onnx` (the ultralytics
       ONNX exporter, static shape, onnxslim) and run by onnxruntime's CPUExecutionProvider.
     * ``openvino``: the same model exported by the ultralytics OpenVINO exporter (FP32 IR) and compiled
       for OpenVINO's CPU plugin with the LATENCY hint and the plugin's default inference precision (bf16 on
@@ -48,8 +48,8 @@ from .results import Result, markdown_table, table
 from .runtimes import require_openvino
 from .forms import ModelLike, as_detection_model
 from .stats import inference_copy, input_channels
-from .export import export_model
-from .export import export_onnx
+from .deploy import export_model
+from .deploy import export_onnx
 
 BACKENDS = ("torch", "onnx", "openvino")
 CLOCKS = ("wall", "cpu")

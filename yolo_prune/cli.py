@@ -18,9 +18,9 @@ from .config import build, default_cfg_path, parse_argv
 from .demo import demo
 from .errors import UsageError, YoloPruneError
 from .evaluate import evaluate
-from .export import export_model
+from .deploy import export_model
 from .io import run_dir, write_json, write_text, write_yaml
-from .pipeline import pipeline_from_cfg
+from .job import pipeline_from_cfg
 from .run import backend_list
 from .stages.prune import prune
 from .stages.sensitivity import sensitivity

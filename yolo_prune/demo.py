@@ -12,7 +12,7 @@ from ultralytics import YOLO
 from .data.synthetic import make_synthetic
 from .io import run_dir, run_path
 from .logs import quiet_ultralytics
-from .pipeline import config_keys, pipeline
+from .job import config_keys, pipeline
 from .stages.report import PipelineResult
 from .train.progress import EpochProgress
 

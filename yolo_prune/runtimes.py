@@ -1,6 +1,6 @@
 """The CPU inference runtimes yolo-prune measures on: their names, availability and versions.
 
-A small bottom module shared by :mod:`yolo_prune.export`, :mod:`yolo_prune.bench` and :mod:`yolo_prune.latency`
+A small bottom module shared by :mod:`yolo_prune.deploy`, :mod:`yolo_prune.bench` and :mod:`yolo_prune.latency`
 (and the option checks of :mod:`yolo_prune.config`), so that none of them imports another for these.
 """
 
