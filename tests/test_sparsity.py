@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -377,24 +375,16 @@ def test_resumed_greg_keeps_its_plan(synthetic, tmp_path):
 def test_ddp_worker_rebuilds_group_and_greg_penalties(synthetic, tmp_path):
     """ultralytics' DDP worker script rebuilds the trainer from vars(args) alone: the channel groups are traced
     again there and greg plans, penalises and reports the free MACs."""
-    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
-
     from yolo_prune.train import SparseTrainer
 
-    from .helpers import subprocess_env as _env
+    from .helpers import run_ddp_file
 
     save_dir = tmp_path / "ddp"
     trainer = SparseTrainer(overrides={
         "model": "yolov8n.yaml", "data": str(synthetic / "yolo.yaml"), "save_dir": str(save_dir), "plots": False,
         "epochs": 2, "sr_mode": "greg", "sr": 0.1, "target_macs": 0.7, "greg_ramp": 0.5, **FAST,
     })
-    file = generate_ddp_file(trainer)
-    try:
-        proc = subprocess.run([sys.executable, file], env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300)
-    finally:
-        ddp_cleanup(trainer, file)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_file(trainer, tmp_path)
     plan = json.loads((save_dir / "greg_plan.json").read_text())
     rows = _rows(save_dir / "results.csv")
     assert float(rows[-1]["sparsity/free_macs"]) == pytest.approx(1 - plan["macs_fraction"], abs=1e-6)

@@ -437,10 +437,7 @@ class Options:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), self._mode()))
-
-    def _mode(self) -> str | None:
-        return None
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

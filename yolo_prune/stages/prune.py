@@ -374,15 +374,10 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
 def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float | None, runtime: str,
                   threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
                   progress: bool) -> Any:
-    """The latency model for a latency target or round_to=auto (None when neither is asked for)."""
+    """The latency model for a latency target or round_to=auto (None when neither is asked for). The values were
+    checked by the schema (:class:`~yolo_prune.options.LatencyOptions`); only their combination is checked here."""
     if target_latency is not None and target_ms is not None:
         raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
-    if target_latency is not None and (isinstance(target_latency, bool) or not isinstance(target_latency, (int, float))
-                                       or not 0 < target_latency <= 1):
-        raise UsageError(f"target_latency={target_latency} is out of range: it must be in (0, 1]")
-    if target_ms is not None and (isinstance(target_ms, bool) or not isinstance(target_ms, (int, float))
-                                  or target_ms <= 0):
-        raise UsageError(f"target_ms={target_ms} must be a positive number of milliseconds")
     runtime = check_runtime(runtime)
     threads = check_threads(threads)
     wants_target = ratio is None and (target_latency is not None or target_ms is not None)
