@@ -3,6 +3,8 @@
 
 ``--dataset fixture`` runs the same arms on the COCO yolov8n fixture and coco128 (96 train / 32 val, imgsz 320;
 results in ``bench/results/fixture_pipeline.json``): the 80-class case of issue 24, where one-shot pruning collapses.
+``--dataset bccd_e3`` starts from an under-trained user model instead: the fixture fine-tuned only 3 epochs on bccd
+(``common.bccd_dense(epochs=3)``; results in ``bench/results/undertrained_pipeline.json``).
 
 Start: ``common.bccd_dense()`` (the fixture COCO yolov8n fine-tuned 12 epochs on bccd train @416, val mAP50-95
 0.617). Each arm runs ``yolo_prune.job(dense, bccd, target_macs=T, imgsz=416, ...)`` with the pipeline's
@@ -49,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline() keyword overrides")
     ap.add_argument("--reference", type=int, metavar="EPOCHS", help="train the dense model EPOCHS more instead")
     ap.add_argument("--reuse", action="store_true", help="--reference: evaluate an existing training of it again")
-    ap.add_argument("--dataset", choices=("bccd", "fixture"), default="bccd",
-                    help="bccd (the bccd-tuned model @416) or fixture (COCO yolov8n on coco128 96/32 @320)")
+    ap.add_argument("--dataset", choices=("bccd", "bccd_e3", "fixture"), default="bccd",
+                    help="bccd (the bccd-tuned model @416), bccd_e3 (the same tuned 3 epochs only) or fixture "
+                         "(COCO yolov8n on coco128 96/32 @320)")
     args = ap.parse_args(argv)
     global IMGSZ, NAME
     if args.dataset == "fixture":
         IMGSZ, NAME = 320, "fixture_pipeline"
+    elif args.dataset == "bccd_e3":
+        NAME = "undertrained_pipeline"
     if not args.arm and args.reference is None:
         ap.error("give --arm NAME or --reference EPOCHS")
 
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset == "fixture":
         dense, data = common.WEIGHTS, common.coco128_split()
     else:
-        dense, data = common.bccd_dense(), common.bccd()
+        dense, data = common.bccd_dense(epochs=3 if args.dataset == "bccd_e3" else 12), common.bccd()
     res = common.read_result(NAME) or {"arms": {}}
     work = common.WORK / NAME
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def test_pipeline_resumes_from_the_last_finished_stage(run):
     resumed = pipeline(args["model"], args["data"], target_macs=0.5, project=d.parent, name=d.name,
                        resume=True, **TINY)
     after = json.loads((d / "pipeline.json").read_text())["stages"]
-    assert set(after) == {"baseline", "sparse", "prune.step1", "prune", "finetune", "val", "bench"}
+    assert set(after) == {"baseline", "sparse", "plan", "prune.step1", "prune", "finetune", "val", "bench"}
     assert pruned.stat().st_mtime_ns == stamp  # pruning was not redone
     assert resumed.final.is_file()
 
@@ -206,7 +206,7 @@ def test_pipeline_warns_when_the_result_is_worse_than_its_input(tmp_path, synthe
     logger = logging.getLogger("yolo_prune")
     logger.addHandler(handler)
     try:
-        result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.5, project=tmp_path, name="worse",
+        result = pipeline(dense_ckpt, synthetic / "yolo.yaml", target_macs=0.5, project=tmp_path, name="worse", steps=1,
                           **{**TINY, "finetune_epochs": 0, "sparse_epochs": 0, "backends": ()})
     finally:
         logger.removeHandler(handler)
@@ -267,5 +267,7 @@ def test_steps_auto_is_deterministic_and_keeps_a_good_trial(tmp_path, synthetic,
         plans.append({k: stages["plan"][k] for k in ("retained", "steps", "step_epochs", "finetune_epochs")})
         if stages["plan"]["steps"] == 1:
             assert stages["prune.step1"] == stages["plan"]["trial"]
-            assert not (result.save_dir / "prune" / "step1").exists()
+            assert not (result.save_dir / "prune" / "trial").exists()  # the trial became step 1, where it is used
+            assert stages["prune"]["pruned_checkpoint"] == str(result.save_dir / "prune" / "step1" / "weights" /
+                                                               "pruned.pt")
     assert plans[0] == plans[1]

@@ -200,6 +200,14 @@ def test_prune_api_saves_a_normal_checkpoint(v8n, tmp_path):
     assert "PruneResult" in str(result) and "GMACs" in str(result)
 
 
+def test_steps_auto_prunes_in_one_step_outside_a_pipeline(v8n):
+    """steps=auto (the default) spreads steps over a fine-tune budget; prune alone has none: one step, as steps=1."""
+    auto = prune(v8n, method="l1", target_macs=0.6, imgsz=128, save=False)
+    one = prune(v8n, method="l1", target_macs=0.6, imgsz=128, save=False, steps=1)
+    assert len(auto.steps) == 1 and auto.macs_after == one.macs_after
+    assert conv_shapes(auto.model.model) == conv_shapes(one.model.model)
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     a = prune("yolov8n.yaml", ratio=0.2, imgsz=128, project=tmp_path, name="x")
     b = prune("yolov8n.yaml", ratio=0.2, imgsz=128, project=tmp_path, name="x")

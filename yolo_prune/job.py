@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,8 @@ def _plan_steps(ctx: _Run, source: Any, base: dict[str, Any]) -> None:
         dense = base.get("map50_95")
         retained = trial["map50_95_pruned"] / dense if dense else None
         steps = steps_for(retained)
+        if steps == 1:  # the trial is step 1: it moves where a one-step run keeps its step
+            trial = _moved(trial, ctx.save_dir / "prune" / "trial", ctx.save_dir / "prune" / "step1")
         each, final = split_budget(ctx.s.stage.finetune_epochs, steps)
         plan = ctx.state.finish("plan", {"trial": trial, "retained": retained, "steps": steps, "step_epochs": each,
                                          "finetune_epochs": final, "budget": ctx.s.stage.finetune_epochs})
@@ -236,6 +239,15 @@ def _plan_steps(ctx: _Run, source: Any, base: dict[str, Any]) -> None:
             ctx.state.finish("prune.step1", trial)
     ctx.s = ctx.s.with_(ctx.s.prune.replace(steps=plan["steps"]),
                         ctx.s.stage.replace(step_epochs=plan["step_epochs"], finetune_epochs=plan["finetune_epochs"]))
+
+
+def _moved(record: dict[str, Any], src: Path, dst: Path) -> dict[str, Any]:
+    """``record`` of a prune step whose folder ``src`` is renamed ``dst`` (replacing an old one), paths updated."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    src.rename(dst)
+    ckpt = Path(record["checkpoint"])
+    return {**record, "checkpoint": str(dst / ckpt.relative_to(src))}
 
 
 def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float, *,

@@ -159,10 +159,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("round_to", 8, "int|auto", "keep channel counts multiples of this (hardware-friendly widths); auto: per "
           "layer, the multiple its convs run fastest at on `runtime` (measured latency table); null for none",
           "prune", optional=True, lo=1, modes=_GREG),
-        K("steps", 1, "int|auto", "pruning increments toward the target; in a pipeline each increment is followed by "
-          "a short fine-tune of step_epochs (on top of finetune_epochs); auto (pipeline): a trial prune to the target "
-          "picks 1-4 steps from the share of mAP it keeps, and finetune_epochs is spread over them (same total "
-          "epochs)", "prune", lo=1, modes=_PRUNE | _STEPPED),
+        K("steps", "auto", "int|auto", "pruning increments toward the target; in a pipeline each increment is followed "
+          "by a short fine-tune of step_epochs (on top of finetune_epochs); auto: in a pipeline a trial prune to the "
+          "target picks 1 step if it keeps >= 75% of the mAP, else 2-4, and finetune_epochs is spread over them "
+          "(same total epochs; BENCHMARKS.md section 10); prune and sparsify: 1", "prune", lo=1,
+          modes=_PRUNE | _STEPPED),
         K("calib_images", 64, "int", "images from the data's train split for method=activation|recon, compensate, "
           "recalibrate and allocation (the sensitivity probes use the first 32)", "prune", lo=0,
           modes=_PRUNE | {"sensitivity", "sparsify"}),

@@ -221,6 +221,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     p, lat, t = s.prune, s.latency, s.train
     if p.ratio is None:  # an empty target_macs means 0.5, except with a threshold (only the free channels go)
         p = p.replace(target_macs=target_macs({**p.to_dict(), "mode": "prune"}))
+    if p.steps == "auto":  # steps=auto spreads steps over a fine-tune budget: without one, a single step
+        p = p.replace(steps=1)
     _check_threshold(p)
     yolo = load_model(model)
     module = copy.deepcopy(yolo.model).float().cpu().eval()
@@ -263,8 +265,6 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
 
 
 def _check_threshold(p: PruneOptions) -> None:
-    if p.steps == "auto":
-        raise UsageError("steps=auto spreads pruning steps over a fine-tune budget: use it with 'yolo-prune pipeline'")
     if p.threshold is not None and p.ratio is not None:
         raise UsageError("threshold= combines with target_macs (or nothing), not with ratio=")
 

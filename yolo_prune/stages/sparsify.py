@@ -193,8 +193,8 @@ def sparsify(model: Any, *options: Options, data: str | Path | None = None, trai
 def _start(model: Any, data: Any, s: Settings, train_args: dict[str, Any]) -> _Run:
     """Check the options and the data, load the calibration images, open the run folder and its state."""
     method = s.prune.method or "l1"
-    if s.prune.steps == "auto":
-        raise UsageError("steps=auto is for the pipeline; give sparsify a number of steps")
+    if s.prune.steps == "auto":  # the pipeline's choice from a trial prune; sparsify reaches amount in one step
+        s = s.with_(s.prune.replace(steps=1))
     amount = check_mask_options(s.sparsify.amount, s.sparsify.scope, method, s.sparsify.layers)
     tune = s.prune.steps > 1 and s.stage.step_epochs > 0
     if (tune or s.stage.max_map_drop is not None) and data is None:
