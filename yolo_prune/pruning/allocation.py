@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..logs import Progress
 from .graph import ChannelGroup, PruneGraph
 from .schedule import DirectionAllocation, LossAllocation, LossCurve, PlanOptions, plan, solve_for_macs
 from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
@@ -148,7 +148,8 @@ def make_planner(
         directions = (torch.rand(len(scored), generator=gen) * 0.95 + 0.05).tolist()
         candidates.append((f"random{k}", DirectionAllocation(directions, channels, opts)))
     results = []
-    for name, planner in tqdm(candidates, desc="allocation search", disable=not progress, unit="candidate"):
+    bar = Progress("allocation search", len(candidates), unit="candidates", enabled=progress)
+    for name, planner in bar.iterate(candidates):
         counts, reached = solve_for_macs(macs_of, planner, target, tolerance=tolerance, max_amount=1.0)
         if reached > target + tolerance:
             continue
@@ -159,6 +160,6 @@ def make_planner(
     if not results:
         return global_plan, {}
     best = min(results, key=lambda r: r[0])
-    LOGGER.info("allocation search: %s wins (loss %.4f; global %.4f)", best[1], best[0],
-                next((r[0] for r in results if r[1] == "global"), float("nan")))
+    (LOGGER.info if progress else LOGGER.debug)("allocation search: %s wins (loss %.4f; global %.4f)", best[1],
+                                                best[0], next((r[0] for r in results if r[1] == "global"), float("nan")))
     return best[2], {"search": [{"candidate": n, "loss": loss} for loss, n, _ in results], "winner": best[1]}

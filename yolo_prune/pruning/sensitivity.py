@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..logs import Progress
 from .calibration import run_with_hooks
 from .compensate import bn_after
 from .forward import ForwardCache, top_level_index
@@ -213,8 +213,7 @@ def measure_sensitivity(probe: Probe, scored: Sequence[tuple[ChannelGroup, torch
     """Loss of each group pruned alone at each ratio (lowest-scored channels first). ``macs_saved[i]`` is the
     fraction of conv MACs one channel of group i saves."""
     out = []
-    total = len(scored) * len(ratios)
-    bar = tqdm(total=total, desc="sensitivity", disable=not progress, unit="probe")
+    bar = Progress("sensitivity", len(scored) * len(ratios), unit="probes", enabled=progress)
     for (g, s), per_channel in zip(scored, macs_saved):
         order = torch.argsort(s, stable=True)
         removed, losses = [], []
