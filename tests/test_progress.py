@@ -88,6 +88,10 @@ def test_progress_lines_are_throttled_and_end_with_the_total():
             pass
         assert [r.getMessage() for r in records] == ["layers: 100/100 in 0:00"]  # throttled: only the closing line
         records.clear()
+        for _ in Progress("probes", 100, every=0.0, logger=logger).iterate(range(100)):
+            pass
+        assert [int(COUNT.match(r.getMessage())["done"]) for r in records] == [5 * k for k in range(1, 21)]
+        records.clear()
         with Progress("quiet", 3, enabled=False, every=0.0, logger=logger) as bar:
             bar.update(3)
         with pytest.raises(RuntimeError), Progress("failed", 3, every=3600, logger=logger):
@@ -152,6 +156,7 @@ def test_prune_logs_every_long_sub_step_and_reports_its_timings(dense_pt, data, 
         done, total = lines[label][-1]
         assert done == total > 0  # the closing line
     assert lines["calibration images"][-1] == (8, 8)
+    assert [n for n in lines["Gram matrices"] if n[0] == n[1]] == [(8, 8)]  # measured once: the probes reuse them
     messages = [r.getMessage() for r in records]
     assert any(m.startswith("prune: ") and " in all; " in m for m in messages)  # where the time went
     err = capfd.readouterr().err  # the lines went to the listener, not also to stderr
@@ -210,6 +215,7 @@ def test_sensitivity_logs_its_probes(dense_pt, data, tmp_path):
     lines = counted(records)
     assert lines["sensitivity"][-1] == (3 * result.groups_measured,) * 2
     assert lines["calibration images"][-1] == (4, 4) and "recon ranking" in lines
+    assert lines["Gram matrices"] == [(4, 4)]  # ranking's, reused by the probes
     with listen() as records:
         yp.sensitivity(dense_pt, data, imgsz=64, calib_images=4, save=False)
     assert records == []
@@ -224,3 +230,88 @@ def test_bench_logs_its_rounds(dense_pt):
     with listen() as records:
         yp.benchmark({"a": dense_pt}, imgsz=64, backends="torch", runs=3, warmup=1, progress=False)
     assert records == []
+
+
+# --------------------------------------------------------------------------------------------- the speed-up
+@pytest.fixture(scope="module")
+def images(synthetic):
+    from yolo_prune.data import resolve_data
+    from yolo_prune.pruning.calibration import load_calibration_images
+
+    return load_calibration_images(resolve_data(synthetic / "yolo.yaml").train_images, n=12, imgsz=64)
+
+
+def test_head_replay_gives_the_same_outputs_to_the_bit(v8n, images):
+    """Every group removed alone (at a third of its channels, compensated): the restarted forward pass with the
+    unchanged head branches replayed equals the one that recomputes them, tensor for tensor; and the replay
+    really happened for the groups that spare a branch."""
+    from yolo_prune.pruning import build_graph, prepare
+    from yolo_prune.pruning.forward import _Replay
+    from yolo_prune.pruning.sensitivity import Probe
+
+    prepare(v8n)
+    graph = build_graph(v8n)
+    probe = Probe(v8n, graph, images, batch=5)  # 3 batches, the last one short
+    assert len(probe.cache.branches) == 6 and all(len(v) == 3 for v in probe.cache.branches.values())
+    head = v8n.model[-1]
+    replayed = []
+    calls = {"n": 0}
+
+    def count(module, inputs, output):  # a branch really computed
+        calls["n"] += 1
+
+    handles = [b.register_forward_hook(count) for attr in ("cv2", "cv3") for b in getattr(head, attr)]
+    try:
+        for group in graph.groups():
+            record, start = probe.apply([(group, list(range(0, group.channels, 3)))])
+            try:
+                calls["n"] = 0
+                full = probe.cache.run_from(v8n, start)
+                computed = calls["n"]
+                calls["n"] = 0
+                fast = probe.cache.run_from(v8n, start, changed={id(t) for t, _ in record})
+                replayed.append(computed - calls["n"])
+            finally:
+                probe.undo(record)
+            assert len(full) == len(fast) == 3
+            assert all(torch.equal(a, b) for a, b in zip(full, fast)), group.name
+    finally:
+        for h in handles:
+            h.remove()
+    assert not any(isinstance(m, _Replay) for m in v8n.modules())  # every branch put back
+    assert sum(r > 0 for r in replayed) >= 20  # the neck's last groups and the head's own spare branches
+    assert max(replayed) == 5 * 3  # a head-internal group: 5 of the 6 branches replayed, in each of the 3 batches
+
+
+def test_sensitivity_with_replay_is_unchanged(v8n, images):
+    """The sensitivity curves are the same with the replay as without it, to the bit: so are the allocation the
+    engine plans from them and the pruned widths."""
+    from yolo_prune.pruning import build_graph, prepare
+    from yolo_prune.pruning.importance import make_importance
+    from yolo_prune.pruning.sensitivity import Probe, measure_sensitivity
+
+    prepare(v8n)
+    graph = build_graph(v8n)
+    importance = make_importance("l1")
+    scored = [(g, importance(g.group)) for g in graph.groups()]
+    scored = [(g, s) for g, s in scored if s is not None]
+    saved = [1.0] * len(scored)
+    fast = measure_sensitivity(Probe(v8n, graph, images), scored, macs_saved=saved)
+    slow = measure_sensitivity(Probe(v8n, graph, images, replay=False), scored, macs_saved=saved)
+    assert [g.losses for g in fast] == [g.losses for g in slow]
+    assert sum(loss > 0 for g in fast for loss in g.losses) > len(fast)  # (the probes did change the outputs)
+
+
+def test_probes_reuse_the_gram_matrices_of_recon_ranking(v8n, images):
+    """What recon ranking measured is exactly what a probe of the same model would measure (so reusing it changes
+    nothing)."""
+    from yolo_prune.pruning import prepare
+    from yolo_prune.pruning.importance import make_importance
+    from yolo_prune.pruning.sensitivity import PROBE_IMAGES, ConvGrams
+
+    prepare(v8n)
+    ranking = make_importance("recon", seed=3, calib_images=images)
+    ranking.calibrate(v8n)
+    own = ConvGrams(v8n, images[:PROBE_IMAGES], seed=3)
+    assert ranking.grams.grams.keys() == own.grams.keys()
+    assert all(torch.equal(ranking.grams.grams[c], own.grams[c]) for c in own.grams)

@@ -24,11 +24,12 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["LOGGER", "EVERY", "Progress", "Timings", "format_seconds", "listening", "progress_output",
+__all__ = ["LOGGER", "EVERY", "STRIDE", "Progress", "Timings", "format_seconds", "listening", "progress_output",
            "quiet_ultralytics"]
 
 LOGGER = logging.getLogger("yolo_prune")
 EVERY = 10.0  # seconds between two progress lines of one sub-step (the closing line always comes)
+STRIDE = 0.05  # ... and the share of the items done between them: a long sub-step logs ~20 lines, not hundreds
 
 T = TypeVar("T")
 
@@ -44,8 +45,9 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """Progress of one sub-step of ``total`` items as lines on the ``yolo_prune`` logger (INFO).
 
-    While it runs, a line ``label: i/N unit  elapsed, ETA`` at most every ``every`` seconds; when it ends
-    (:meth:`close`, or the end of a ``with`` block that raised nothing) one line ``label: N/N unit in m:ss``.
+    While it runs, a line ``label: i/N unit  elapsed, ETA`` once at least ``every`` seconds passed and ``stride``
+    of the items were done since the last one; when it ends (:meth:`close`, or the end of a ``with`` block that
+    raised nothing) one line ``label: N/N unit in m:ss``.
     Nothing at all unless ``enabled``, so library code can create one unconditionally::
 
         with Progress("sensitivity", len(probes), unit="probes", enabled=progress) as bar:
@@ -55,10 +57,10 @@ class Progress:
     """
 
     def __init__(self, label: str, total: int, *, unit: str = "", enabled: bool = True, every: float = EVERY,
-                 logger: logging.Logger = LOGGER):
+                 stride: float = STRIDE, logger: logging.Logger = LOGGER):
         self.label, self.total, self.unit, self.enabled = label, max(int(total), 0), unit, enabled
-        self.every, self.logger = every, logger
-        self.done = 0
+        self.every, self.stride, self.logger = every, stride * max(int(total), 0), logger
+        self.done = self.logged = 0
         self.t0 = self.last = time.perf_counter()
         self.closed = False
 
@@ -66,13 +68,14 @@ class Progress:
         return f"{self.done}/{self.total}" + (f" {self.unit}" if self.unit else "")
 
     def update(self, n: int = 1) -> None:
-        """``n`` more items are done; log a line if ``every`` seconds passed since the last one."""
+        """``n`` more items are done; log a line if ``every`` seconds and ``stride`` of the items passed since the
+        last one."""
         self.done += n
         if not self.enabled or self.done >= self.total:
             return
         now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
+        if now - self.last >= self.every and self.done - self.logged >= self.stride:
+            self.last, self.logged = now, self.done
             elapsed = now - self.t0
             eta = elapsed / max(self.done, 1) * (self.total - self.done)
             self.logger.info("%s: %s  %s elapsed, ETA %s", self.label, self._count(), format_seconds(elapsed),

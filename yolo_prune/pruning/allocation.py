@@ -28,14 +28,13 @@ from ..errors import UsageError
 from ..logs import Progress
 from .graph import ChannelGroup, PruneGraph
 from .schedule import DirectionAllocation, LossAllocation, LossCurve, PlanOptions, plan, solve_for_macs
-from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from .sensitivity import PROBE_IMAGES, RATIOS, Calibration, GroupSensitivity, Probe, measure_sensitivity
 from .recalibrate import bn_reference
 from ..options import choices
 
 LOGGER = logging.getLogger("yolo_prune")
 
 ALLOCATIONS = choices("allocation")
-PROBE_IMAGES = 32  # calibration images the sensitivity / search probes score on (the first ones)
 
 Planner = Callable[[float], list[int]]
 
@@ -99,15 +98,18 @@ def make_planner(
     macs_of: Callable[[list[int]], float],
     target: float | None,
     tolerance: float,
-    calib_images: torch.Tensor | None,
+    calib_images: torch.Tensor | Calibration | None,
     sensitivity: str | Path | dict[str, LossCurve] | None = None,
     search_candidates: int = 16,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Planner, dict]:
     """The ``plan_of`` of ``allocation`` for the groups ``scored`` (group, channel scores); returns it with a
-    small record of what was measured (for the report). ``graph.model`` is the model being pruned."""
+    small record of what was measured (for the report). ``graph.model`` is the model being pruned; ``calib_images``
+    may come as a :class:`~.sensitivity.Calibration` with the Gram matrices the probes need, measured already."""
     model = graph.model
+    grams = calib_images.grams if isinstance(calib_images, Calibration) else None
+    calib_images = calib_images.images if isinstance(calib_images, Calibration) else calib_images
     scores = [s for _, s in scored]
     channels = [g.channels for g, _ in scored]
 
@@ -122,7 +124,7 @@ def make_planner(
         raise UsageError(f"allocation={allocation} measures the model on calibration images: pass data=")
     probe = None
     if calib_images is not None and (allocation == "search" or sensitivity is None):
-        probe = Probe(model, graph, calib_images[:PROBE_IMAGES], seed=seed)
+        probe = Probe(model, graph, calib_images[:PROBE_IMAGES], grams=grams, seed=seed, progress=progress)
     saved = saved_per_channel(scored, macs_of)
     if isinstance(sensitivity, (str, Path)):
         curves = read_sensitivity_csv(sensitivity)

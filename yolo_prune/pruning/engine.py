@@ -24,6 +24,7 @@ from .cost import Cost, MacsCost
 from .graph import ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
 from .importance import METHODS, make_importance, resolve_method
 from .recovery import Recovery, RecoveryContext, normalize_compensation, normalize_recalibration
+from .sensitivity import Calibration
 from .schedule import PlanOptions, solve_for_macs
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -147,7 +148,7 @@ class _Pass:
         self.plan_opts = PlanOptions(global_pruning=opts.global_pruning, max_layer_ratio=opts.max_layer_ratio,
                                      round_to=opts.round_to)
         self.timings = Timings()
-        self.importance = make_importance(opts.method, seed=opts.seed, calib_images=calib_images)
+        self.importance = make_importance(opts.method, seed=opts.seed, calib_images=calib_images, progress=progress)
         self.kept = graph.start_tracking()
         ctx = None if calib_images is None else RecoveryContext(
             model, graph, calib_images, self.kept, seed=opts.seed, progress=progress, steps=opts.steps,
@@ -198,11 +199,14 @@ class _Pass:
         goal = None if opts.ratio is not None else 1 - (1 - self.goal.target) * step / opts.steps
         # the allocation plans with the (cost-weighted) scores and reaches the goal in the goal's own cost
         plan_scored = [(g, s) for (g, _), s in zip(scored, self.ranking(scored))]
+        # recon ranking measured the Gram matrices of this model on the probes' images: the probes reuse them
+        calib = None if self.calib_images is None else Calibration(self.calib_images,
+                                                                  getattr(self.importance, "grams", None))
         # the allocation's measurements (sensitivity probes, search candidates) apart from the plan's solve
         with self.timings("planning" if opts.allocation == "global" else opts.allocation):
             plan_of, _ = make_planner(opts.allocation, graph=graph, scored=plan_scored,
                                       opts=self.step_plan_options(scored), macs_of=cost_of, target=goal,
-                                      tolerance=opts.tolerance, calib_images=self.calib_images,
+                                      tolerance=opts.tolerance, calib_images=calib,
                                       sensitivity=opts.sensitivity if step == 1 else None,
                                       search_candidates=opts.search_candidates, seed=opts.seed, progress=self.progress)
         if opts.ratio is not None:

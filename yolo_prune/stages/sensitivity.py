@@ -31,7 +31,7 @@ from ..pruning.calibration import load_calibration_images
 from ..pruning.graph import build_graph, prepare
 from ..pruning.importance import make_importance, resolve_method
 from ..pruning.reconstruct import reconstruct
-from ..pruning.sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from ..pruning.sensitivity import PROBE_IMAGES, RATIOS, GroupSensitivity, Probe, measure_sensitivity
 
 
 @dataclasses.dataclass
@@ -171,13 +171,13 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
                                          progress=progress)
         graph = build_graph(net)
         method = resolve_method(method, True)
-        scored = _scored(net, graph, method, images, seed=seed, progress=progress)
+        scored, grams = _scored(net, graph, method, images, seed=seed, progress=progress)
         reference = graph.conv_macs()
         saved = []
         for g, _ in scored:
             delta = {(conv, is_out): k for conv, is_out, k in g.convs}
             saved.append((reference - graph.conv_macs(delta)) / reference)
-        probe = Probe(net, graph, images, seed=seed)
+        probe = Probe(net, graph, images, grams=grams, seed=seed, progress=progress)
         measured = measure_sensitivity(probe, scored, macs_saved=saved, ratios=ratios, progress=progress)
         result = SensitivityResult(method=method, imgsz=imgsz, images=len(images), groups_measured=len(measured),
                                    seconds=0.0, groups=measured)
@@ -196,9 +196,10 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
 
 
 def _scored(net: torch.nn.Module, graph: Any, method: str, images: torch.Tensor, *, seed: int,
-            progress: bool) -> list[tuple[Any, torch.Tensor]]:
-    """Every group ``method`` scores (one score per channel), in model order."""
-    importance = make_importance(method, seed=seed, calib_images=images)
+            progress: bool) -> tuple[list[tuple[Any, torch.Tensor]], Any]:
+    """Every group ``method`` scores (one score per channel), in model order; and the Gram matrices ``recon``
+    measured when they are those of all ``images`` (the probes reuse them), else None."""
+    importance = make_importance(method, seed=seed, calib_images=images, progress=progress)
     if hasattr(importance, "calibrate"):
         importance.calibrate(net)
     scored = []
@@ -208,7 +209,7 @@ def _scored(net: torch.nn.Module, graph: Any, method: str, images: torch.Tensor,
         if s is not None:
             scored.append((g, s.detach().float().cpu()))
     scored.sort(key=lambda gs: _name_key(gs[0].name))
-    return scored
+    return scored, getattr(importance, "grams", None) if len(images) <= PROBE_IMAGES else None
 
 
 def _name_key(name: str) -> tuple:
