@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -65,7 +66,20 @@ def test_table_interpolates_and_rounds_to_quanta(torch_table):
 
 def test_cache_key_and_reuse(_v8n_base, monkeypatch, tmp_path):
     monkeypatch.setenv("YOLO_PRUNE_CACHE", str(tmp_path))
-    first = build_table(copy.deepcopy(_v8n_base), imgsz=64, runtime="torch", threads=1, **FAST)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # the CLI's logger does not propagate: listen on it directly
+    logger = logging.getLogger("yolo_prune")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        first = build_table(copy.deepcopy(_v8n_base), imgsz=64, runtime="torch", threads=1, progress=True, **FAST)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    n = 2 * len(first.convs)  # quanta probes, then the width grids: the progress lines count both
+    assert f"latency table torch: {n}/{n} conv measurements in " in "\n".join(r.getMessage() for r in records)
     assert first.path.parent == tmp_path / "latency" and first.path.is_file()
     assert json.loads(first.path.read_text())["key"] == first.key
 

@@ -55,6 +55,10 @@ def test_pipeline_writes_the_report(run):
     assert abs(gmacs["ratio"] - 0.5) <= 0.03
     assert "| mAP50-95 |" in (d / "report.md").read_text()
     assert "PipelineResult" in str(result)
+    timings = report["stages"]["prune.step1"]["prune_timings"]  # where the prune stage's time went
+    assert {"load", "calibration", "free_removal", "save"} <= set(timings)  # (the sparse stage freed the target)
+    assert sum(timings.values()) <= report["stages"]["prune.step1"]["prune_total_seconds"]
+    assert "## Prune step 1: time per sub-step" in (d / "report.md").read_text()
     # every training stage distilled from the input (dense) checkpoint, teacher=auto by default
     assert report["args"]["teacher"] and report["args"]["distill"] == "output"
     for stage in ("sparse/train", "finetune/final"):

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .logs import Progress, progress_output
 from .results import Result, markdown_table, table
 from .runtimes import require_openvino
 from .forms import ModelLike, as_detection_model
@@ -233,28 +234,21 @@ def make_runner(backend: str, model: ModelLike, x: torch.Tensor, folder: Path, t
     raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar (ultralytics' tqdm-compatible TQDM when the tqdm package is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        from ultralytics.utils import TQDM as tqdm
-    return tqdm(total=total, desc="latency rounds", disable=not enabled, leave=False)
-
-
 def interleaved_times(
-    runners: dict[Any, Runner], *, runs: int, warmup: int, progress: bool = True, clock: str = "wall"
+    runners: dict[Any, Runner], *, runs: int, warmup: int, progress: bool = True, clock: str = "wall",
+    label: str = "latency rounds"
 ) -> dict[Any, list[float]]:
     """Milliseconds of ``runs`` timed calls of every runner, in rotating interleaved rounds after ``warmup`` rounds.
 
     ``clock="wall"`` times elapsed time, ``"cpu"`` the CPU time of the whole process (all its threads).
+    ``progress``: progress lines of the rounds, named ``label`` (:class:`~yolo_prune.logs.Progress`).
     """
     if clock not in CLOCKS:
         raise UsageError(f"clock={clock!r} must be one of {', '.join(CLOCKS)}")
     now = time.perf_counter if clock == "wall" else time.process_time
     keys = list(runners)
     times: dict[Any, list[float]] = {k: [] for k in keys}
-    with _progress_bar(warmup + runs, progress) as bar:
+    with Progress(label, warmup + runs, unit="rounds", enabled=progress) as bar:
         for i in range(warmup + runs):
             start = i % len(keys)
             for key in keys[start:] + keys[:start]:
@@ -298,7 +292,8 @@ def measure_latency(
 
     The first model of ``models`` is the reference of ``ratio_vs_reference``. ``backends`` is a
     sequence or a comma-separated string of ``torch``, ``onnx`` (``onnxruntime``) and ``openvino``. Input: one
-    fixed uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``.
+    fixed uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``. ``progress``: progress lines of
+    the exports and the timed rounds (:class:`~yolo_prune.logs.Progress`; on stderr when no logging is set up).
     """
     backends = parse_backends(backends)
     threads = check_threads(threads)
@@ -312,17 +307,21 @@ def measure_latency(
     before = torch.get_num_threads()
     want = threads or before
     try:
-        with tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp, progress_output(progress):
             runners: dict[tuple[str, str], Runner] = {}
+            bar = Progress("bench setup", len(names) * len(backends), unit="runners", enabled=progress)
             for i, name in enumerate(names):
                 for backend in backends:
                     runners[(name, backend)] = make_runner(backend, modules[name], x, Path(tmp) / f"{i}_{backend}",
                                                            threads)
+                    bar.update()
+            bar.close()
             times: dict[tuple[str, str], list[float]] = {}
             with torch_threads(want):
                 for backend in backends:
                     times.update(interleaved_times({k: r for k, r in runners.items() if k[1] == backend}, runs=runs,
-                                                   warmup=warmup, progress=progress, clock=clock))
+                                                   warmup=warmup, progress=progress, clock=clock,
+                                                   label=f"bench {backend}"))
     finally:
         torch.set_num_threads(before)
     return LatencyResult(

@@ -27,7 +27,7 @@ from .data.spec import DataSpec, resolve_data
 from .errors import OutputError, UsageError
 from .forms import as_detection_model
 from .io import write_json, write_text
-from .logs import quiet_ultralytics
+from .logs import Progress, quiet_ultralytics
 from .results import Result
 
 BACKENDS = ("auto", "faster", "faster-coco-eval", "pycocotools")
@@ -236,9 +236,11 @@ def _stat(stats: dict[str, Any], name: str) -> float:
 
 
 def _run_validator(net: torch.nn.Module, spec: DataSpec, args: dict[str, Any], out: Path,
-                   verbose: bool) -> tuple[CocoValidator, dict[str, Any], float]:
+                   verbose: bool, progress: bool = False) -> tuple[CocoValidator, dict[str, Any], float]:
     """Run :class:`CocoValidator` on the val split; return it, ultralytics' stats and the seconds taken."""
     validator = CocoValidator(spec, save_dir=out, args=args)
+    if progress and not verbose:  # (verbose: ultralytics' own bar)
+        _attach_progress(validator)
     t0 = time.perf_counter()
     with quiet_ultralytics(verbose):
         stats = validator(model=net)
@@ -249,9 +251,22 @@ def _run_validator(net: torch.nn.Module, spec: DataSpec, args: dict[str, Any], o
     return validator, stats, seconds
 
 
+def _attach_progress(validator: CocoValidator) -> None:
+    """Progress lines of the validation batches (:class:`~yolo_prune.logs.Progress`), by ultralytics callbacks."""
+    bars: dict[str, Progress] = {}
+
+    def start(v: Any) -> None:
+        bars["bar"] = Progress("validation", len(v.dataloader), unit="batches")
+
+    validator.add_callback("on_val_start", start)
+    validator.add_callback("on_val_batch_end", lambda v: bars["bar"].update())
+    validator.add_callback("on_val_end", lambda v: bars["bar"].close())
+
+
 def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch: int = 16,
              device: str | int | None = None, conf: float = 0.001, iou: float = 0.7,
-             save_dir: str | Path | None = None, backend: str = "auto", verbose: bool = False) -> ValResult:
+             save_dir: str | Path | None = None, backend: str = "auto", verbose: bool = False,
+             progress: bool = False) -> ValResult:
     """Validate ``model`` on the val split of ``data`` and score it with the official COCO protocol.
 
     Args:
@@ -261,6 +276,7 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
         save_dir: folder for ``predictions.json`` and ``metrics.json``; None keeps no files.
         backend: ``auto`` (faster-coco-eval if installed, else pycocotools), ``faster`` or ``pycocotools``.
         verbose: show ultralytics' progress bar and logs.
+        progress: log progress lines of the batches on the ``yolo_prune`` logger instead (when not ``verbose``).
     """
     backend = resolve_backend(backend)
     spec = resolve_data(data)
@@ -273,7 +289,7 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     keep = save_dir is not None
     with contextlib.ExitStack() as stack:
         out = _out_dir(save_dir, stack)
-        validator, stats, val_seconds = _run_validator(net, spec, args, out, verbose)
+        validator, stats, val_seconds = _run_validator(net, spec, args, out, verbose, progress)
         preds_path = write_text(out / "predictions.json", json.dumps(validator.jdict))
         seen = set(validator.coco_image_ids)  # score only the images ultralytics could load
         t0 = time.perf_counter()

@@ -9,7 +9,6 @@ training stage continues from its own ``last.pt``. The run folder ends with ``re
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from . import run
 from .data import resolve_data
 from .errors import UsageError
 from .evaluate import evaluate
+from .logs import LOGGER, listening
 from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
@@ -27,8 +27,6 @@ from .stages.report import PipelineResult, pipeline_report, verdict
 from .stages.teacher import pipeline_teacher
 from .stats import model_stats
 from .train import finetune, sparse_train
-
-LOGGER = logging.getLogger("yolo_prune")
 
 STAGES = ("baseline", "sparse", "prune", "finetune", "val", "bench")
 GROUPS = (PruneOptions, SparseOptions, StageOptions, TrainOptions, DistillOptions, BenchOptions, RunOptions)
@@ -53,7 +51,9 @@ class _Run:
 
     @property
     def val_kw(self) -> dict[str, Any]:
-        return dict(imgsz=self.s.train.imgsz, batch=self.s.train.batch, device=self.s.train.device)
+        """The evaluation keys; progress lines when someone listens to the ``yolo_prune`` logger (the CLI)."""
+        return dict(imgsz=self.s.train.imgsz, batch=self.s.train.batch, device=self.s.train.device,
+                    progress=listening())
 
     @property
     def train_kw(self) -> dict[str, Any]:
@@ -260,9 +260,11 @@ def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs:
         step_kw = {"target_macs": min(1.0, goal * base_macs / prev_macs), "ratio": None}
     threshold = ctx.threshold if step == 1 else None
     res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), data=ctx.data, seed=ctx.s.train.seed,
-                imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=folder or f"step{step}", exist_ok=True)
+                imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=folder or f"step{step}", exist_ok=True,
+                progress=listening())
     record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after, "params": res.params_after,
               "size_mb": res.size_mb_after, "macs_fraction": res.macs_after / base_macs, "prune_seconds": res.seconds,
+              "prune_timings": res.timings, "prune_total_seconds": res.total_seconds,
               "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free,
               "layers": [dataclasses.asdict(x) for x in res.layers]}
     v = evaluate(res.model, ctx.data, save_dir=res.save_dir / "val", **ctx.val_kw)

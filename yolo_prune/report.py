@@ -41,7 +41,19 @@ def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> s
     lat = getattr(result, "latency", None)
     if lat:
         lines += ["", "## Latency", "", _latency_markdown(lat)]
+    timings = getattr(result, "timings", None)
+    if timings:
+        lines += ["", "## Time per sub-step", "", timings_markdown(timings, getattr(result, "total_seconds", None))]
     return "\n".join(lines) + "\n"
+
+
+def timings_markdown(timings: dict[str, float], total: float | None) -> str:
+    """Wall seconds of each sub-step (longest first) and its share of ``total``, as a markdown table."""
+    rows = [(name, seconds, seconds / total if total else None)
+            for name, seconds in sorted(timings.items(), key=lambda kv: -kv[1])]
+    if total is not None:
+        rows.append(("total", total, 1.0))
+    return markdown_table(rows, header=("sub-step", "seconds", "share"))
 
 
 def _latency_markdown(lat: dict) -> str:

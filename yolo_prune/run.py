@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UsageError
 from .io import run_dir, run_path, write_json, write_yaml
 from .bench import measure_latency
-
-LOGGER = logging.getLogger("yolo_prune")
+from .logs import LOGGER, listening
 
 
 class RunState:
@@ -152,13 +150,14 @@ def backend_list(backends: Any) -> tuple[str, ...]:
 
 def bench_stage(state: RunState, models: Mapping[str, Any], *, imgsz: int, backends: Sequence[str], runs: int,
                 warmup: int, seed: int, verbose: bool) -> dict[str, Any] | None:
-    """The closing latency benchmark (recorded as stage ``bench``); None when no backend is asked for."""
+    """The closing latency benchmark (recorded as stage ``bench``); None when no backend is asked for. Progress lines
+    with ``verbose`` or when someone listens to the ``yolo_prune`` logger (the CLI)."""
     done = state.done("bench")
     if done is not None or not backends:
         return done
 
     lat = measure_latency(dict(models), imgsz=imgsz, backends=tuple(backends), runs=runs, warmup=warmup, seed=seed,
-                          progress=verbose)
+                          progress=verbose or listening())
     return state.finish("bench", lat.to_dict())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import copy
-import logging
 import math
 import os
 import tempfile
@@ -17,10 +16,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..bench import check_threads, interleaved_times, make_runner, torch_threads
 from ..errors import UsageError
+from ..logs import LOGGER, Progress
 from ..pruning.graph import build_graph, prepare
 from ..forms import as_detection_model
 from ..stats import input_channels
@@ -28,8 +27,6 @@ from .convs import ConvSpec, architecture_hash, conv_specs
 from .measure import NOISY, measure_conv, pool_quanta, probe_quanta
 from .probe import cache_dir, check_runtime, cpu_model, resolve_clock, runtime_version
 from .table import TABLE_VERSION, ConvTable, LatencyTable, group_quantum, model_widths
-
-LOGGER = logging.getLogger("yolo_prune")
 
 _BACKEND = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}  # names in yolo_prune.bench
 
@@ -58,8 +55,10 @@ def whole_model_runner(runtime: str, model: nn.Module, imgsz: int, folder: Path,
 
 
 def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int, threads: int | None,
-                   clock: str = "auto", runs: int = 20, warmup: int = 3) -> dict[str, list[float]]:
-    """Milliseconds of every model's runs in ``runtime``, interleaved (the first model is usually the dense one)."""
+                   clock: str = "auto", runs: int = 20, warmup: int = 3,
+                   progress: bool = False) -> dict[str, list[float]]:
+    """Milliseconds of every model's runs in ``runtime``, interleaved (the first model is usually the dense one);
+    ``progress``: progress lines of the rounds."""
     runtime = check_runtime(runtime)
     threads = check_threads(threads)
     clock = resolve_clock(clock, threads)
@@ -70,7 +69,7 @@ def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int,
             runners = {name: whole_model_runner(runtime, m, imgsz, Path(tmp) / str(i), threads)
                        for i, (name, m) in enumerate(models.items())}
             with torch_threads(threads or before):
-                return interleaved_times(runners, runs=runs, warmup=warmup, progress=False, clock=clock)
+                return interleaved_times(runners, runs=runs, warmup=warmup, progress=progress, clock=clock)
     finally:
         torch.set_num_threads(before)
 
@@ -119,7 +118,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
     path = cache_dir() / f"{runtime}-t{threads or 0}-{clock}-{imgsz}-{key}.json"
     if cache and not rebuild and path.is_file():
         try:
-            LOGGER.info("latency table: %s (cached)", path)
+            (LOGGER.info if progress else LOGGER.debug)("latency table: %s (cached)", path)
             return LatencyTable.load(path)
         except (OSError, ValueError, KeyError, TypeError):
             LOGGER.warning("latency table %s is unreadable, measuring it again", path)
@@ -128,7 +127,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
     convs: dict[str, ConvTable] = {}
     kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context, min_fraction=min_fraction)
     try:
-        with tqdm(total=2 * len(specs), desc=f"latency table {runtime}", disable=not progress, unit="conv") as bar:
+        with Progress(f"latency table {runtime}", 2 * len(specs), unit="conv measurements", enabled=progress) as bar:
             probes = {}
             for spec in specs:  # 1. each conv's quanta; the runtime-wide one where a conv is too small to tell
                 probes[spec.name] = probe_quanta(spec, runtime, threads, **kw)
@@ -141,7 +140,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
         # the reference is the model as given (C2f's first conv whole), not its prunable form
         if not calibrate:
             dense = measure_models({"dense": dense_model(model)}, runtime=runtime, imgsz=imgsz, threads=threads,
-                                   clock=clock, runs=dense_runs, warmup=warmup)["dense"]
+                                   clock=clock, runs=dense_runs, warmup=warmup, progress=progress)["dense"]
     finally:
         torch.set_num_threads(before)
     dense_ms = float(np.median(dense)) if not calibrate else float("nan")
@@ -153,7 +152,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
         build_seconds=time.perf_counter() - t0, created=time.strftime("%Y-%m-%d %H:%M:%S"), common_quantum=common_q,
         convs=convs)
     if calibrate:
-        calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup)
+        calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup, progress=progress)
         result.build_seconds = time.perf_counter() - t0
     if result.fixed_ms < -0.05 * result.dense_ms:  # (a few % below 0 is within the fit's noise)
         LOGGER.warning("latency table: the convs alone (%.1f ms scaled) take longer than the whole model (%.1f ms): "
@@ -161,13 +160,14 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
                        result.scale * conv_ms, result.dense_ms)
     if cache:
         result.save(path)
-    LOGGER.info("latency table built in %.0f s: dense %.1f ms, fixed part %.1f ms (%.0f%%), in-context scale %.3f",
-                result.build_seconds, result.dense_ms, result.fixed_ms, 100 * result.fixed_share, result.scale)
+    (LOGGER.info if progress else LOGGER.debug)(
+        "latency table built in %.0f s: dense %.1f ms, fixed part %.1f ms (%.0f%%), in-context scale %.3f",
+        result.build_seconds, result.dense_ms, result.fixed_ms, 100 * result.fixed_share, result.scale)
     return result
 
 
 def calibrate_table(table: LatencyTable, model: Any, *, n: int = 6, seed: int = 12345, runs: int = 20,
-                    warmup: int = 3) -> LatencyTable:
+                    warmup: int = 3, progress: bool = False) -> LatencyTable:
     """Fit ``measured = fixed + scale * table sum`` on the dense model and ``n`` random pruned variants.
 
     A conv timed alone is not exactly a conv in the whole model (caches, fused neighbours, layouts): the fit
@@ -185,7 +185,7 @@ def calibrate_table(table: LatencyTable, model: Any, *, n: int = 6, seed: int = 
         models[f"c{i}"] = v
         sums[f"c{i}"] = table.conv_sum(model_widths(v, table.convs))
     times = measure_models(models, runtime=table.runtime, imgsz=table.imgsz, threads=table.threads,
-                           clock=table.clock, runs=runs, warmup=warmup)
+                           clock=table.clock, runs=runs, warmup=warmup, progress=progress)
     med = {k: float(np.median(v)) for k, v in times.items()}
     dense = times["dense"]
     table.dense_ms = med["dense"]

@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..logs import Progress
 from .graph import ChannelGroup, PruneGraph
 from .schedule import DirectionAllocation, LossAllocation, LossCurve, PlanOptions, plan, solve_for_macs
-from .sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from .sensitivity import PROBE_IMAGES, RATIOS, Calibration, GroupSensitivity, Probe, measure_sensitivity
 from .recalibrate import bn_reference
 from ..options import choices
 
 LOGGER = logging.getLogger("yolo_prune")
 
 ALLOCATIONS = choices("allocation")
-PROBE_IMAGES = 32  # calibration images the sensitivity / search probes score on (the first ones)
 
 Planner = Callable[[float], list[int]]
 
@@ -99,15 +98,18 @@ def make_planner(
     macs_of: Callable[[list[int]], float],
     target: float | None,
     tolerance: float,
-    calib_images: torch.Tensor | None,
+    calib_images: torch.Tensor | Calibration | None,
     sensitivity: str | Path | dict[str, LossCurve] | None = None,
     search_candidates: int = 16,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Planner, dict]:
     """The ``plan_of`` of ``allocation`` for the groups ``scored`` (group, channel scores); returns it with a
-    small record of what was measured (for the report). ``graph.model`` is the model being pruned."""
+    small record of what was measured (for the report). ``graph.model`` is the model being pruned; ``calib_images``
+    may come as a :class:`~.sensitivity.Calibration` with the Gram matrices the probes need, measured already."""
     model = graph.model
+    grams = calib_images.grams if isinstance(calib_images, Calibration) else None
+    calib_images = calib_images.images if isinstance(calib_images, Calibration) else calib_images
     scores = [s for _, s in scored]
     channels = [g.channels for g, _ in scored]
 
@@ -122,7 +124,7 @@ def make_planner(
         raise UsageError(f"allocation={allocation} measures the model on calibration images: pass data=")
     probe = None
     if calib_images is not None and (allocation == "search" or sensitivity is None):
-        probe = Probe(model, graph, calib_images[:PROBE_IMAGES], seed=seed)
+        probe = Probe(model, graph, calib_images[:PROBE_IMAGES], grams=grams, seed=seed, progress=progress)
     saved = saved_per_channel(scored, macs_of)
     if isinstance(sensitivity, (str, Path)):
         curves = read_sensitivity_csv(sensitivity)
@@ -148,7 +150,8 @@ def make_planner(
         directions = (torch.rand(len(scored), generator=gen) * 0.95 + 0.05).tolist()
         candidates.append((f"random{k}", DirectionAllocation(directions, channels, opts)))
     results = []
-    for name, planner in tqdm(candidates, desc="allocation search", disable=not progress, unit="candidate"):
+    bar = Progress("allocation search", len(candidates), unit="candidates", enabled=progress)
+    for name, planner in bar.iterate(candidates):
         counts, reached = solve_for_macs(macs_of, planner, target, tolerance=tolerance, max_amount=1.0)
         if reached > target + tolerance:
             continue
@@ -159,6 +162,6 @@ def make_planner(
     if not results:
         return global_plan, {}
     best = min(results, key=lambda r: r[0])
-    LOGGER.info("allocation search: %s wins (loss %.4f; global %.4f)", best[1], best[0],
-                next((r[0] for r in results if r[1] == "global"), float("nan")))
+    (LOGGER.info if progress else LOGGER.debug)("allocation search: %s wins (loss %.4f; global %.4f)", best[1],
+                                                best[0], next((r[0] for r in results if r[1] == "global"), float("nan")))
     return best[2], {"search": [{"candidate": n, "loss": loss} for loss, n, _ in results], "winner": best[1]}

@@ -11,13 +11,16 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
+from ..logs import Progress
 
 
-def load_calibration_images(paths: Sequence[str | Path], *, n: int = 32, imgsz: int = 640, seed: int = 0) -> torch.Tensor:
+def load_calibration_images(paths: Sequence[str | Path], *, n: int = 32, imgsz: int = 640, seed: int = 0,
+                            progress: bool = False) -> torch.Tensor:
     """Return an ``(N, 3, imgsz, imgsz)`` float tensor in [0, 1] from ``n`` images drawn with ``seed``.
 
     Images are letterboxed like ultralytics' validation (aspect ratio kept, grey padding).
-    Unreadable images are skipped; none readable is a :class:`DatasetError`.
+    Unreadable images are skipped; none readable is a :class:`DatasetError`. ``progress``: progress lines
+    (:class:`~yolo_prune.logs.Progress`).
     """
     from ultralytics.data.augment import LetterBox
 
@@ -26,7 +29,7 @@ def load_calibration_images(paths: Sequence[str | Path], *, n: int = 32, imgsz: 
     chosen = rng.sample(paths, min(n, len(paths))) if paths else []
     letterbox = LetterBox((imgsz, imgsz), auto=False, scaleup=True)
     images = []
-    for p in chosen:
+    for p in Progress("calibration images", len(chosen), unit="images", enabled=progress).iterate(chosen):
         im = cv2.imread(p)
         if im is None:
             continue
@@ -39,10 +42,11 @@ def load_calibration_images(paths: Sequence[str | Path], *, n: int = 32, imgsz: 
 
 @torch.no_grad()
 def run_with_hooks(model: torch.nn.Module, images: torch.Tensor, modules: Sequence[torch.nn.Module],
-                   hook: Callable, *, batch: int = 8) -> None:
+                   hook: Callable, *, batch: int = 8, progress: Progress | None = None) -> None:
     """Run ``images`` through ``model`` (eval mode, in batches) with ``hook`` as forward hook on ``modules``.
 
-    The hooks are removed and the model's train/eval mode restored afterwards, whatever happens.
+    The hooks are removed and the model's train/eval mode restored afterwards, whatever happens. ``progress``
+    counts the images done.
     """
     handles = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
@@ -51,6 +55,8 @@ def run_with_hooks(model: torch.nn.Module, images: torch.Tensor, modules: Sequen
     try:
         for i in range(0, len(images), batch):
             model(images[i : i + batch].to(device))
+            if progress is not None:
+                progress.update(len(images[i : i + batch]))
     finally:
         for h in handles:
             h.remove()

@@ -16,14 +16,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import PruningError, UsageError
+from ..logs import Progress, Timings
 from .allocation import make_planner, resolve_allocation
 from .cost import Cost, MacsCost
 from .graph import ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
 from .importance import METHODS, make_importance, resolve_method
 from .recovery import Recovery, RecoveryContext, normalize_compensation, normalize_recalibration
+from .sensitivity import Calibration
 from .schedule import PlanOptions, solve_for_macs
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -58,6 +59,7 @@ class PruneOutcome:
     allocation: str = "global"  # the allocation used (``auto`` resolved)
     method: str = "bn"  # the ranking used (``auto`` resolved)
     kept: KeptChannels | None = None  # original indices of the channels every conv and BN keeps
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds per sub-step (see prune_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +147,8 @@ class _Pass:
         self.reference, self.calib_images, self.progress = reference, calib_images, progress
         self.plan_opts = PlanOptions(global_pruning=opts.global_pruning, max_layer_ratio=opts.max_layer_ratio,
                                      round_to=opts.round_to)
-        self.importance = make_importance(opts.method, seed=opts.seed, calib_images=calib_images)
+        self.timings = Timings()
+        self.importance = make_importance(opts.method, seed=opts.seed, calib_images=calib_images, progress=progress)
         self.kept = graph.start_tracking()
         ctx = None if calib_images is None else RecoveryContext(
             model, graph, calib_images, self.kept, seed=opts.seed, progress=progress, steps=opts.steps,
@@ -158,7 +161,9 @@ class _Pass:
         if hasattr(self.importance, "calibrate"):
             self.importance.calibrate(self.model)
         scored = []
-        for g in self.graph.groups():
+        groups = self.graph.groups()
+        for g in Progress(f"{self.opts.method} ranking", len(groups), unit="groups",
+                          enabled=self.progress).iterate(groups):
             s = self.importance(g.group)
             if s is not None:
                 scored.append((g, s.detach().float().cpu()))
@@ -194,17 +199,24 @@ class _Pass:
         goal = None if opts.ratio is not None else 1 - (1 - self.goal.target) * step / opts.steps
         # the allocation plans with the (cost-weighted) scores and reaches the goal in the goal's own cost
         plan_scored = [(g, s) for (g, _), s in zip(scored, self.ranking(scored))]
-        plan_of, _ = make_planner(opts.allocation, graph=graph, scored=plan_scored,
-                                  opts=self.step_plan_options(scored), macs_of=cost_of, target=goal,
-                                  tolerance=opts.tolerance, calib_images=self.calib_images,
-                                  sensitivity=opts.sensitivity if step == 1 else None,
-                                  search_candidates=opts.search_candidates, seed=opts.seed, progress=self.progress)
+        # recon ranking measured the Gram matrices of this model on the probes' images: the probes reuse them
+        calib = None if self.calib_images is None else Calibration(self.calib_images,
+                                                                  getattr(self.importance, "grams", None))
+        # the allocation's measurements (sensitivity probes, search candidates) apart from the plan's solve
+        with self.timings("planning" if opts.allocation == "global" else opts.allocation):
+            plan_of, _ = make_planner(opts.allocation, graph=graph, scored=plan_scored,
+                                      opts=self.step_plan_options(scored), macs_of=cost_of, target=goal,
+                                      tolerance=opts.tolerance, calib_images=calib,
+                                      sensitivity=opts.sensitivity if step == 1 else None,
+                                      search_candidates=opts.search_candidates, seed=opts.seed, progress=self.progress)
         if opts.ratio is not None:
             current = sum(g.channels for g, _ in scored)
             goal_removed = opts.ratio * step / opts.steps * self.reference.channels
             already = self.reference.channels - current
-            return plan_of(max(0.0, (goal_removed - already) / max(current, 1))), None
-        counts, reached = solve_for_macs(cost_of, plan_of, goal, tolerance=opts.tolerance, max_amount=1.0)
+            with self.timings("planning"):
+                return plan_of(max(0.0, (goal_removed - already) / max(current, 1))), None
+        with self.timings("planning"):
+            counts, reached = solve_for_macs(cost_of, plan_of, goal, tolerance=opts.tolerance, max_amount=1.0)
         if reached > goal + opts.tolerance:
             raise PruningError(self.goal.unreachable(reached, target=goal, max_layer_ratio=opts.max_layer_ratio,
                                                      round_to=opts.round_to))
@@ -212,12 +224,14 @@ class _Pass:
 
     def increment(self, step: int) -> StepRecord:
         """Rank, plan and remove one increment's channels (with the recovery steps around the removal)."""
-        scored = self.scored()
+        with self.timings("ranking"):
+            scored = self.scored()
         counts, target = self.counts(step, scored)
         plans = [(g, torch.argsort(s, stable=True)[:n].tolist()) for (g, s), n in zip(scored, counts) if n]
         self.recovery.before(step, plans)
-        for g, idxs in plans:
-            self.graph.prune(g, idxs, self.kept)
+        with self.timings("removal"):
+            for g, idxs in plans:
+                self.graph.prune(g, idxs, self.kept)
         self.recovery.after(step, plans)
         return self.record(step, counts, target)
 
@@ -232,13 +246,12 @@ class _Pass:
     def run(self, on_step: Callable[[StepRecord], None] | None) -> list[StepRecord]:
         records = []
         steps = self.opts.steps
-        bar = tqdm(range(1, steps + 1), desc="pruning", disable=not self.progress, unit="step")
-        for step in bar:
+        for step in range(1, steps + 1):
             record = self.increment(step)
             records.append(record)
-            bar.set_postfix(macs=f"{record.macs_fraction:.3f}")
-            LOGGER.info("pruning step %d/%d: %d channels removed, MACs %.3f of the original",
-                        step, steps, record.channels_removed, record.macs_fraction)
+            if self.progress:
+                LOGGER.info("pruning step %d/%d: %d channels removed, MACs %.3f of the original",
+                            step, steps, record.channels_removed, record.macs_fraction)
             if on_step:
                 on_step(record)
         return records
@@ -281,6 +294,11 @@ def prune_model(
     allocation) reaches that fraction of the cost instead of ``target_macs``, dividing the channel scores by the
     cost's ``rank_weights`` when it gives any (``LatencyCost(aware=...)``: per millisecond a channel costs);
     ``round_to="auto"`` keeps every group at a multiple of the width quantum the cost gives it.
+
+    ``progress`` logs a line per increment and the progress of every long sub-step on the ``yolo_prune`` logger
+    (:class:`~yolo_prune.logs.Progress`). The outcome's ``timings`` are the wall seconds of each sub-step that ran:
+    ``trace``, ``ranking``, the allocation's measurements (``sensitivity``, ``search``), ``planning``, ``removal``,
+    ``compensation`` and ``recalibration`` (their reference measurements on the dense model included).
     """
     opts = _engine_options(options, overrides)
     goal, cost = _costs(cost, latency, opts)
@@ -293,8 +311,10 @@ def prune_model(
     if allocation != "global" and opts.ratio is not None:
         raise UsageError(f"allocation={allocation} works toward target_macs; it cannot be combined with ratio=")
     opts = dataclasses.replace(opts, method=method, allocation=allocation)
-    prepare(model)
-    graph = build_graph(model, imgsz=opts.trace_imgsz, macs_imgsz=opts.macs_imgsz)
+    timings = Timings()
+    with timings("trace"):
+        prepare(model)
+        graph = build_graph(model, imgsz=opts.trace_imgsz, macs_imgsz=opts.macs_imgsz)
     before = layer_widths(model, graph)
     if reference is None:
         reference = Reference(conv_macs=graph.conv_macs(), channels=sum(g.channels for g in graph.groups()))
@@ -302,4 +322,5 @@ def prune_model(
                 calib_images=calib_images, progress=progress, before_recalibration=before_recalibration)
     records = run.run(on_step)
     return PruneOutcome(steps=records, layers_before=before, layers_after=layer_widths(model, graph),
-                        reference=reference, allocation=allocation, method=method, kept=run.kept)
+                        reference=reference, allocation=allocation, method=method, kept=run.kept,
+                        timings=timings.add(run.timings).add(run.recovery.timings))

@@ -4,12 +4,19 @@
 indices (-1: the previous layer). Sequential reconstruction and sensitivity analysis re-run parts of the
 network many times on the same images; caching every layer's output once (fp16) lets them restart from the
 first layer a change touches instead of from the image.
+
+The detection head is the most expensive layer of a small detector (yolov8n at 416: a quarter of the network's
+time, most of it in the branches of the finest scale) and every restart ends with it. Its branches (``cv2[k]``,
+``cv3[k]``, ...: one per scale, each reading one feature map) are cached too, as a restart computes them from the
+cached feature maps: a restart that changes neither a branch's weights nor its feature map *replays* that branch's
+cached output instead of computing it again, with the same result to the bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -63,37 +70,105 @@ def head_output(y: Any) -> torch.Tensor:
     return y
 
 
+HEAD_BRANCHES = ("cv2", "cv3", "one2one_cv2", "one2one_cv3")  # Detect's per-scale branch lists
+
+
+def head_branches(head: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """(attribute, scale, branch) of every per-scale branch of a Detect-like head (one per feature map it reads)."""
+    nl = len([head.f] if isinstance(head.f, int) else head.f)
+    out = []
+    for attr in HEAD_BRANCHES:
+        branches = getattr(head, attr, None)
+        if isinstance(branches, nn.ModuleList) and len(branches) == nl:
+            out += [(attr, k, branch) for k, branch in enumerate(branches)]
+    return out
+
+
+class _Replay(nn.Module):
+    """Stands in for an unchanged head branch: returns the branch's cached output of the current batch."""
+
+    def __init__(self, outputs: Batches, batch: list[int]):
+        super().__init__()
+        self.outputs, self.batch = outputs, batch
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.outputs[self.batch[0]]
+
+
 class ForwardCache:
-    """Every top-level layer's output of ``model`` on ``images`` (fp16, per batch), to restart from any layer."""
+    """Every top-level layer's output of ``model`` on ``images`` (fp16, per batch), to restart from any layer, and
+    the outputs of the head's branches as a restart computes them from those (see the module doc)."""
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, images: torch.Tensor, *, batch: int = 16):
         self.device = next(model.parameters()).device
         self.outputs: dict[int, Batches] = {-1: [images[i : i + batch].to(self.device)
                                                  for i in range(0, len(images), batch)]}
+        self.branches: dict[tuple[str, int], Batches] = {}
         was = model.training
         model.eval()
         try:
             layers = list(model.model)
             for i, layer in enumerate(layers[:-1]):
                 self.outputs[i] = [layer(to_float(x)).half() for x in layer_input(layer, i, self.outputs)]
-            self.head = [head_output(layers[-1](to_float(x))).float()
-                         for x in layer_input(layers[-1], len(layers) - 1, self.outputs)]
+            head = layers[-1]
+            handles = [branch.register_forward_hook(self._keep(attr, k)) for attr, k, branch in head_branches(head)]
+            try:
+                self.head = [head_output(head(to_float(x))).float()
+                             for x in layer_input(head, len(layers) - 1, self.outputs)]
+            finally:
+                for h in handles:
+                    h.remove()
+            # (a branch that did not run exactly once per batch is not replayed)
+            self.branches = {key: v for key, v in self.branches.items() if len(v) == len(self.head)}
         finally:
             model.train(was)
 
+    def _keep(self, attr: str, k: int) -> Any:
+        """A forward hook storing a head branch's output, batch after batch."""
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self.branches.setdefault((attr, k), []).append(output)
+        return hook
+
     @torch.no_grad()
-    def run_from(self, model: nn.Module, start: int) -> Batches:
-        """The head's decoded output of ``model`` (same widths as when cached), recomputing layers >= ``start``."""
+    def run_from(self, model: nn.Module, start: int, changed: set[int] | None = None) -> Batches:
+        """The head's decoded output of ``model`` (same widths as when cached), recomputing layers >= ``start``.
+
+        ``changed``: the ids of every parameter and buffer changed since the cache was made (None: unknown); a
+        head branch holding none of them and reading a layer below ``start`` replays its cached output."""
         layers = list(model.model)
         outputs = {j: v for j, v in self.outputs.items() if j < start}
         uses = last_use(model)
         for i in range(start, len(layers)):
             x = layer_input(layers[i], i, outputs)
             if i == len(layers) - 1:
-                return [head_output(layers[i](to_float(b))).float() for b in x]
+                current = [0]
+                with self._replay(layers[i], sources(layers[i], i), start, changed, current):
+                    out = []
+                    for b, xb in enumerate(x):
+                        current[0] = b
+                        out.append(head_output(layers[i](to_float(xb))).float())
+                    return out
             if uses.get(i, -1) > i:
                 outputs[i] = [layers[i](to_float(b)) for b in x]
             for j in [j for j in outputs if j >= start and uses.get(j, -1) <= i]:
                 del outputs[j]
         return []
+
+    @contextlib.contextmanager
+    def _replay(self, head: nn.Module, reads: list[int], start: int, changed: set[int] | None,
+                current: list[int]) -> Iterator[None]:
+        """Swap every unchanged head branch whose feature map comes from the cache for its :class:`_Replay` for the
+        block; the branches are put back whatever happens."""
+        swapped = []
+        if changed is not None:
+            for attr, k, branch in head_branches(head):
+                tensors = [*branch.parameters(), *branch.buffers()]
+                if reads[k] < start and (attr, k) in self.branches and not any(id(t) in changed for t in tensors):
+                    getattr(head, attr)[k] = _Replay(self.branches[(attr, k)], current)
+                    swapped.append((attr, k, branch))
+        try:
+            yield
+        finally:
+            for attr, k, branch in swapped:
+                getattr(head, attr)[k] = branch

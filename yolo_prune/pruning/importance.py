@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UsageError
 from .calibration import run_with_hooks
 from .compensate import bn_after
-from .sensitivity import ConvGrams
+from .sensitivity import PROBE_IMAGES, ConvGrams
 from ..options import choices
 
 METHODS = choices("method")
@@ -101,10 +101,12 @@ class ReconstructionImportance(tp.importance.Importance):
     ``tr(W_R (P_RR)^-1 W_R^T)`` (the optimal-brain-surgeon formula); ``W`` is the consumer's weight with each
     output row scaled by its BN (``gamma / sqrt(var)``), so the costs of different consumers add up in the units
     the next layer sees. A channel feeding several inputs of one consumer (SPPF) is removed from all jointly.
+    The Gram matrices are measured on the first :data:`~.sensitivity.PROBE_IMAGES` images, as the sensitivity
+    probes measure theirs: a probe of the same model reuses them (``grams``).
     """
 
-    def __init__(self, images: torch.Tensor, *, ridge: float = 1e-2, seed: int = 0):
-        self.images, self.ridge, self.seed = images, ridge, seed
+    def __init__(self, images: torch.Tensor, *, ridge: float = 1e-2, seed: int = 0, progress: bool = False):
+        self.images, self.ridge, self.seed, self.progress = images, ridge, seed, progress
         self.grams = None
         self.inverse: dict[nn.Conv2d, torch.Tensor] = {}
         self.bn_scale: dict[nn.Conv2d, torch.Tensor] = {}
@@ -112,7 +114,7 @@ class ReconstructionImportance(tp.importance.Importance):
     @torch.no_grad()
     def calibrate(self, model: nn.Module) -> None:
 
-        self.grams = ConvGrams(model, self.images[:32], seed=self.seed)
+        self.grams = ConvGrams(model, self.images[:PROBE_IMAGES], seed=self.seed, progress=self.progress)
         self.inverse = {}
         self.bn_scale = {c: (bn.weight.detach().abs() / (bn.running_var + bn.eps).sqrt()).double().cpu()
                          for c, bn in bn_after(model).items()}
@@ -164,8 +166,10 @@ class ReconstructionImportance(tp.importance.Importance):
         return total.float() if seen else None
 
 
-def make_importance(method: str, *, seed: int = 0, calib_images: torch.Tensor | None = None) -> tp.importance.Importance:
-    """The importance criterion for ``method`` (one of :data:`METHODS`)."""
+def make_importance(method: str, *, seed: int = 0, calib_images: torch.Tensor | None = None,
+                    progress: bool = False) -> tp.importance.Importance:
+    """The importance criterion for ``method`` (one of :data:`METHODS`); ``progress``: progress lines of its
+    measurements on the calibration images."""
     method = resolve_method(method, calib_images is not None and len(calib_images) > 0)
     if method == "bn":
         return tp.importance.BNScaleImportance(normalizer=None)
@@ -178,7 +182,7 @@ def make_importance(method: str, *, seed: int = 0, calib_images: torch.Tensor | 
     if method == "recon":
         if calib_images is None or len(calib_images) == 0:
             raise UsageError("method=recon needs calibration images: pass data= with a train split")
-        return ReconstructionImportance(calib_images, seed=seed)
+        return ReconstructionImportance(calib_images, seed=seed, progress=progress)
     if method == "activation":
         if calib_images is None or len(calib_images) == 0:
             raise UsageError("method=activation needs calibration images: pass data= with a train split")

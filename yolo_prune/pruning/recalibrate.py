@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..logs import Progress
 from .calibration import run_with_hooks
 
 RECALIBRATE_MODES = ("match", "reset")
@@ -66,11 +67,14 @@ class _Moments:
 
 
 @torch.no_grad()
-def bn_reference(model: nn.Module, images: torch.Tensor, *, batch: int = 16) -> dict[str, BNReference]:
+def bn_reference(model: nn.Module, images: torch.Tensor, *, batch: int = 16,
+                 progress: bool = False) -> dict[str, BNReference]:
     """Measure the input statistics of every BN of ``model`` (eval mode) and keep its stored statistics."""
     bns = _bns(model)
     moments = {bn: _Moments() for bn in bns.values()}
-    run_with_hooks(model, images, list(bns.values()), lambda m, i, o: moments[m].add(i[0]), batch=batch)
+    with Progress("BN reference", len(images), unit="images", enabled=progress) as bar:
+        run_with_hooks(model, images, list(bns.values()), lambda m, i, o: moments[m].add(i[0]), batch=batch,
+                       progress=bar)
     out = {}
     for name, bn in bns.items():
         if moments[bn].n == 0:
@@ -101,12 +105,14 @@ def _matched_stats(mean: torch.Tensor, var: torch.Tensor, t_mean: torch.Tensor, 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, reference: dict[str, BNReference] | None = None,
-                   kept: dict[str, list[int]] | None = None, mode: str | None = None, batch: int = 16) -> int:
+                   kept: dict[str, list[int]] | None = None, mode: str | None = None, batch: int = 16,
+                   progress: bool = False) -> int:
     """Re-estimate the running statistics of every BN of ``model`` on ``images``; returns the BNs updated.
 
     ``reference`` (from :func:`bn_reference` on the dense model) and ``kept`` (BN name -> original indices of its
     kept channels, see :class:`~yolo_prune.pruning.graph.KeptChannels`; absent: all) select ``mode="match"``;
-    without a reference only ``mode="reset"`` is possible. Parameters are never touched.
+    without a reference only ``mode="reset"`` is possible. Parameters are never touched. ``progress``: progress
+    lines (:class:`~yolo_prune.logs.Progress`).
     """
     mode = mode or ("match" if reference is not None else "reset")
     if mode not in RECALIBRATE_MODES:
@@ -114,8 +120,10 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, reference: dict[st
     if mode == "match" and reference is None:
         raise ValueError("mode='match' needs the dense model's reference statistics")
     bns = _bns(model)
+    bar = Progress("BN re-estimation", len(images), unit="images", enabled=progress)
     if mode == "reset":
-        return _reset(model, list(bns.values()), images, batch)
+        with bar:
+            return _reset(model, list(bns.values()), images, batch, bar)
     kept = kept or {}
     names = {bn: n for n, bn in bns.items() if n in reference}
     targets = {bn: _target(reference[n], kept.get(n)) for bn, n in names.items()}
@@ -129,7 +137,8 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, reference: dict[st
         m, v = _matched_stats(mean, var, t_mean, t_std, bn.eps, bn.running_var.float())
         return F.batch_norm(x, m.to(x.dtype), v.to(x.dtype), bn.weight, bn.bias, False, 0.0, bn.eps)
 
-    run_with_hooks(model, images, list(names), hook, batch=batch)
+    with bar:
+        run_with_hooks(model, images, list(names), hook, batch=batch, progress=bar)
     for bn in names:
         if moments[bn].n == 0:
             continue
@@ -141,7 +150,7 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, reference: dict[st
     return len(names)
 
 
-def _reset(model: nn.Module, bns: list[nn.BatchNorm2d], images: torch.Tensor, batch: int) -> int:
+def _reset(model: nn.Module, bns: list[nn.BatchNorm2d], images: torch.Tensor, batch: int, bar: Progress) -> int:
     """EagleEye's adaptive BN: cumulative average of batch statistics, BNs in train mode, the rest in eval."""
     flags = {m: m.training for m in model.modules()}
     momentum = {bn: bn.momentum for bn in bns}
@@ -154,6 +163,7 @@ def _reset(model: nn.Module, bns: list[nn.BatchNorm2d], images: torch.Tensor, ba
             bn.train()
         for i in range(0, len(images), batch):
             model(images[i : i + batch].to(device))
+            bar.update(len(images[i : i + batch]))
     finally:
         for m, f in flags.items():
             m.training = f

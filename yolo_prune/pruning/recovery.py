@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..logs import Timings
 from .compensate import compensate as compensate_means
 from .compensate import input_means
 from .graph import ChannelGroup, KeptChannels, PruneGraph
@@ -54,6 +55,7 @@ class RecoveryStep:
     """Base of the recovery steps: every hook does nothing."""
 
     name: ClassVar[str] = "none"
+    timing: ClassVar[str] = "compensation"  # the sub-step its hooks' time counts as (the prune report's timings)
     after_order: ClassVar[int] = 0  # order of the ``after`` hooks: 0 BN statistics, 1 fits to the dense outputs
     refits_after_statistics: ClassVar[bool] = False  # True: the BN statistics are refit afterwards anyway
 
@@ -107,6 +109,7 @@ class Recalibration(RecoveryStep):
     """BN re-estimation after removal (``mode`` of :func:`~.recalibrate.recalibrate_bn`)."""
 
     mode: ClassVar[str] = "reset"
+    timing = "recalibration"
 
     def __init__(self) -> None:
         self.reference: dict[str, Any] | None = None
@@ -114,7 +117,8 @@ class Recalibration(RecoveryStep):
     def after(self, ctx: RecoveryContext, plans: Plans) -> None:
         if ctx.before_recalibration is not None and ctx.step == ctx.steps:
             ctx.before_recalibration(ctx.model)
-        recalibrate_bn(ctx.model, ctx.images, reference=self.reference, kept=ctx.kept.out, mode=self.mode)
+        recalibrate_bn(ctx.model, ctx.images, reference=self.reference, kept=ctx.kept.out, mode=self.mode,
+                       progress=ctx.progress)
 
 
 class MatchStatistics(Recalibration):
@@ -123,7 +127,7 @@ class MatchStatistics(Recalibration):
     name = mode = "match"
 
     def setup(self, ctx: RecoveryContext) -> None:
-        self.reference = bn_reference(ctx.model, ctx.images)
+        self.reference = bn_reference(ctx.model, ctx.images, progress=ctx.progress)
 
 
 class ResetStatistics(Recalibration):
@@ -164,11 +168,13 @@ def normalize_recalibration(value: bool | str | None) -> str | None:
 
 
 class Recovery:
-    """The recovery steps of one pruning pass, run in their order around every increment."""
+    """The recovery steps of one pruning pass, run in their order around every increment; ``timings`` adds up the
+    wall time of their hooks under each step's :attr:`~RecoveryStep.timing` name."""
 
     def __init__(self, steps: Sequence[RecoveryStep], ctx: RecoveryContext | None):
-        self.steps = list(steps) if ctx is not None else []
+        self.steps = [s for s in steps if type(s) is not RecoveryStep] if ctx is not None else []  # (none: no-op)
         self.ctx = ctx
+        self.timings = Timings()
         if ctx is not None and any(s.refits_after_statistics for s in self.steps):
             ctx.before_recalibration = None  # the statistics it would see are refit afterwards anyway
 
@@ -184,16 +190,19 @@ class Recovery:
 
     def setup(self) -> None:
         for s in self.steps:
-            s.setup(self.ctx)
+            with self.timings(s.timing):
+                s.setup(self.ctx)
 
     def before(self, step: int, plans: Plans) -> None:
         if self.steps and plans:
             self.ctx.step = step
             for s in self.steps:
-                s.before(self.ctx, plans)
+                with self.timings(s.timing):
+                    s.before(self.ctx, plans)
 
     def after(self, step: int, plans: Plans) -> None:
         if self.steps and plans:
             self.ctx.step = step
             for s in sorted(self.steps, key=lambda s: s.after_order):
-                s.after(self.ctx, plans)
+                with self.timings(s.timing):
+                    s.after(self.ctx, plans)

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..logs import Progress
 from .calibration import run_with_hooks
 from .compensate import bn_after
 from .forward import ForwardCache, top_level_index
@@ -35,6 +35,7 @@ from .reconstruct import removed_inputs
 from .recalibrate import recalibrate_bn
 
 RATIOS = (0.25, 0.5, 0.75)
+PROBE_IMAGES = 32  # calibration images the sensitivity / search probes score on (the first ones)
 
 
 def _box_iou_xywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,15 @@ def detection_distance(reference: Sequence[torch.Tensor], output: Sequence[torch
 
 
 class ConvGrams:
-    """Gram matrices ``[X, 1]^T [X, 1]`` of every ungrouped conv's input patches (sampled positions)."""
+    """Gram matrices ``[X, 1]^T [X, 1]`` of every ungrouped conv's input patches (sampled positions).
+
+    They depend on the model's weights up to each conv, the images, ``per_image``, ``batch`` and ``seed`` only:
+    ``recon`` ranking measures them on the first :data:`PROBE_IMAGES` calibration images, and the probes that follow
+    on the same model reuse them (:class:`Calibration`)."""
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, images: torch.Tensor, *, per_image: int = 64, batch: int = 8,
-                 seed: int = 0):
+                 seed: int = 0, progress: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.grams: dict[nn.Conv2d, torch.Tensor] = {}
 
@@ -88,7 +93,8 @@ class ConvGrams:
             self.grams[conv] = self.grams[conv] + gram if conv in self.grams else gram
 
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-        run_with_hooks(model, images, convs, hook, batch=batch)
+        with Progress("Gram matrices", len(images), unit="images", enabled=progress) as bar:
+            run_with_hooks(model, images, convs, hook, batch=batch, progress=bar)
 
     def solve(self, conv: nn.Conv2d, removed: Sequence[int], ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One-shot least squares for ``conv`` losing input channels ``removed``: (weight delta of the kept input
@@ -129,6 +135,15 @@ def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibration images, with the :class:`ConvGrams` of the model *as it is now* on their first
+    :data:`PROBE_IMAGES` (seed as the probes use) when they were measured already (ranking): the probes reuse them."""
+
+    images: torch.Tensor
+    grams: ConvGrams | None = None
+
+
 @dataclasses.dataclass
 class GroupSensitivity:
     """Loss (:func:`detection_distance`) of one group pruned alone at each ratio (removed = channels cut)."""
@@ -145,11 +160,14 @@ class Probe:
     """Scores plans ``[(group, channel indices)]`` on calibration images by simulated removal (see module doc)."""
 
     def __init__(self, model: nn.Module, graph: PruneGraph, images: torch.Tensor, *, grams: ConvGrams | None = None,
-                 compensate: bool = True, batch: int = 16, seed: int = 0):
-        self.model, self.graph = model, graph
+                 compensate: bool = True, batch: int = 16, seed: int = 0, replay: bool = True, progress: bool = False):
+        """``grams``: the :class:`ConvGrams` of ``model`` on ``images`` with ``seed`` if measured already.
+        ``replay``: the head replays the cached outputs of the branches a removal leaves unchanged
+        (:class:`~.forward.ForwardCache`; the same losses, faster); False recomputes them."""
+        self.model, self.graph, self.replay = model, graph, replay
         model.eval()
         self.cache = ForwardCache(model, images, batch=batch)
-        self.grams = (grams or ConvGrams(model, images, seed=seed)) if compensate else None
+        self.grams = (grams or ConvGrams(model, images, seed=seed, progress=progress)) if compensate else None
         self.bns = bn_after(model)
         self.names = graph.names
 
@@ -201,7 +219,9 @@ class Probe:
                     record.append((bn.running_var, bn.running_var.clone()))
                 recalibrate_bn(self.model, torch.cat(self.cache.outputs[-1]), reference=bn_reference)
                 start = 0
-            out = self.cache.run_from(self.model, start)
+            # every tensor the simulation changed is in the undo record: the head replays the branches it spared
+            changed = {id(tensor) for tensor, _ in record} if self.replay else None
+            out = self.cache.run_from(self.model, start, changed=changed)
         finally:
             self.undo(record)
         return detection_distance(self.cache.head, out)
@@ -213,8 +233,7 @@ def measure_sensitivity(probe: Probe, scored: Sequence[tuple[ChannelGroup, torch
     """Loss of each group pruned alone at each ratio (lowest-scored channels first). ``macs_saved[i]`` is the
     fraction of conv MACs one channel of group i saves."""
     out = []
-    total = len(scored) * len(ratios)
-    bar = tqdm(total=total, desc="sensitivity", disable=not progress, unit="probe")
+    bar = Progress("sensitivity", len(scored) * len(ratios), unit="probes", enabled=progress)
     for (g, s), per_channel in zip(scored, macs_saved):
         order = torch.argsort(s, stable=True)
         removed, losses = [], []

@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..logs import Progress
 from .compensate import bn_after, shift_output
 from .forward import last_use as layer_last_use
 from .forward import layer_input, sources, to_float
@@ -115,7 +115,7 @@ def reconstruct_sequential(model: nn.Module, dense: nn.Module, kept: KeptChannel
     d_out: dict[int, Batches] = {-1: batches}
     exact: dict[int, bool] = {-1: True}  # pruned output == dense output at the kept channels
     refit = 0
-    bar = tqdm(list(enumerate(layers)), desc="sequential reconstruction", disable=not progress, unit="layer")
+    bar = Progress("sequential refit", len(layers), unit="layers", enabled=progress).iterate(enumerate(layers))
     try:
         for i, layer in bar:
             dlayer = dlayers[i]

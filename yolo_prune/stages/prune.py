@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ..evaluate import evaluate
 from ..bench import check_threads
 from ..io import run_dir, write_json, write_text, write_yaml
 from ..latency import NOISY, LatencyCost, LatencyTable, build_table, check_runtime, measure_models
+from ..logs import LOGGER, Timings, format_seconds, progress_output
 from ..models import load_model, save_checkpoint, wrap_model
 from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings, target_macs
 from ..provenance import provenance
@@ -30,8 +30,6 @@ from ..pruning.recovery import normalize_compensation, normalize_recalibration
 from ..pruning.graph import build_graph
 from ..pruning.importance import resolve_method
 from ..pruning.threshold import remove_free_channels
-
-LOGGER = logging.getLogger("yolo_prune")
 
 
 @dataclasses.dataclass
@@ -76,6 +74,9 @@ class PruneResult(Result):
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
     # latency targets / round_to=auto: runtime, threads, target, predicted and measured latency (see to_dict)
     latency: dict | None = dataclasses.field(default=None, repr=False)
+    # wall seconds of every sub-step that ran (load, calibration, ranking, sensitivity, compensation, ...; see prune)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
+    total_seconds: float | None = None  # the whole prune() call, report writing left out
 
     @property
     def macs_ratio(self) -> float:
@@ -164,6 +165,8 @@ class PruneResult(Result):
             "recalibrate": self.recalibrate,
             "allocation": self.allocation,
             "prune_seconds": self.seconds,
+            "total_seconds": self.total_seconds,
+            "timings": dict(self.timings),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "steps": [dataclasses.asdict(s) for s in self.steps],
             "latency": self.latency,
@@ -172,8 +175,9 @@ class PruneResult(Result):
         }
 
 
-def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> torch.Tensor | None:
-    """Calibration images from the data's train split: needed by method=activation, used by compensation."""
+def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int, progress: bool,
+                 timings: Timings) -> torch.Tensor | None:
+    """Calibration images from the data's train split: needed by method=activation|recon, used by compensation."""
     if data is None:
         if method in ("activation", "recon"):
             raise UsageError(f"method={method} ranks channels on real images: pass data=<dataset yaml>")
@@ -182,7 +186,9 @@ def _calibration(method: str, data: Any, *, n: int, imgsz: int, seed: int) -> to
         if method in ("activation", "recon"):
             raise UsageError(f"method={method} needs calib_images > 0")
         return None
-    return load_calibration_images(resolve_data(data).train_images, n=n, imgsz=imgsz, seed=seed)
+    with timings("calibration"):
+        return load_calibration_images(resolve_data(data).train_images, n=n, imgsz=imgsz, seed=seed,
+                                       progress=progress)
 
 
 GROUPS = (PruneOptions, LatencyOptions, TrainOptions, RunOptions)
@@ -216,6 +222,15 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     prediction; ``latency_aware`` ranks channels by importance per millisecond; with ``verify_latency`` the pruned
     model is exported and measured against the dense one. ``round_to="auto"`` keeps each group at the width
     multiple its convs run fastest at on ``runtime``.
+
+    ``progress`` logs what runs on the ``yolo_prune`` logger: every long sub-step (calibration images, ranking,
+    sensitivity probes, sequential refit layer by layer, BN re-estimation, validation, latency table) as
+    ``sub-step: i/N  elapsed, ETA`` lines, at most one every few seconds (:class:`~yolo_prune.logs.Progress`), and
+    where the time went at the end; without a handler on that logger (a plain script) they go to stderr. The default
+    is quiet. ``result.timings`` (and ``report.json``/``report.md``) give the wall seconds of every sub-step that
+    ran (``load``, ``calibration``, ``trace``, ``ranking``, ``sensitivity``, ``planning``, ``removal``,
+    ``compensation``, ``recalibration``, ``stats``, ``save``, ``validation``...), ``result.total_seconds`` the whole
+    call.
     """
     s = settings(GROUPS, options, overrides, where="prune")
     p, lat, t = s.prune, s.latency, s.train
@@ -224,44 +239,73 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     if p.steps == "auto":  # steps=auto spreads steps over a fine-tune budget: without one, a single step
         p = p.replace(steps=1)
     _check_threshold(p)
-    yolo = load_model(model)
-    module = copy.deepcopy(yolo.model).float().cpu().eval()
-    for param in module.parameters():
-        param.requires_grad_(True)
-    latency = _latency_cost(yolo.model, target_latency=lat.target_latency, target_ms=lat.target_ms,
-                            runtime=lat.runtime, threads=lat.threads, round_to=p.round_to, ratio=p.ratio,
-                            imgsz=t.imgsz, aware=lat.latency_aware, table=latency_table, progress=progress)
-    calib = _calibration(p.method or "auto", data, n=p.calib_images, imgsz=t.imgsz, seed=t.seed)
-    save_dir = run_dir(s.run.project, "prune", s.run.name, exist_ok=s.run.exist_ok) if save else None
-    before = model_stats(module, imgsz=t.imgsz)
-    torch.manual_seed(t.seed)
-    snapshot: dict[str, torch.Tensor] = {}
+    t_start, timings = time.perf_counter(), Timings()
+    with progress_output(progress):
+        with timings("load"):
+            yolo = load_model(model)
+            module = copy.deepcopy(yolo.model).float().cpu().eval()
+            for param in module.parameters():
+                param.requires_grad_(True)
+        latency = _latency_cost(yolo.model, target_latency=lat.target_latency, target_ms=lat.target_ms,
+                                runtime=lat.runtime, threads=lat.threads, round_to=p.round_to, ratio=p.ratio,
+                                imgsz=t.imgsz, aware=lat.latency_aware, table=latency_table, progress=progress,
+                                timings=timings)
+        calib = _calibration(p.method or "auto", data, n=p.calib_images, imgsz=t.imgsz, seed=t.seed,
+                             progress=progress, timings=timings)
+        save_dir = run_dir(s.run.project, "prune", s.run.name, exist_ok=s.run.exist_ok) if save else None
+        with timings("stats"):
+            before = model_stats(module, imgsz=t.imgsz)
+        torch.manual_seed(t.seed)
+        snapshot: dict[str, torch.Tensor] = {}
 
-    def keep_stats(m: torch.nn.Module) -> None:
+        def keep_stats(m: torch.nn.Module) -> None:
+            if validate and data is not None:
+                snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
+
+        t0 = time.perf_counter()
+        outcome, free = _remove(module, p, t, calib=calib, latency=latency, progress=progress, keep_stats=keep_stats,
+                                timings=timings)
+        seconds = time.perf_counter() - t0
+        with timings("stats"):
+            result = _result(model, module, outcome, free, p, s, before=before, calib=calib, latency=latency,
+                             seconds=seconds)
+        if latency is not None and lat.verify_latency:
+            with timings("latency_verify"):
+                _verify_latency(result, yolo.model, module, latency)
+        with timings("save"):
+            _save(result, yolo, module, data, t.seed, save_dir)
         if validate and data is not None:
-            snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
-
-    t0 = time.perf_counter()
-    outcome, free = _remove(module, p, t, calib=calib, latency=latency, progress=progress, keep_stats=keep_stats)
-    result = _result(model, module, outcome, free, p, s, before=before, calib=calib, latency=latency,
-                     seconds=time.perf_counter() - t0)
-    if latency is not None and lat.verify_latency:
-        _verify_latency(result, yolo.model, module, latency)
-    if save_dir is not None:
-        write_yaml(save_dir / "args.yaml", {"model": result.provenance["source"], "data": data, "seed": t.seed,
-                                            **result.provenance.get("args", {})})
-        ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
-                               provenance={**result.provenance,
-                                           "report": {k: v for k, v in result.to_dict().items() if k != "layers"}})
-        result.save_dir, result.checkpoint = save_dir, ckpt
-        result.model = load_model(ckpt)
-    else:
-        result.model = wrap_model(module)
-    if validate and data is not None:
-        _validate(result, yolo, module, snapshot, data, t, save_dir)
-    if save_dir is not None:
-        write_report(result, save_dir)
+            with timings("validation"):
+                _validate(result, yolo, module, snapshot, data, t, save_dir, progress=progress)
+        result.timings, result.total_seconds = dict(timings), time.perf_counter() - t_start
+        if progress:
+            LOGGER.info("prune: %s", time_summary(result.timings, result.total_seconds))
+        if save_dir is not None:
+            write_report(result, save_dir)
     return result
+
+
+def time_summary(timings: dict[str, float], total: float, n: int = 3) -> str:
+    """``3:12 in all; sensitivity 2:01, compensation 0:40, ranking 0:21``: the total and the ``n`` longest
+    sub-steps."""
+    longest = sorted(timings.items(), key=lambda kv: -kv[1])[:n]
+    return f"{format_seconds(total)} in all; " + ", ".join(f"{k} {format_seconds(v)}" for k, v in longest)
+
+
+def _save(result: PruneResult, yolo: Any, module: torch.nn.Module, data: Any, seed: int,
+          save_dir: Path | None) -> None:
+    """``weights/pruned.pt`` and ``args.yaml`` in ``save_dir`` (``result.model`` loads it); without a folder,
+    ``result.model`` wraps the pruned module."""
+    if save_dir is None:
+        result.model = wrap_model(module)
+        return
+    write_yaml(save_dir / "args.yaml", {"model": result.provenance["source"], "data": data, "seed": seed,
+                                        **result.provenance.get("args", {})})
+    report = {k: v for k, v in result.to_dict().items() if k not in ("layers", "timings", "total_seconds")}
+    ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
+                           provenance={**result.provenance, "report": report})
+    result.save_dir, result.checkpoint = save_dir, ckpt
+    result.model = load_model(ckpt)
 
 
 def _check_threshold(p: PruneOptions) -> None:
@@ -270,14 +314,17 @@ def _check_threshold(p: PruneOptions) -> None:
 
 
 def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, latency: Any, progress: bool,
-            keep_stats: Any) -> tuple[PruneOutcome, Any]:
-    """Remove the free channels (``threshold``), then rank and remove toward the target: the engine's outcome."""
+            keep_stats: Any, timings: Timings) -> tuple[PruneOutcome, Any]:
+    """Remove the free channels (``threshold``), then rank and remove toward the target: the engine's outcome (its
+    sub-steps' wall times added to ``timings``)."""
     free = None
     if p.threshold is not None:
-        free = remove_free_channels(module, float(p.threshold), round_to=p.round_to, calib_images=calib,
-                                    macs_imgsz=t.imgsz)
-        LOGGER.info("threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original",
-                    p.threshold, free.channels_removed, free.macs_fraction)
+        with timings("free_removal"):
+            free = remove_free_channels(module, float(p.threshold), round_to=p.round_to, calib_images=calib,
+                                        macs_imgsz=t.imgsz)
+        (LOGGER.info if progress else LOGGER.debug)(
+            "threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original", p.threshold,
+            free.channels_removed, free.macs_fraction)
     if free is None or (p.target_macs is not None and free.macs_fraction > p.target_macs):
         recal_mode = normalize_recalibration(p.recalibrate) if calib is not None else None
         outcome: PruneOutcome = prune_model(
@@ -303,8 +350,10 @@ def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, lat
             before_recalibration=keep_stats,
             cost=latency,
         )
+        timings.add(outcome.timings)
     else:
-        after_layers = layer_widths(module, build_graph(module))
+        with timings("trace"):
+            after_layers = layer_widths(module, build_graph(module))
         outcome = PruneOutcome(steps=[], layers_before=free.layers_before, layers_after=after_layers,
                                reference=Reference(free.reference_macs, free.reference_channels),
                                method=resolve_method(p.method or "auto", calib is not None))
@@ -346,9 +395,9 @@ def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: A
 
 
 def _validate(result: PruneResult, yolo: Any, module: torch.nn.Module, snapshot: dict, data: Any, t: Any,
-              save_dir: Path | None) -> None:
+              save_dir: Path | None, *, progress: bool = False) -> None:
     """mAP before and after pruning (and before the BN re-estimation, when there was one)."""
-    kw = dict(imgsz=t.imgsz, batch=t.batch, device=t.device)
+    kw = dict(imgsz=t.imgsz, batch=t.batch, device=t.device, progress=progress)
     vb = evaluate(yolo, data, save_dir=save_dir / "val_before" if save_dir else None, **kw)
     va = evaluate(result.model, data, save_dir=save_dir / "val_after" if save_dir else None, **kw)
     result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
@@ -373,7 +422,7 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
 
 def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float | None, runtime: str,
                   threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
-                  progress: bool) -> Any:
+                  progress: bool, timings: Timings) -> Any:
     """The latency model for a latency target or round_to=auto (None when neither is asked for). The values were
     checked by the schema (:class:`~yolo_prune.options.LatencyOptions`); only their combination is checked here."""
     if target_latency is not None and target_ms is not None:
@@ -383,10 +432,11 @@ def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float 
     wants_target = ratio is None and (target_latency is not None or target_ms is not None)
     if not wants_target and round_to != "auto":
         return None
-    if isinstance(table, (str, Path)):
-        table = LatencyTable.load(table)
-    if table is None:
-        table = build_table(dense, imgsz=imgsz, runtime=runtime, threads=threads, progress=progress)
+    with timings("latency_table"):
+        if isinstance(table, (str, Path)):
+            table = LatencyTable.load(table)
+        if table is None:
+            table = build_table(dense, imgsz=imgsz, runtime=runtime, threads=threads, progress=progress)
     target = None
     if wants_target:
         target = float(target_latency) if target_latency is not None else min(1.0, float(target_ms) / table.dense_ms)

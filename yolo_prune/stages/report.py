@@ -12,7 +12,7 @@ import torch
 from ..io import write_json, write_text
 from ..models import load_model
 from .prune import LayerChange
-from ..report import plot_gamma_histograms, plot_layer_channels, plot_map_vs_macs
+from ..report import plot_gamma_histograms, plot_layer_channels, plot_map_vs_macs, timings_markdown
 from ..results import Result, markdown_table, table
 from ..run import RunState, latency_of
 from ..train.sparse import plot_sparsity_curve
@@ -146,9 +146,20 @@ def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict
         md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]
     if (save_dir / "sparsity.png").is_file():
         md += ["![MACs removable for free per sparse epoch](sparsity.png)", ""]
+    md += _prune_time_section(prune["steps"])
     write_text(save_dir / "report.md", "\n".join(md))
     return PipelineResult(save_dir=save_dir, final=final, rows_=rows, steps=prune["steps"], seconds=seconds,
                           warning=warning)
+
+
+def _prune_time_section(steps: list[dict[str, Any]]) -> list[str]:
+    """Where each prune step's time went (its ``prune_timings``; runs recorded before them have none)."""
+    md: list[str] = []
+    for r in steps:
+        if r.get("prune_timings"):
+            md += [f"## Prune step {r['step']}: time per sub-step", "",
+                   timings_markdown(r["prune_timings"], r.get("prune_total_seconds")), ""]
+    return md
 
 
 def _abs_gammas(model: Any) -> list[float]:

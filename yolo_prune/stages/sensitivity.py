@@ -22,6 +22,7 @@ from ..data import resolve_data
 from ..errors import UsageError
 from ..evaluate import evaluate
 from ..io import run_dir, write_json, write_text
+from ..logs import Progress, progress_output
 from ..models import load_model, wrap_model
 from ..options import Options, PruneOptions, RunOptions, TrainOptions, settings
 from ..report import pyplot, save_figure
@@ -30,7 +31,7 @@ from ..pruning.calibration import load_calibration_images
 from ..pruning.graph import build_graph, prepare
 from ..pruning.importance import make_importance, resolve_method
 from ..pruning.reconstruct import reconstruct
-from ..pruning.sensitivity import RATIOS, GroupSensitivity, Probe, measure_sensitivity
+from ..pruning.sensitivity import PROBE_IMAGES, RATIOS, GroupSensitivity, Probe, measure_sensitivity
 
 
 @dataclasses.dataclass
@@ -143,7 +144,8 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
     the run folder ``project/name`` (default ``runs/sensitivity/sensitivity``) receives ``sensitivity.csv``,
     ``sensitivity.png`` and ``sensitivity.json``. ``validate`` groups are also pruned for real and validated.
     Options and overrides as in :func:`yolo_prune.prune` (the keys of ``PruneOptions``, ``TrainOptions``,
-    ``RunOptions``).
+    ``RunOptions``). ``progress``: progress lines (calibration images, ranking, probes, validation) on the
+    ``yolo_prune`` logger, or stderr when no logging is set up.
     """
     if not any(isinstance(o, PruneOptions) for o in options):
         overrides = {"calib_images": 32, **overrides}
@@ -159,35 +161,29 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
         raise UsageError(f"ratios={ratios} must lie in (0, 1)")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    yolo = load_model(model)
-    net = copy.deepcopy(yolo.model).float().cpu().eval()
-    for p in net.parameters():
-        p.requires_grad_(True)  # torch-pruning traces the graph through autograd
-    prepare(net)
-    images = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed)
-    graph = build_graph(net)
-    method = resolve_method(method, True)
-    importance = make_importance(method, seed=seed, calib_images=images)
-    if hasattr(importance, "calibrate"):
-        importance.calibrate(net)
-    scored = []
-    for g in graph.groups():
-        s = importance(g.group)
-        if s is not None:
-            scored.append((g, s.detach().float().cpu()))
-    scored.sort(key=lambda gs: _name_key(gs[0].name))
-    reference = graph.conv_macs()
-    saved = []
-    for g, _ in scored:
-        delta = {(conv, is_out): k for conv, is_out, k in g.convs}
-        saved.append((reference - graph.conv_macs(delta)) / reference)
-    probe = Probe(net, graph, images, seed=seed)
-    measured = measure_sensitivity(probe, scored, macs_saved=saved, ratios=ratios, progress=progress)
-    result = SensitivityResult(method=method, imgsz=imgsz, images=len(images), groups_measured=len(measured),
-                               seconds=0.0, groups=measured)
-    if validate:
-        _validate(result, yolo, net, scored, data, t, images=images, k=validate, ratio=ratios[len(ratios) // 2],
-                  progress=progress)
+    with progress_output(progress):
+        yolo = load_model(model)
+        net = copy.deepcopy(yolo.model).float().cpu().eval()
+        for p in net.parameters():
+            p.requires_grad_(True)  # torch-pruning traces the graph through autograd
+        prepare(net)
+        images = load_calibration_images(resolve_data(data).train_images, n=calib_images, imgsz=imgsz, seed=seed,
+                                         progress=progress)
+        graph = build_graph(net)
+        method = resolve_method(method, True)
+        scored, grams = _scored(net, graph, method, images, seed=seed, progress=progress)
+        reference = graph.conv_macs()
+        saved = []
+        for g, _ in scored:
+            delta = {(conv, is_out): k for conv, is_out, k in g.convs}
+            saved.append((reference - graph.conv_macs(delta)) / reference)
+        probe = Probe(net, graph, images, grams=grams, seed=seed, progress=progress)
+        measured = measure_sensitivity(probe, scored, macs_saved=saved, ratios=ratios, progress=progress)
+        result = SensitivityResult(method=method, imgsz=imgsz, images=len(images), groups_measured=len(measured),
+                                   seconds=0.0, groups=measured)
+        if validate:
+            _validate(result, yolo, net, scored, data, t, images=images, k=validate, ratio=ratios[len(ratios) // 2],
+                      progress=progress)
     result.seconds = time.perf_counter() - t0
     result.cpu_seconds = time.process_time() - c0
     if save:
@@ -197,6 +193,23 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
         result.heatmap = plot_sensitivity(measured, save_dir / "sensitivity.png")
         write_json(save_dir / "sensitivity.json", result.to_dict())
     return result
+
+
+def _scored(net: torch.nn.Module, graph: Any, method: str, images: torch.Tensor, *, seed: int,
+            progress: bool) -> tuple[list[tuple[Any, torch.Tensor]], Any]:
+    """Every group ``method`` scores (one score per channel), in model order; and the Gram matrices ``recon``
+    measured when they are those of all ``images`` (the probes reuse them), else None."""
+    importance = make_importance(method, seed=seed, calib_images=images, progress=progress)
+    if hasattr(importance, "calibrate"):
+        importance.calibrate(net)
+    scored = []
+    groups = graph.groups()
+    for g in Progress(f"{method} ranking", len(groups), unit="groups", enabled=progress).iterate(groups):
+        s = importance(g.group)
+        if s is not None:
+            scored.append((g, s.detach().float().cpu()))
+    scored.sort(key=lambda gs: _name_key(gs[0].name))
+    return scored, getattr(importance, "grams", None) if len(images) <= PROBE_IMAGES else None
 
 
 def _name_key(name: str) -> tuple:
@@ -214,7 +227,7 @@ def _validate(result: SensitivityResult, yolo: Any, net: torch.nn.Module, scored
     dense = evaluate(yolo, data, imgsz=imgsz, batch=batch, device=device)
     result.map50_95_dense = dense.map50_95
     rows = []
-    for i in picks:
+    for i in Progress("sensitivity validation", len(picks), unit="groups", enabled=progress).iterate(picks):
         gs = result.groups[i]
         copy_net = copy.deepcopy(net)
         g2 = build_graph(copy_net)

@@ -28,7 +28,7 @@ from ..data import resolve_data
 from ..errors import UsageError
 from ..evaluate import evaluate
 from ..io import write_json, write_text
-from ..logs import LOGGER
+from ..logs import LOGGER, listening
 from ..models import load_model, save_checkpoint
 from ..options import (BenchOptions, Options, PruneOptions, RunOptions, Settings, SparsifyOptions, StageOptions,
                        TrainOptions, settings)
@@ -134,7 +134,9 @@ class _Run:
 
     @property
     def val_kw(self) -> dict[str, Any]:
-        return dict(imgsz=self.s.train.imgsz, batch=self.s.train.batch, device=self.s.train.device)
+        """The evaluation keys; progress lines when someone listens to the ``yolo_prune`` logger (the CLI)."""
+        return dict(imgsz=self.s.train.imgsz, batch=self.s.train.batch, device=self.s.train.device,
+                    progress=listening())
 
     @property
     def tune(self) -> bool:
@@ -204,7 +206,7 @@ def _start(model: Any, data: Any, s: Settings, train_args: dict[str, Any]) -> _R
         spec = resolve_data(data)  # fails early on a bad dataset
         if s.prune.compensate not in ("none", False) and s.prune.calib_images > 0:
             calib = load_calibration_images(spec.train_images, n=s.prune.calib_images, imgsz=s.train.imgsz,
-                                            seed=s.train.seed)
+                                            seed=s.train.seed, progress=listening())
     folder = run.open_folder("sparsify", project=s.run.project, name=s.run.name, exist_ok=s.run.exist_ok,
                              resume=s.run.resume, state_file=STATE_FILE)
     args = dict(model=str(model), amount=amount, scope=s.sparsify.scope, method=method, layers=s.sparsify.layers,

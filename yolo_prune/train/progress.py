@@ -20,17 +20,9 @@ import logging
 import time
 from typing import Any
 
-from ..logs import LOGGER
+from ..logs import LOGGER, format_seconds
 
 __all__ = ["EpochProgress", "format_seconds"]
-
-
-def format_seconds(seconds: float) -> str:
-    """``75`` -> ``1:15``, ``3725`` -> ``1:02:05``."""
-    s = max(0, int(round(seconds)))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class EpochProgress:
