@@ -263,7 +263,7 @@ def test_option_objects_are_typed_frozen_and_checked():
     from yolo_prune.errors import UsageError
 
     opts = yp.PruneOptions(method="bn", target_macs="0.3")
-    assert opts.target_macs == 0.3 and opts.steps == 1
+    assert opts.target_macs == 0.3 and opts.steps == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.steps = 2
     with pytest.raises(UsageError, match="did you mean 'method'"):
