@@ -10,10 +10,13 @@ the pipeline's COCO evaluation. A recipe is a set of ultralytics train keys and 
 * ``rewind_adamw``: learning-rate rewinding (Renda et al. 2020) to a training learning rate: AdamW at 1e-3, one
   warmup epoch;
 * ``rewind_sgd``: the same with SGD at 0.01, the recipe the COCO yolov8n was trained with;
-* ``rewind_adamw_feature``: ``rewind_adamw`` plus feature distillation (``distill=both``).
+* ``rewind_adamw_feature``: ``rewind_adamw`` plus feature distillation (``distill=both``);
+* ``no_distill``: the default recipe without a teacher (the input model may be worse than what the pruned model
+  can become: an under-trained input).
+* ``distill_linear``: the default recipe with ``distill_fade=linear`` (the teacher's weight falls to 1/epochs).
 
     python -m bench.recovery --dataset fixture --pruned bench/work/fixture_pipeline/oneshot_f16 --recipes default rewind_adamw rewind_sgd
-    python -m bench.recovery --dataset bccd --pruned bench/work/bccd_pipeline/prune_first_f16_nbs16 --recipes rewind_adamw
+    python -m bench.recovery --dataset bccd_e3 --pruned bench/work/undertrained_pipeline/auto_f16 --recipes no_distill
 
 Results: ``bench/results/recovery.json`` (one entry per dataset, pruned run and recipe, with its command).
 """
@@ -35,6 +38,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "rewind_adamw_3e-4": {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs": 1},
     "rewind_sgd": {"optimizer": "SGD", "lr0": 0.01, "warmup_epochs": 1},
     "rewind_adamw_feature": {"optimizer": "AdamW", "lr0": 1e-3, "warmup_epochs": 1, "distill": "both"},
+    "no_distill": {"teacher": "none"},
+    "distill_linear": {"distill_fade": "linear"},
     "rewind_adamw_nomosaic": {"optimizer": "AdamW", "lr0": 1e-3, "warmup_epochs": 1, "close_mosaic": 0,
                               "mosaic": 0.0},
 }
@@ -53,7 +58,9 @@ def _pruned(run: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m bench.recovery")
-    ap.add_argument("--dataset", choices=("bccd", "fixture"), default="fixture")
+    ap.add_argument("--dataset", choices=("bccd", "bccd_e3", "fixture"), default="fixture",
+                    help="fixture (coco128 96/32 @320), bccd (@416, the 12-epoch dense model as teacher) or bccd_e3 "
+                         "(the same with the 3-epoch under-trained model as teacher)")
     ap.add_argument("--pruned", required=True, type=Path, help="a pipeline run folder or a pruned .pt")
     ap.add_argument("--dense", type=Path, help="the teacher (default: the dataset's dense model)")
     ap.add_argument("--recipes", nargs="+", default=["default", "rewind_adamw"], choices=sorted(RECIPES))
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset == "fixture":
         dense, data, imgsz = common.WEIGHTS, common.coco128_split(), 320
     else:
-        dense, data, imgsz = common.bccd_dense(), common.bccd(), 416
+        dense, data, imgsz = common.bccd_dense(epochs=3 if args.dataset == "bccd_e3" else 12), common.bccd(), 416
     dense = args.dense or dense
     pruned = _pruned(args.pruned)
     work = common.WORK / NAME / args.dataset
@@ -77,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         source = "-".join(pruned.parts[-5:-2]) if pruned.parent.name == "weights" else pruned.stem
         name = f"{source}_{recipe}_e{args.epochs}"
+        keys = {"teacher": str(dense), **RECIPES[recipe]}
         res = yp.finetune(str(pruned), data, epochs=args.epochs, imgsz=imgsz, project=work, name=name,
-                          exist_ok=True, val=False, teacher=str(dense), seed=0, **RECIPES[recipe])
+                          exist_ok=True, val=False, seed=0, **keys)
         v = yp.validate(res.last, data, imgsz=imgsz)
         entry.update(map50_95=v.map50_95, map50=v.map50, last=res.last, seconds=round(time.perf_counter() - t0, 1))
         out = common.read_result(NAME) or {"runs": {}}

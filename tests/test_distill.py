@@ -233,6 +233,37 @@ def test_trainer_keeps_distill_options_in_args_and_away_from_the_validator(prune
     assert feat.args.distill_model == str(teacher_pt.absolute())  # ultralytics' DistillationModel takes it over
 
 
+def test_linear_fade_scales_the_distillation_terms_down_over_the_epochs(pruned_pt, teacher_pt, data, tmp_path):
+    trainer = FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "f"),
+                                         "plots": False, "teacher": str(teacher_pt), "distill_fade": "linear",
+                                         **{**FAST, "epochs": 4}})
+    assert trainer.args.distill_fade == "linear" and "distill_fade: linear" in (tmp_path / "f" / "args.yaml").read_text()
+    scales = []
+    for epoch in range(4):
+        trainer.epoch = epoch
+        scales.append(trainer.distill_scale)
+    assert scales == [1.0, 0.75, 0.5, 0.25]
+    plain = FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "p"),
+                                       "plots": False, "teacher": str(teacher_pt), **{**FAST, "epochs": 4}})
+    plain.epoch = 3
+    assert plain.args.distill_fade == "none" and plain.distill_scale == 1.0
+    # the scale multiplies the KD term of the criterion
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import load_checkpoint
+
+    student, _ = load_checkpoint(pruned_pt)
+    student.args = get_cfg()
+    batch = _batch()
+    batch["img"] = batch["img"].float() / 255
+    preds = student(batch["img"])
+    with torch.no_grad():
+        raw = load_teacher(teacher_pt)(batch["img"])[1]
+    wrapped = DistillLoss(student.init_criterion(), reg_max=16)
+    full = wrapped(preds, {**batch, TEACHER_KEY: raw})[1][LOSS_NAME]
+    wrapped.scale = 0.25
+    assert float(full) > 0 and torch.isclose(wrapped(preds, {**batch, TEACHER_KEY: raw})[1][LOSS_NAME], 0.25 * full)
+
+
 def test_bad_distill_options_fail_before_anything_is_written(pruned_pt, teacher_pt, data, tmp_path):
     with pytest.raises(UsageError, match="unknown distill 'logits'"):
         finetune(pruned_pt, data, teacher=teacher_pt, distill="logits", project=tmp_path, **FAST)
@@ -244,6 +275,8 @@ def test_bad_distill_options_fail_before_anything_is_written(pruned_pt, teacher_
         finetune(pruned_pt, data, teacher=teacher_pt, distill_temp=0, project=tmp_path, **FAST)
     with pytest.raises(UsageError, match="distill_cls"):
         finetune(pruned_pt, data, teacher=teacher_pt, distill_cls=-1, project=tmp_path, **FAST)
+    with pytest.raises(UsageError, match="distill_fade"):
+        finetune(pruned_pt, data, teacher=teacher_pt, distill_fade="cosine", project=tmp_path, **FAST)
     with pytest.raises(ModelLoadError, match="teacher"):
         finetune(pruned_pt, data, teacher=tmp_path / "missing.pt", project=tmp_path, **FAST)
     with pytest.raises(UsageError, match="must be a path"):

@@ -73,6 +73,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------- the options
 #: Trainer options of distillation (not ultralytics keys), with their defaults: the keys of
 #: :class:`yolo_prune.options.DistillOptions` (a trainer without a ``teacher`` does not distil).
+FADES = ("none", "linear")
 DISTILL_DEFAULTS: dict[str, Any] = {**DistillOptions().to_dict(), "teacher": None}
 DISTILL_MODES = choices("distill")
 #: Batch key carrying the teacher's raw head outputs to the criterion.
@@ -154,6 +155,7 @@ class DistillLoss:
         self.reg_max = int(reg_max)
         self.cls_weight, self.box_weight, self.temperature = float(cls_weight), float(box_weight), float(temperature)
         self.labels = bool(labels)
+        self.scale = 1.0  # the fade's factor on both distillation terms, set each batch by the trainer
 
     def __getattr__(self, name: str) -> Any:  # hyp, stride, update()... of the wrapped criterion
         if name == "base":
@@ -181,7 +183,7 @@ class DistillLoss:
         kd = torch.zeros((), device=loss.device)
         if teacher and (self.cls_weight or self.box_weight):
             c, b = output_kd(preds, teacher, self.reg_max, self.temperature)
-            kd = self.cls_weight * c + self.box_weight * b
+            kd = self.scale * (self.cls_weight * c + self.box_weight * b)
         items = {**items, LOSS_NAME: kd.detach()}
         return torch.cat([loss.reshape(-1), (kd * bs).reshape(1).to(loss.dtype)]), items
 
@@ -226,6 +228,8 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
             raise UsageError(f"{key} must be a number {'>' if strict else '>='} 0, got {v!r}")
         values[key] = float(v)
+    if values.get("distill_fade", "none") not in FADES:
+        raise UsageError(f"distill_fade must be one of {', '.join(FADES)}, got {values.get('distill_fade')!r}")
     if not isinstance(values.get("labels"), bool):
         raise UsageError(f"labels must be True or False, got {values.get('labels')!r}")
     if not values["labels"] and values["teacher"] is None:
@@ -260,7 +264,7 @@ class DistillMixin:
     ``class T(DistillMixin, KeepArchitectureMixin, DetectionTrainer)``.
 
     Options (not ultralytics keys, see :data:`DISTILL_DEFAULTS`): ``teacher`` (checkpoint path; None: off),
-    ``distill`` (output | feature | both), ``distill_cls``, ``distill_box``, ``distill_temp``, ``labels``,
+    ``distill`` (output | feature | both), ``distill_cls``, ``distill_box``, ``distill_temp``, ``distill_fade``, ``labels``,
     ``unlabeled``. They are popped from the overrides before ultralytics checks them and put back into
     ``self.args`` (so DDP workers and resumed runs get them; a resumed run keeps its checkpoint's values).
     """
@@ -303,6 +307,13 @@ class DistillMixin:
         """True when the student's criterion is wrapped: output distillation, or no labels."""
         return self.args.teacher is not None and (self.distill_outputs or not self.args.labels)
 
+    @property
+    def distill_scale(self) -> float:
+        """The factor on the distillation terms this epoch: 1, or with ``distill_fade=linear`` 1 - epoch/epochs."""
+        if getattr(self.args, "distill_fade", "none") != "linear":
+            return 1.0
+        return 1.0 - int(getattr(self, "epoch", 0)) / max(int(self.epochs), 1)
+
     # Setup -----------------------------------------------------------------------------------------
     def get_dataset(self) -> dict:
         """The dataset; with ``unlabeled=`` its train split is replaced by those images (linked into the cache)."""
@@ -331,6 +342,7 @@ class DistillMixin:
             check_pair(getattr(student, "student_model", student), self.teacher)
             LOGGER.info(f"distillation: teacher {self.args.teacher} (distill={self.args.distill}, "
                         f"cls={self.args.distill_cls:g}, box={self.args.distill_box:g}, T={self.args.distill_temp:g}, "
+                        f"fade={self.args.distill_fade}, "
                         f"labels={self.args.labels})")
         return ckpt
 
@@ -355,6 +367,7 @@ class DistillMixin:
         batch = super().preprocess_batch(batch)
         if self.distill_criterion:
             self._install_criterion()  # after the EMA copy was made: the EMA keeps the plain criterion
+            self._student().criterion.scale = self.distill_scale
             raw: dict[str, Any] = {}
             if self.teacher is not None:
                 with torch.no_grad():
@@ -384,6 +397,7 @@ def distill_options(
     distill_cls: float = 1.0,
     distill_box: float = 1.0,
     distill_temp: float = 1.0,
+    distill_fade: str = "none",
     labels: bool = True,
     unlabeled: Any = None,
 ) -> dict[str, Any]:
@@ -399,8 +413,8 @@ def distill_options(
         raise UsageError("teacher must be a checkpoint path (save an in-memory model first, e.g. with "
                          "yolo_prune.models.save_checkpoint or model.save())")
     values = check_options({"teacher": teacher, "distill": distill, "distill_cls": distill_cls,
-                            "distill_box": distill_box, "distill_temp": distill_temp, "labels": labels,
-                            "unlabeled": unlabeled})
+                            "distill_box": distill_box, "distill_temp": distill_temp, "distill_fade": distill_fade,
+                            "labels": labels, "unlabeled": unlabeled})
     if values["teacher"] is None:
         return {}
     load_teacher(values["teacher"])  # a missing or broken file fails here, before a run folder exists
