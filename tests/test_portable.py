@@ -33,7 +33,7 @@ from yolo_prune.pruning.graph import ChannelGroup
 from yolo_prune.pruning.portable import TiedGroup, tie, tie_counts, untie
 from yolo_prune.pruning.schedule import LossCurve
 
-from .helpers import randomize_bn, subprocess_env, zero_channels
+from .helpers import FAST, randomize_bn, shapes, subprocess_env, zero_channels
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 NC = 3
@@ -208,6 +208,16 @@ def test_stock_form_computes_what_the_prunable_form_computes(pruned, cfg):
         assert torch.equal(net(X)[0], split(X)[0])
     assert to_stock(split) > 0
     assert set(split.state_dict()) == set(net.state_dict())
+
+
+def test_a_finetuned_portable_checkpoint_stays_portable(pruned, data, tmp_path):
+    """yolo-prune's trainer keeps the pruned shapes, and what it saves still names no yolo_prune class."""
+    res = pruned["yolo11n.yaml"]
+    tuned = yp.finetune(res.checkpoint, data, epochs=1, project=tmp_path, name="ft", plots=False, **FAST)
+    assert shapes(tuned.last) == shapes(res.checkpoint)
+    for ckpt in (tuned.last, tuned.best):
+        modules = _modules_in_pickle(ckpt)
+        assert not any(m.startswith("yolo_prune") for m in modules), sorted(modules)
 
 
 # --------------------------------------------------------------------------------------- the other paths
