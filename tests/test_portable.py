@@ -247,6 +247,25 @@ def test_free_channels_go_in_equal_numbers(tmp_path):
     assert not any(type(m).__module__.startswith("yolo_prune") for m in net.modules())
 
 
+def test_greg_plans_what_portable_pruning_removes():
+    """sr_mode=greg zeroes, with portable, the same count in both halves of every split block and nothing of an
+    attention's input width, so that a portable threshold removal takes exactly its plan."""
+    from yolo_prune.pruning.bngroups import BNGroups
+    from yolo_prune.train.penalty import greg_plan
+
+    model = _base("yolo11n.yaml")  # stock classes: the plan names the live BNs (both halves in cv1.bn)
+    plan = greg_plan(BNGroups.build(model), target_macs=0.6, method="l1", portable=True)
+    assert plan.macs_fraction == pytest.approx(0.6, abs=0.03)
+    tied = 0
+    for i, layer in enumerate(model.model):
+        if isinstance(layer, (C2f, C2PSA)):
+            idx = torch.tensor(plan.entries.get(f"model.{i}.cv1.bn", []), dtype=torch.long)
+            assert int((idx < layer.c).sum()) == int((idx >= layer.c).sum()), i
+            tied += len(idx) > 0
+    assert tied >= 4
+    assert not any(name.startswith("model.10.m.0.attn.proj") for name in plan.entries)
+
+
 def test_a_free_form_model_is_refused_in_one_line():
     model = yp.prune(_base("yolov8n.yaml"), method="l1", target_macs=0.5, imgsz=IMGSZ, portable=False,
                      save=False).model

@@ -363,6 +363,11 @@ def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = N
             hw.pop(m, None)
     names = {m: n for n, m in model.named_modules()}
     model.train(was_training)
-    fixed, pairs = portable_constraints(model) if portable else ((), ())
-    return PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names, attn_tokens=tokens,
-                      fixed_inputs=fixed, pairs=pairs, portable=portable)
+    graph = PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names, attn_tokens=tokens)
+    return portable_view(graph) if portable else graph
+
+
+def portable_view(graph: PruneGraph) -> PruneGraph:
+    """The same traced graph offering only the groups of portable pruning (see the module docstring)."""
+    fixed, pairs = portable_constraints(graph.model)
+    return dataclasses.replace(graph, fixed_inputs=fixed, pairs=pairs, portable=True)
