@@ -215,7 +215,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 
 def test_fresh_process_predicts_validates_exports(v8n, tmp_path, synthetic):
-    result = prune(v8n, method="l1", target_macs=0.5, imgsz=128, project=tmp_path, name="p")
+    result = prune(v8n, method="l1", target_macs=0.5, imgsz=128, project=tmp_path, name="p", portable=False)
     script = f"""
 import numpy as np, onnxruntime as ort, torch
 from ultralytics import YOLO

@@ -172,7 +172,8 @@ def _sparse(ctx: _Run) -> dict[str, Any] | None:
                     s.sparse.sr_mode, s.sparse.sr)
         method = s.prune.method or "auto"
         greg = {"target_macs": ctx.target_macs, "method": method if method in ("bn", "l1", "l2", "random") else "bn",
-                "max_layer_ratio": s.prune.max_layer_ratio, "round_to": s.prune.round_to} \
+                "max_layer_ratio": s.prune.max_layer_ratio, "round_to": s.prune.round_to,
+                "portable": s.prune.portable} \
             if s.sparse.sr_mode == "greg" else {}
         sp = ctx.state.finish("sparse", ctx.training("sparse", "train", sparse_train, ctx.model, s.stage.sparse_epochs,
                                                      **s.sparse.to_dict(), **greg))

@@ -16,6 +16,12 @@ a pruned checkpoint loads with ``YOLO(path)`` wherever ``yolo_prune`` is install
   channels (``qkv`` inputs, ``proj`` outputs, the residual) can be pruned through the graph while the
   inside of the attention (``qkv`` outputs, ``pe``, ``proj`` inputs) keeps its shape. The graph protects
   those inner layers (:func:`yolo_prune.pruning.graph.protected_layers`), so a reshape never changes meaning.
+
+:func:`to_stock` is the way back: every form above becomes the ultralytics class it came from (the two halves
+joined into one ``cv1``, ``c`` set to the half width; attention with its widths as they are), so that a checkpoint
+of the model loads where only ``ultralytics`` is installed. That needs what stock ``forward`` assumes: halves of
+equal width and attention blocks whose input width is still ``num_heads * head_dim`` (portable pruning,
+``portable=True``, keeps both; :func:`stock_problems` says what stands in the way).
 """
 
 from __future__ import annotations
@@ -194,4 +200,104 @@ def to_prunable(model: nn.Module) -> int:
             child = new
             count += 1
         count += to_prunable(child)
+    return count
+
+
+# ------------------------------------------------------------------------------------- back to stock classes
+#: Each split form and the ultralytics class it converts back to (exact types).
+_STOCK_OF: dict[type, type] = {C2fSplit: C2f, C3k2Split: C3k2, C2Split: C2, C2PSASplit: C2PSA}
+
+
+def _join_convs(first: Conv, second: Conv) -> Conv:
+    """One ``Conv`` (conv + BN + act) whose output channels are ``first``'s then ``second``'s: the inverse of
+    :func:`_halves`."""
+    a, b = first.conv, second.conv
+    if (a.in_channels, a.kernel_size, a.stride, a.groups) != (b.in_channels, b.kernel_size, b.stride, b.groups):
+        raise ValueError("only convs of the same input and kernel can be joined")
+    new = copy.deepcopy(first)
+    c, bn = new.conv, new.bn
+
+    def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.detach(), y.detach()]).clone()
+
+    c.weight = nn.Parameter(cat(a.weight, b.weight), requires_grad=a.weight.requires_grad)
+    if a.bias is not None:
+        c.bias = nn.Parameter(cat(a.bias, b.bias), requires_grad=a.bias.requires_grad)
+    c.out_channels = a.out_channels + b.out_channels
+    bn.weight = nn.Parameter(cat(first.bn.weight, second.bn.weight), requires_grad=first.bn.weight.requires_grad)
+    bn.bias = nn.Parameter(cat(first.bn.bias, second.bn.bias), requires_grad=first.bn.bias.requires_grad)
+    bn.running_mean = cat(first.bn.running_mean, second.bn.running_mean)
+    bn.running_var = cat(first.bn.running_var, second.bn.running_var)
+    bn.num_features = c.out_channels
+    return new
+
+
+def _stock_problem(module: nn.Module) -> str | None:
+    """Why ``module`` (a prunable form) cannot become its ultralytics class, or None."""
+    if type(module) in _STOCK_OF:
+        a, b = module.cv0.conv.out_channels, module.cv1.conv.out_channels
+        return None if a == b else f"its two halves have {a} and {b} channels (stock {_STOCK_OF[type(module)].__name__} " \
+                                   "splits one conv in two equal halves)"
+    if type(module) is PrunableAttention:
+        outer = module.qkv.conv.in_channels
+        return None if outer == module.inner_channels else \
+            f"its input has {outer} channels, not num_heads * head_dim = {module.inner_channels} (stock Attention " \
+            "reshapes its values with the input width)"
+    return None
+
+
+def stock_problems(model: nn.Module) -> list[str]:
+    """Every prunable form in ``model`` that :func:`to_stock` cannot convert, as ``"model.4 (C2fSplit): why"``."""
+    return [f"{name} ({type(m).__name__}): {why}" for name, m in model.named_modules()
+            if (why := _stock_problem(m)) is not None]
+
+
+def _stock_form(module: nn.Module) -> nn.Module | None:
+    """The ultralytics module ``module`` (a prunable form) stands for, or None when it is no prunable form."""
+    why = _stock_problem(module)
+    if why is not None:
+        raise ValueError(f"cannot convert a {type(module).__name__} back to its ultralytics class: {why}")
+    stock = _STOCK_OF.get(type(module))
+    if stock is not None:
+        new = stock.__new__(stock)
+        nn.Module.__init__(new)  # the ultralytics __init__ would build fresh layers
+        new.c = module.cv0.conv.out_channels  # what stock forward / forward_split split by
+        new.cv1, new.cv2, new.m = _join_convs(module.cv0, module.cv1), module.cv2, module.m
+        return _copy_layer_attrs(module, new)
+    if type(module) is PrunableAttention:
+        new = Attention.__new__(Attention)
+        nn.Module.__init__(new)
+        new.num_heads, new.key_dim, new.head_dim, new.scale = module.num_heads, module.key_dim, module.head_dim, \
+            module.scale
+        new.qkv, new.proj, new.pe = module.qkv, module.proj, module.pe
+        if "format" in vars(module):
+            new.format = module.format
+        return new.train(module.training)
+    return None
+
+
+def to_stock(model: nn.Module) -> int:
+    """Replace, in place, every prunable form of ``model`` by the ultralytics class it came from (the inverse of
+    :func:`to_prunable`, same outputs). Returns how many modules were replaced.
+
+    Raises:
+        ValueError: a form stock ultralytics cannot compute with its widths (see :func:`stock_problems`); the model
+            is left unchanged then.
+    """
+    problems = stock_problems(model)
+    if problems:
+        raise ValueError(f"cannot convert {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
+                                                            else ""))
+    return _replace_stock(model)
+
+
+def _replace_stock(model: nn.Module) -> int:
+    count = 0
+    for name, child in list(model.named_children()):
+        new = _stock_form(child)
+        if new is not None:
+            setattr(model, name, new)
+            child = new
+            count += 1
+        count += _replace_stock(child)
     return count

@@ -187,6 +187,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "report the proxy's rank correlation", "prune", lo=0, modes=frozenset({"sensitivity"})),
         K("tolerance", 0.03, "float", "accepted distance of the reached MACs fraction from target_macs", "prune",
           lo=0, hi=1, bounds="(]", modes=_PRUNE),
+        K("portable", True, "bool", "save the pruned model in stock ultralytics classes only, so that YOLO(path) "
+          "predicts, validates and exports where yolo-prune is not installed: both halves of every C2f/C3k2/C2/C2PSA "
+          "split lose the same channels and attention blocks keep their input width; False: any widths (the free "
+          "form), loading then needs yolo-prune; also greg's plan (sparse), which then zeroes what portable pruning "
+          "removes", "prune", modes=frozenset({"prune", "pipeline", "sparse"})),
         K("target_latency", None, "float", "fraction of the dense model's latency to keep, in (0, 1], measured on "
           "`runtime` with `threads`; replaces target_macs", "latency", optional=True, lo=0, hi=1, bounds="(]",
           modes=frozenset({"prune"})),

@@ -38,6 +38,10 @@ def prune_report_markdown(result: Any, *, title: str = "yolo-prune report") -> s
         "",
         "Per-layer output channels: `layers.csv`.",
     ]
+    if getattr(result, "portable", None) is not None:
+        lines += ["", "The checkpoint holds stock ultralytics classes only: it loads with `YOLO(path)` without yolo-prune "
+                  "(portable=True)." if result.portable else "The checkpoint holds yolo-prune's prunable block forms "
+                  "(portable=False): loading it needs yolo-prune installed."]
     lat = getattr(result, "latency", None)
     if lat:
         lines += ["", "## Latency", "", _latency_markdown(lat)]

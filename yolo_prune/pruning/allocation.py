@@ -89,6 +89,18 @@ def curves_from(measured: Sequence[GroupSensitivity]) -> dict[str, LossCurve]:
     return {s.name: LossCurve(tuple(s.ratios), tuple(s.losses)) for s in measured}
 
 
+def curve_of(group: ChannelGroup, curves: dict[str, LossCurve]) -> LossCurve | None:
+    """The curve of ``group`` by its name; for a tied group (portable pruning) without one, the sum of its
+    halves' curves (both lose the same fraction), when both are known."""
+    if group.name in curves:
+        return curves[group.name]
+    parts = [curves.get(member.name) for member, _ in getattr(group, "members", ())]
+    if not parts or any(c is None for c in parts):
+        return None
+    ratios = parts[0].ratios
+    return LossCurve(ratios, tuple(sum(c.at(r) for c in parts) for r in ratios))
+
+
 def make_planner(
     allocation: str,
     *,
@@ -133,11 +145,12 @@ def make_planner(
     else:
         measured = measure_sensitivity(probe, scored, macs_saved=saved, ratios=RATIOS, progress=progress)
         curves = curves_from(measured)
-    missing = [g.name for g, _ in scored if g.name not in curves]
+    found = [curve_of(g, curves) for g, _ in scored]
+    missing = [g.name for (g, _), c in zip(scored, found) if c is None]
     if missing:
         raise UsageError(f"the sensitivity data has no curve for group(s) {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}: measure it on this model")
-    by_loss = LossAllocation([curves[g.name] for g, _ in scored], channels, saved, opts)
+    by_loss = LossAllocation(found, channels, saved, opts)
     if allocation == "sensitivity":
         return by_loss, {"curves": {k: list(v.losses) for k, v in curves.items()}}
 

@@ -24,6 +24,7 @@ from .cost import Cost, MacsCost
 from .graph import ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
 from .importance import METHODS, make_importance, resolve_method
 from .recovery import Recovery, RecoveryContext, normalize_compensation, normalize_recalibration
+from .portable import channel_count, tie, untie
 from .sensitivity import Calibration
 from .schedule import PlanOptions, solve_for_macs
 
@@ -82,6 +83,7 @@ class EngineOptions:
     search_candidates: int = 16
     trace_imgsz: int = 64
     macs_imgsz: int = 640
+    portable: bool = False
 
     def check(self) -> None:
         """Raise :class:`UsageError` for any value out of range (``target_macs`` only when it is the goal)."""
@@ -167,7 +169,7 @@ class _Pass:
             s = self.importance(g.group)
             if s is not None:
                 scored.append((g, s.detach().float().cpu()))
-        return scored
+        return tie(self.graph, scored)  # portable: the halves of every split block as one tied group
 
     def step_plan_options(self, scored: Sequence[tuple[ChannelGroup, torch.Tensor]]) -> PlanOptions:
         """The plan options of this increment: with ``round_to=auto``, each group's quantum from the cost."""
@@ -210,7 +212,7 @@ class _Pass:
                                       sensitivity=opts.sensitivity if step == 1 else None,
                                       search_candidates=opts.search_candidates, seed=opts.seed, progress=self.progress)
         if opts.ratio is not None:
-            current = sum(g.channels for g, _ in scored)
+            current = sum(channel_count(g) for g, _ in scored)
             goal_removed = opts.ratio * step / opts.steps * self.reference.channels
             already = self.reference.channels - current
             with self.timings("planning"):
@@ -227,21 +229,21 @@ class _Pass:
         with self.timings("ranking"):
             scored = self.scored()
         counts, target = self.counts(step, scored)
-        plans = [(g, torch.argsort(s, stable=True)[:n].tolist()) for (g, s), n in zip(scored, counts) if n]
+        plans = untie([(g, torch.argsort(s, stable=True)[:n].tolist()) for (g, s), n in zip(scored, counts) if n])
         self.recovery.before(step, plans)
         with self.timings("removal"):
             for g, idxs in plans:
                 self.graph.prune(g, idxs, self.kept)
         self.recovery.after(step, plans)
-        return self.record(step, counts, target)
+        return self.record(step, sum(len(idxs) for _, idxs in plans), target)
 
-    def record(self, step: int, counts: list[int], target: float | None) -> StepRecord:
+    def record(self, step: int, removed: int, target: float | None) -> StepRecord:
         fields: dict[str, Any] = {"target_macs": None}
         if self.cost is not None and self.cost is not self.goal:  # e.g. the predicted latency with a MACs goal
             fields.update(self.cost.record_fields(self.graph, None))
         fields.update(self.goal.record_fields(self.graph, target))
         return StepRecord(step=step, macs_fraction=self.graph.conv_macs() / self.reference.conv_macs,
-                          channels_removed=int(sum(counts)), **fields)
+                          channels_removed=int(removed), **fields)
 
     def run(self, on_step: Callable[[StepRecord], None] | None) -> list[StepRecord]:
         records = []
@@ -299,6 +301,10 @@ def prune_model(
     (:class:`~yolo_prune.logs.Progress`). The outcome's ``timings`` are the wall seconds of each sub-step that ran:
     ``trace``, ``ranking``, the allocation's measurements (``sensitivity``, ``search``), ``planning``, ``removal``,
     ``compensation`` and ``recalibration`` (their reference measurements on the dense model included).
+
+    ``portable=True`` removes only what stock ultralytics classes can compute without (:mod:`.portable`: both
+    halves of every split block lose the same channel count, attention keeps its input width), so that
+    :func:`yolo_prune.modules.to_stock` can convert the pruned model back; the model stays in prunable form here.
     """
     opts = _engine_options(options, overrides)
     goal, cost = _costs(cost, latency, opts)
@@ -314,7 +320,7 @@ def prune_model(
     timings = Timings()
     with timings("trace"):
         prepare(model)
-        graph = build_graph(model, imgsz=opts.trace_imgsz, macs_imgsz=opts.macs_imgsz)
+        graph = build_graph(model, imgsz=opts.trace_imgsz, macs_imgsz=opts.macs_imgsz, portable=opts.portable)
     before = layer_widths(model, graph)
     if reference is None:
         reference = Reference(conv_macs=graph.conv_macs(), channels=sum(g.channels for g in graph.groups()))

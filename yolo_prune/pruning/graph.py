@@ -8,6 +8,12 @@ concat slice it feeds). Protected layers never lose output channels, and a group
 not a group at all: the Detect head's final box/class convs of both branches (YOLO26's one-to-one head
 too) and DFL, and inside every attention block the ``qkv`` and ``pe`` convs (their outputs are split per
 head and reshaped; only the attention's outer channels and its FFN's hidden width are prunable).
+
+A graph built with ``portable=True`` offers only the groups whose removal stock ultralytics classes can still
+compute (:func:`~yolo_prune.modules.to_stock` converts the model back afterwards): no group that changes an
+attention's input width (stock ``Attention`` reshapes its values with it), and the two halves of a split block
+(``cv0``/``cv1`` of C2f, C3k2, C2, C2PSA) only as a pair of equal width, both or neither
+(:mod:`.portable` ties their counts).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ultralytics.nn.modules import C2, C2PSA, DFL, SPPF, Bottleneck, C2f, C3k2, 
 from ultralytics.nn.modules.block import Attention, C3k, PSABlock
 
 from ..errors import UnsupportedModelError
-from ..modules import C2fSplit, C2PSASplit, C2Split, C3k2Split, PrunableAttention, to_prunable
+from ..modules import SPLIT_FORMS, C2fSplit, C2PSASplit, C2Split, C3k2Split, PrunableAttention, to_prunable
 
 # Top-level layer types of a detection model that the graph handles correctly (exact types: a subclass
 # may compute something else).
@@ -176,9 +182,18 @@ class PruneGraph:
     conv_hw: dict[nn.Conv2d, int]
     names: dict[nn.Module, str]
     attn_tokens: dict[nn.Module, int] = dataclasses.field(default_factory=dict)
+    # portable pruning: convs whose input width must stay, and the (first, second) half convs of every split block
+    fixed_inputs: tuple[nn.Conv2d, ...] = ()
+    pairs: tuple[tuple[nn.Conv2d, nn.Conv2d], ...] = ()
+    portable: bool = False
 
     def groups(self) -> list[ChannelGroup]:
-        """The channel groups of the model as it is now (recomputed after every pruning)."""
+        """The channel groups of the model as it is now (recomputed after every pruning); with ``portable``, only
+        those stock ultralytics classes can compute after their removal (see the module docstring)."""
+        groups = self._all_groups()
+        return _portable_groups(groups, self.fixed_inputs, self.pairs) if self.portable else groups
+
+    def _all_groups(self) -> list[ChannelGroup]:
         out = []
         for group in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=[nn.Conv2d]):
             root = group[0].dep.target.module
@@ -238,6 +253,34 @@ class PruneGraph:
         return total
 
 
+def _portable_groups(groups: list[ChannelGroup], fixed_inputs: tuple[nn.Conv2d, ...],
+                     pairs: tuple[tuple[nn.Conv2d, nn.Conv2d], ...]) -> list[ChannelGroup]:
+    """``groups`` without those touching the input of a ``fixed_inputs`` conv, and without any half of a pair whose
+    other half is not offered at the same width (a pair owned by one group is removed alike anyway)."""
+    fixed = set(fixed_inputs)
+    keep = [g for g in groups if not any(conv in fixed and not is_out for conv, is_out, _ in g.convs)]
+    while True:  # dropping one half can only drop its partner; repeat until nothing changes
+        owner = {conv: id(g) for g in keep for conv, is_out, _ in g.convs if is_out}
+        widths = {id(g): g.channels for g in keep}
+        drop: set[int] = set()
+        for first, second in pairs:
+            a, b = owner.get(first), owner.get(second)
+            if a != b and (a is None or b is None or widths[a] != widths[b]
+                           or first.out_channels != second.out_channels):
+                drop.update(x for x in (a, b) if x is not None)
+        if not drop:
+            return keep
+        keep = [g for g in keep if id(g) not in drop]
+
+
+def portable_constraints(model: nn.Module) -> tuple[tuple[nn.Conv2d, ...], tuple[tuple[nn.Conv2d, nn.Conv2d], ...]]:
+    """(convs whose input width stock ultralytics derives widths from: every attention's ``qkv``; the
+    (first half, second half) convs of every split block) of a prepared model."""
+    fixed = tuple(m.qkv.conv for m in model.modules() if isinstance(m, Attention))
+    pairs = tuple((m.cv0.conv, m.cv1.conv) for m in model.modules() if isinstance(m, SPLIT_FORMS))
+    return fixed, pairs
+
+
 def _tensors(out) -> list[torch.Tensor]:
     """Every tensor in a nest of tuples, lists and dicts."""
     if isinstance(out, torch.Tensor):
@@ -270,11 +313,13 @@ def _size_hooks(model: nn.Module, hw: dict[nn.Conv2d, int], tokens: dict[nn.Modu
     return hooks
 
 
-def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = None) -> PruneGraph:
+def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = None,
+                portable: bool = False) -> PruneGraph:
     """Trace the (already prepared) model at ``imgsz`` and return its :class:`PruneGraph`.
 
     ``macs_imgsz`` (default: ``imgsz``) is the input size whose MACs :meth:`PruneGraph.conv_macs`
-    counts; it matters for attention, whose cost grows faster than the image area.
+    counts; it matters for attention, whose cost grows faster than the image area. With ``portable`` the graph
+    offers only the groups stock ultralytics classes can compute without them (see the module docstring).
     """
     was_training = model.training
     model.eval()
@@ -318,4 +363,11 @@ def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = N
             hw.pop(m, None)
     names = {m: n for n, m in model.named_modules()}
     model.train(was_training)
-    return PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names, attn_tokens=tokens)
+    graph = PruneGraph(model=model, dg=dg, ignored=ignored, conv_hw=hw, names=names, attn_tokens=tokens)
+    return portable_view(graph) if portable else graph
+
+
+def portable_view(graph: PruneGraph) -> PruneGraph:
+    """The same traced graph offering only the groups of portable pruning (see the module docstring)."""
+    fixed, pairs = portable_constraints(graph.model)
+    return dataclasses.replace(graph, fixed_inputs=fixed, pairs=pairs, portable=True)

@@ -31,6 +31,7 @@ from .calibration import run_with_hooks
 from .compensate import bn_after
 from .forward import ForwardCache, top_level_index
 from .graph import ChannelGroup, PruneGraph
+from .portable import untie
 from .reconstruct import removed_inputs
 from .recalibrate import recalibrate_bn
 
@@ -173,8 +174,9 @@ class Probe:
 
     @torch.no_grad()
     def apply(self, plans: Sequence[tuple[ChannelGroup, list[int]]]) -> tuple[list, int]:
-        """Simulate the removal of ``plans``; returns (undo record, first top-level layer touched)."""
-        lost = removed_inputs(self.graph, plans)
+        """Simulate the removal of ``plans`` (tied groups too); returns (undo record, first top-level layer
+        touched)."""
+        lost = removed_inputs(self.graph, untie(plans))
         undo = []
         start = len(self.model.model)
         for conv, removed in lost.items():

@@ -25,6 +25,7 @@ from .bngroups import BNGroups, threshold_counts
 from .compensate import compensate, input_means
 from .graph import build_graph, prepare
 from .engine import layer_widths
+from .portable import tie_counts
 
 __all__ = ["FreeOutcome", "remove_free_channels", "detect_outputs", "output_change"]
 
@@ -43,24 +44,27 @@ class FreeOutcome:
 
 def remove_free_channels(model: nn.Module, threshold: float, *, round_to: int | None = None,
                          calib_images: torch.Tensor | None = None, trace_imgsz: int = 64,
-                         macs_imgsz: int | None = None) -> FreeOutcome:
+                         macs_imgsz: int | None = None, portable: bool = False) -> FreeOutcome:
     """Remove, in place, every channel of ``model`` whose coupled gammas are all below ``threshold``.
 
     Each channel group keeps at least one channel, and with ``round_to`` a width that is a multiple of it (so
     a few free channels may stay). The constants the removed channels emitted are folded into their
     consumers first (see the module docstring). MACs are counted at ``macs_imgsz`` (default ``trace_imgsz``), as
-    :func:`~yolo_prune.pruning.engine.prune_model` counts them. Returns a :class:`FreeOutcome`.
+    :func:`~yolo_prune.pruning.engine.prune_model` counts them. With ``portable`` only what stock ultralytics
+    classes can compute without goes: both halves of a split block lose the smaller of their two free counts
+    (:mod:`.portable`). Returns a :class:`FreeOutcome`.
     """
     prepare(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)  # torch-pruning traces through autograd
-    graph = build_graph(model, imgsz=trace_imgsz, macs_imgsz=macs_imgsz)
+    graph = build_graph(model, imgsz=trace_imgsz, macs_imgsz=macs_imgsz, portable=portable)
     before = layer_widths(model, graph)
     groups = BNGroups.from_graph(graph)
     reference, channels = graph.conv_macs(), sum(g.channels for g in graph.groups())
     scores = groups.scores(model)
-    counts = threshold_counts(scores, threshold, round_to=round_to)
+    counts = tie_counts(graph, [g.graph_group for g in groups.groups], threshold_counts(scores, threshold,
+                                                                                     round_to=round_to))
     plans = [(g.graph_group, torch.argsort(s, stable=True)[:n].tolist())
              for g, s, n in zip(groups.groups, scores, counts) if n]
     if plans:

@@ -19,6 +19,7 @@ from ..io import run_dir, write_json, write_text, write_yaml
 from ..latency import NOISY, LatencyCost, LatencyTable, build_table, check_runtime, measure_models
 from ..logs import LOGGER, Timings, format_seconds, progress_output
 from ..models import load_model, save_checkpoint, wrap_model
+from ..modules import stock_problems, to_stock
 from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings, target_macs
 from ..provenance import provenance
 from ..report import plot_layer_channels, prune_report_markdown
@@ -69,6 +70,7 @@ class PruneResult(Result):
     compensate: str | None = None
     recalibrate: str | None = None
     allocation: str = "global"
+    portable: bool = False  # saved in stock ultralytics classes only (loads without yolo-prune)
     layers: list[LayerChange] = dataclasses.field(default_factory=list, repr=False)
     steps: list[StepRecord] = dataclasses.field(default_factory=list, repr=False)
     provenance: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -164,6 +166,7 @@ class PruneResult(Result):
             "compensate": self.compensate,
             "recalibrate": self.recalibrate,
             "allocation": self.allocation,
+            "portable": self.portable,
             "prune_seconds": self.seconds,
             "total_seconds": self.total_seconds,
             "timings": dict(self.timings),
@@ -231,6 +234,12 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     ran (``load``, ``calibration``, ``trace``, ``ranking``, ``sensitivity``, ``planning``, ``removal``,
     ``compensation``, ``recalibration``, ``stats``, ``save``, ``validation``...), ``result.total_seconds`` the whole
     call.
+
+    With ``portable`` (the default) the pruned model is saved in stock ultralytics classes only (C2f, C3k2, C2,
+    C2PSA, Attention), so that ``YOLO(path)`` loads, predicts, validates and exports it where yolo-prune is not
+    installed: both halves of every split block lose the same channel count and attention blocks keep their input
+    width (:mod:`yolo_prune.pruning.portable`). ``portable=False`` prunes any width (the free form, whose
+    checkpoint needs ``yolo_prune.modules`` to load).
     """
     s = settings(GROUPS, options, overrides, where="prune")
     p, lat, t = s.prune, s.latency, s.train
@@ -243,6 +252,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     with progress_output(progress):
         with timings("load"):
             yolo = load_model(model)
+            if p.portable:
+                _check_portable(yolo.model, model)
             module = copy.deepcopy(yolo.model).float().cpu().eval()
             for param in module.parameters():
                 param.requires_grad_(True)
@@ -256,11 +267,11 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
         with timings("stats"):
             before = model_stats(module, imgsz=t.imgsz)
         torch.manual_seed(t.seed)
-        snapshot: dict[str, torch.Tensor] = {}
+        snapshot: dict[str, torch.nn.Module] = {}
 
         def keep_stats(m: torch.nn.Module) -> None:
             if validate and data is not None:
-                snapshot.update({k: v.clone() for k, v in m.state_dict().items()})
+                snapshot["model"] = copy.deepcopy(m)
 
         t0 = time.perf_counter()
         outcome, free = _remove(module, p, t, calib=calib, latency=latency, progress=progress, keep_stats=keep_stats,
@@ -269,6 +280,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
         with timings("stats"):
             result = _result(model, module, outcome, free, p, s, before=before, calib=calib, latency=latency,
                              seconds=seconds)
+        if p.portable:  # after the measures above, which name convs as in the prunable form
+            to_stock(module)
         if latency is not None and lat.verify_latency:
             with timings("latency_verify"):
                 _verify_latency(result, yolo.model, module, latency)
@@ -290,6 +303,15 @@ def time_summary(timings: dict[str, float], total: float, n: int = 3) -> str:
     sub-steps."""
     longest = sorted(timings.items(), key=lambda kv: -kv[1])[:n]
     return f"{format_seconds(total)} in all; " + ", ".join(f"{k} {format_seconds(v)}" for k, v in longest)
+
+
+def _check_portable(net: torch.nn.Module, source: Any) -> None:
+    """A model pruned with ``portable=False`` may hold widths no stock ultralytics class computes."""
+    problems = stock_problems(net)
+    if problems:
+        name = source if isinstance(source, (str, Path)) else "the model"
+        raise UsageError(f"portable=True cannot give stock ultralytics classes for {name}, pruned with portable=False "
+                         f"({problems[0]}): prune the unpruned model, or pass portable=False")
 
 
 def _save(result: PruneResult, yolo: Any, module: torch.nn.Module, data: Any, seed: int,
@@ -321,7 +343,7 @@ def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, lat
     if p.threshold is not None:
         with timings("free_removal"):
             free = remove_free_channels(module, float(p.threshold), round_to=p.round_to, calib_images=calib,
-                                        macs_imgsz=t.imgsz)
+                                        macs_imgsz=t.imgsz, portable=p.portable)
         (LOGGER.info if progress else LOGGER.debug)(
             "threshold %g: %d zeroed channels removed for free, conv MACs %.3f of the original", p.threshold,
             free.channels_removed, free.macs_fraction)
@@ -349,6 +371,7 @@ def _remove(module: torch.nn.Module, p: PruneOptions, t: Any, *, calib: Any, lat
             progress=progress,
             before_recalibration=keep_stats,
             cost=latency,
+            portable=p.portable,
         )
         timings.add(outcome.timings)
     else:
@@ -374,7 +397,8 @@ def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: A
                 imgsz=t.imgsz, global_pruning=p.global_pruning, max_layer_ratio=p.max_layer_ratio,
                 round_to=p.round_to, steps=p.steps, calib_images=p.calib_images,
                 compensate=normalize_compensation(p.compensate) if calib is not None else "none", recalibrate=recal_mode,
-                allocation=outcome.allocation, sensitivity=str(p.sensitivity) if p.sensitivity else None)
+                allocation=outcome.allocation, sensitivity=str(p.sensitivity) if p.sensitivity else None,
+                portable=p.portable)
     if latency is not None:
         args.update(target_latency=lat.target_latency, target_ms=lat.target_ms, runtime=latency.table.runtime,
                     threads=latency.table.threads, latency_aware=lat.latency_aware)
@@ -389,7 +413,7 @@ def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: A
         channels_free=None if free is None else free.channels_removed,
         layers=[LayerChange(n, c, outcome.layers_after.get(n, 0)) for n, c in outcome.layers_before.items()],
         steps=outcome.steps, provenance=provenance(source, seed=t.seed, stage="prune", args=args),
-        compensate=args["compensate"], recalibrate=recal_mode, allocation=outcome.allocation,
+        compensate=args["compensate"], recalibrate=recal_mode, allocation=outcome.allocation, portable=p.portable,
         latency=_latency_summary(latency, module, lat.target_latency, lat.target_ms) if latency is not None else None,
     )
 
@@ -403,8 +427,7 @@ def _validate(result: PruneResult, yolo: Any, module: torch.nn.Module, snapshot:
     result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
     result.map50_95_after, result.map50_after = va.map50_95, va.map50
     if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
-        plain = copy.deepcopy(module)
-        plain.load_state_dict(snapshot)
+        plain = snapshot["model"]
         vn = evaluate(wrap_model(plain), data, save_dir=save_dir / "val_no_recalibration" if save_dir else None, **kw)
         result.map50_95_no_recalibration, result.map50_no_recalibration = vn.map50_95, vn.map50
 

@@ -51,7 +51,9 @@ from ..errors import UsageError
 from ..io import write_json
 from ..pruning.bngroups import BNGroup, BNGroups
 from ..pruning.compensate import bn_after, shift_output
+from ..pruning.graph import portable_view
 from ..pruning.importance import make_importance
+from ..pruning.portable import TiedGroup, tie, untie
 from ..pruning.schedule import PlanOptions, plan, solve_for_macs
 from ..options import choices
 
@@ -114,10 +116,12 @@ class GregPlan:
 
 def greg_plan(groups: BNGroups, *, target_macs: float, method: str = "bn", head: bool = True,
               max_layer_ratio: float = 0.75, round_to: int | None = 8, tolerance: float = 0.03,
-              seed: int = 0) -> GregPlan:
+              seed: int = 0, portable: bool = False) -> GregPlan:
     """The channels pruning to ``target_macs`` with ranking ``method`` would remove, planned on the traced copy
     behind ``groups`` with the pruning schedule (:func:`~yolo_prune.pruning.schedule.plan` and
-    :func:`~yolo_prune.pruning.schedule.solve_for_macs`), without pruning anything."""
+    :func:`~yolo_prune.pruning.schedule.solve_for_macs`), without pruning anything. With ``portable``, as portable
+    pruning would (:mod:`yolo_prune.pruning.portable`: the halves of a split block tied, attention's input width
+    kept), so that the channels greg zeroes are exactly those a portable threshold removal takes."""
 
     method = "bn" if method == "auto" else method  # auto without calibration images is bn
     if method in ("activation", "recon"):
@@ -125,27 +129,38 @@ def greg_plan(groups: BNGroups, *, target_macs: float, method: str = "bn", head:
     if not 0 < target_macs < 1:
         raise UsageError(f"sr_mode=greg needs target_macs in (0, 1), got {target_macs!r}")
     importance = make_importance(method, seed=seed)
-    chosen: list[BNGroup] = groups.select(head=head)
+    graph = portable_view(groups.graph) if portable else groups.graph
+    offered = {g.name for g in graph.groups()}
+    chosen: list[BNGroup] = [g for g in groups.select(head=head) if g.name in offered]
+    by_name = {g.name: g for g in chosen}
     scored = []
     for g in chosen:
         s = importance(g.graph_group.group)
-        scored.append((g, torch.zeros(g.channels) if s is None else s.detach().float().cpu()))
-    scores = [s for _, s in scored]
-    channels = [g.channels for g, _ in scored]
+        scored.append((g.graph_group, torch.zeros(g.channels) if s is None else s.detach().float().cpu()))
+    units = tie(graph, scored)  # unchanged unless portable
+    scores = [s for _, s in units]
+    channels = [u.channels for u, _ in units]
+
+    def per_group(counts: Sequence[int]) -> list[int]:
+        """Counts of the planned units as counts of every chosen group (a tied unit: both halves)."""
+        n_of = {m.name: n for (u, _), n in zip(units, counts)
+                for m in ([m for m, _ in u.members] if isinstance(u, TiedGroup) else [u])}
+        return [n_of.get(g.name, 0) for g in chosen]
+
     opts = PlanOptions(max_layer_ratio=max_layer_ratio, round_to=round_to)
-    counts, reached = solve_for_macs(lambda c: groups.macs_after(c, chosen), lambda a: plan(scores, channels, a, opts),
-                                     target_macs, tolerance=tolerance, max_amount=1.0)
+    counts, reached = solve_for_macs(lambda c: groups.macs_after(per_group(c), chosen),
+                                     lambda a: plan(scores, channels, a, opts), target_macs, tolerance=tolerance,
+                                     max_amount=1.0)
+    plans = untie([(u, torch.argsort(s, stable=True)[:n].tolist()) for (u, s), n in zip(units, counts) if n])
     entries: dict[str, list[int]] = {}
-    for (g, s), n in zip(scored, counts):
-        if not n:
-            continue
-        removed = torch.argsort(s, stable=True)[:n]
-        for m in g.members:
+    for group, idxs in plans:
+        removed = torch.as_tensor(idxs, dtype=torch.long)
+        for m in by_name[group.name].members:
             keep = torch.isin(m.root, removed)
             if keep.any():
                 entries.setdefault(m.bn, []).extend(m.idx[keep].tolist())
-    return GregPlan({k: sorted(v) for k, v in entries.items()}, float(target_macs), float(reached), int(sum(counts)),
-                    method)
+    return GregPlan({k: sorted(v) for k, v in entries.items()}, float(target_macs), float(reached),
+                    int(sum(len(idxs) for _, idxs in plans)), method)
 
 
 # --------------------------------------------------------------------------------------------- the penalty

@@ -72,7 +72,7 @@ __all__ = [
 #: ``method``, ``max_layer_ratio``, ``round_to`` only matter to ``sr_mode=greg``, which plans like pruning).
 SPARSE_DEFAULTS: dict[str, Any] = {
     **{k: SCHEMA[k].default for k in SparseOptions.names()},
-    **{k: SCHEMA[k].default for k in ("target_macs", "max_layer_ratio", "round_to")},
+    **{k: SCHEMA[k].default for k in ("target_macs", "max_layer_ratio", "round_to", "portable")},
     "method": "bn",  # the schema's empty method means auto; without calibration images that is bn
 }
 SR_SCHEDULES = choices("sr_schedule")
@@ -301,7 +301,8 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
                 plan = load_plan(path)
             else:
                 plan = greg_plan(groups, target_macs=a.target_macs, method=a.method, head=a.sr_head,
-                                 max_layer_ratio=a.max_layer_ratio, round_to=a.round_to, seed=a.seed or 0)
+                                 max_layer_ratio=a.max_layer_ratio, round_to=a.round_to, seed=a.seed or 0,
+                                 portable=a.portable)
                 if RANK in {-1, 0}:
                     save_plan(plan, path)
             LOGGER.info(f"sparsity: greg drives {plan.channels} channels to zero (pruning them reaches "
@@ -409,7 +410,7 @@ def check_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"sr_schedule must be one of {', '.join(SR_SCHEDULES)}, got {o['sr_schedule']!r}")
     if o["sr_mode"] not in SR_MODES:
         raise UsageError(f"sr_mode must be one of {', '.join(SR_MODES)}, got {o['sr_mode']!r}")
-    for key in ("sr_group", "sr_head"):
+    for key in ("sr_group", "sr_head", "portable"):
         if not isinstance(o[key], bool):
             raise UsageError(f"{key} must be True or False, got {o[key]!r}")
     o["greg_ramp"] = _check_float("greg_ramp", o["greg_ramp"], minimum=0.0, open_=True)
@@ -505,7 +506,7 @@ def sparse_train(model: Any, data: Any, *options: Options, **overrides: Any) -> 
     s, train_args = settings_and_rest(GROUPS, options, overrides, where="sparse_train")
     p = s.prune
     extra = {**s.sparse.to_dict(), "target_macs": p.target_macs, "method": p.method or "bn",
-             "max_layer_ratio": p.max_layer_ratio, "round_to": p.round_to}
+             "max_layer_ratio": p.max_layer_ratio, "round_to": p.round_to, "portable": p.portable}
     check_sparse_options(extra)
     extra.update(distill_options(**s.distill.to_dict()))
     trainer, result = run_training(SparseTrainer, "sparse", model, data, s.train, s.run, extra=extra,
