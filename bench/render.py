@@ -4,7 +4,8 @@ BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``<!-- BEGIN name -->`` / ``<!-- END name -->``; only the blocks are rewritten (names: ``machine``, ``targets``,
 ``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
 ``cost``, ``families``, ``families:<result name>``, ``distill``, ``unstructured``, ``sparsity:<result name>``,
-``accuracy``, ``accuracy_targets``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``accuracy``, ``accuracy_targets``, ``collapse``, ``recovery``, ``portable:<result name>``,
+``bccd_pipeline:<result name>``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python -m bench.render            # rewrite the blocks in BENCHMARKS.md
     python -m bench.render --print    # print the blocks instead
@@ -638,11 +639,81 @@ def block_bccd_pipeline(name: str = "bccd_pipeline") -> str:
                      a["epochs"], f(a.get("macs_ratio")), f(a.get("map50_95_dense")), f(a.get("map50_95_pruned")),
                      f(a.get("map50_95")), f(ref["map50_95"]) if ref else "-",
                      f"{100 * (a['map50_95'] - ref['map50_95']):+.1f}" if ref else "-"))
-    return ("Commands: " + "; ".join(cmds) + ". bccd val (87 images), imgsz 416, COCO mAP50-95; the dense start is "
-            "`common.bccd_dense()`.\n\n"
+    where = {"fixture_pipeline": "coco128 split (32 val images), imgsz 320, COCO mAP50-95; the dense start is the "
+                                 "COCO yolov8n fixture",
+             "undertrained_pipeline": "bccd val (87 images), imgsz 416, COCO mAP50-95; the dense start is "
+                                      "`common.bccd_dense(epochs=3)` (under-trained)"}.get(
+        name, "bccd val (87 images), imgsz 416, COCO mAP50-95; the dense start is `common.bccd_dense()`")
+    return ("Commands: " + "; ".join(cmds) + f". {where}.\n\n"
             + md_table(rows, ("arm", "overrides", "pruning / sparsity / distillation", "epochs after the dense model",
                               "MACs kept", "dense", "right after pruning", "final", "dense + same epochs",
                               "vs dense + same epochs (points)")))
+
+
+def block_portable(name: str = "portable") -> str:
+    """Issue 23: mAP right after pruning, portable (stock ultralytics classes) against free (bench/portable.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.portable`._"
+    rows_by_target: dict[float, dict[bool, dict[str, Any]]] = {}
+    for r in res["rows"].values():
+        rows_by_target.setdefault(r["target_macs"], {})[bool(r["portable"])] = r
+    rows = []
+    for t in sorted(rows_by_target, reverse=True):
+        pair = rows_by_target[t]
+        port, free = pair.get(True), pair.get(False)
+        gap = f"{100 * (port['map50_95'] - free['map50_95']):+.1f}" if port and free else "-"
+        for r in (port, free):
+            if r:
+                rows.append((t, "portable" if r["portable"] else "free", f(r["macs_ratio"]), f(r["params_ratio"]),
+                             f(r["map50_95"]), gap if r is port else "", "yes" if r.get("stock_only") else "no",
+                             f(r.get("prune_seconds"), 0)))
+    dense = next(iter(res["rows"].values()))["map50_95_dense"]
+    return (f"Command: `{res['command']}` (started {res['started']}); `{res['weights']}` on {res['data']}, imgsz "
+            f"{res['imgsz']}, dense mAP50-95 {f(dense)}; pruning defaults with data (recon, sensitivity, lstsq_seq, "
+            f"BN re-estimation); no fine-tune. {load_note(res)}.\n\n"
+            + md_table(rows, ("target MACs", "form", "MACs kept", "params kept", "mAP50-95 right after pruning",
+                              "portable - free (points)", "loads with ultralytics alone", "prune s")))
+
+
+def block_collapse(name: str = "collapse") -> str:
+    """Issue 24: mAP right after a one-shot prune and where the removal went (bench/collapse.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.collapse`._"
+    parts = ("backbone", "neck", "head box P3", "head class P3", "head box P4", "head class P4", "head box P5",
+             "head class P5")
+    rows, cmds = [], []
+    for key, r in res["rows"].items():
+        if r["command"] not in cmds:
+            cmds.append(r["command"])
+        kept = r.get("kept") or {}
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "defaults"
+        rows.append((r["model"], r["target_macs"], over, f(r["map50_95_dense"]), f(r["map50_95_pruned"]),
+                     f"{r['map50_95_pruned'] / r['map50_95_dense']:.0%}", *(f(kept.get(p), 2) for p in parts)))
+    return ("Commands: " + "; ".join(f"`{c}`" for c in cmds) + ". Channels kept: the fraction of each part's "
+            "prunable channels left.\n\n"
+            + md_table(rows, ("model", "target MACs", "overrides", "dense", "right after pruning", "kept",
+                              *(f"kept: {p}" for p in parts))))
+
+
+def block_recovery(name: str = "recovery") -> str:
+    """Issue 24: fine-tune recipes on one pruned checkpoint, equal epochs (bench/recovery.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.recovery`._"
+    rows, cmds = [], []
+    for key, r in res["runs"].items():
+        if r["command"] not in cmds:
+            cmds.append(r["command"])
+        recipe = key.rsplit("/", 1)[-1].rsplit("_e", 1)[0]
+        rows.append((key.split("/", 1)[0], f"`{r['pruned']}`", recipe,
+                     ", ".join(f"{k}={v}" for k, v in r["recipe"].items()) or "the pipeline's",
+                     r["epochs"], f(r["map50_95"]), minutes(r.get("seconds"))))
+    return ("Commands: " + "; ".join(f"`{c}`" for c in cmds) + ". Every recipe distils from the input model unless "
+            "it says teacher=none; mAP50-95 of `last.pt` on the val split.\n\n"
+            + md_table(rows, ("dataset", "pruned checkpoint", "recipe", "keys", "epochs", "final mAP50-95",
+                              "wall time")))
 
 
 def block_quick() -> str:
@@ -727,12 +798,14 @@ def block_accuracy_targets(name: str = "accuracy") -> str:
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
           "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured,
           "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "bccd_pipeline": block_bccd_pipeline, "latency_target": block_latency_target,
+          "collapse": block_collapse, "recovery": block_recovery,
           "quick": block_quick}
 
 
 # blocks that take a result name: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
 NAMED_BLOCKS = {"frontier": block_frontier, "sparsity": block_sparsity, "latency_target": block_latency_target,
-                "latency": block_latency, "families": block_families}
+                "latency": block_latency, "families": block_families, "portable": block_portable,
+                "bccd_pipeline": block_bccd_pipeline}
 
 
 def render(text: str) -> str:
