@@ -36,21 +36,9 @@ def log(msg: str) -> None:
 
 def stock_only(checkpoint: Any) -> bool:
     """True when the checkpoint's pickle names no yolo_prune class (it loads with ultralytics alone)."""
-    import pickle
-    import types
+    from yolo_prune.models import pickled_modules
 
-    import torch
-
-    found: set[str] = set()
-
-    class Recorder(pickle.Unpickler):
-        def find_class(self, module, name):
-            found.add(module)
-            return super().find_class(module, name)
-
-    torch.load(checkpoint, map_location="cpu", weights_only=False,
-               pickle_module=types.SimpleNamespace(Unpickler=Recorder, load=pickle.load, __name__="pickle"))
-    return not any(m.split(".")[0] == "yolo_prune" for m in found)
+    return not any(m.split(".")[0] == "yolo_prune" for m in pickled_modules(checkpoint))
 
 
 def arm(weights: Any, data: Any, target: float, portable: bool, name: str) -> dict[str, Any]:

@@ -55,6 +55,25 @@ NC = 3  # classes of the synthetic dataset
 FAST = dict(imgsz=64, batch=4, workers=0, device="cpu", nbs=4, warmup_epochs=0)
 
 
+
+def random_detection_model(cfg: str, nc: int = NC) -> torch.nn.Module:
+    """The model of ``cfg`` with random BN statistics and random head biases (so that no output is trivially equal
+    across widths), eval mode; seeded."""
+    import logging
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    logging.getLogger("ultralytics").setLevel(logging.ERROR)  # "no model scale passed" for the variants
+    torch.manual_seed(0)
+    model = randomize_bn(DetectionModel(cfg, nc=nc, verbose=False))
+    g = torch.Generator().manual_seed(1)
+    head = model.model[-1]
+    for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+        for branch in getattr(head, name, None) or []:
+            branch[-1].bias.data = torch.randn(branch[-1].out_channels, generator=g)
+    return model.eval()
+
+
 def make_pruned_model(nc: int = NC, seed: int = 0) -> nn.Module:
     """A really pruned yolov8n (torch-pruning via yolo_prune.pruning, 30% of channels), in the free form (halves of
     different widths, yolo-prune's block classes): the harder case for whatever runs on it next."""

@@ -23,7 +23,7 @@ from yolo_prune.modules import C2fSplit, C2PSASplit, C2Split, C3k2Split, Prunabl
 from yolo_prune.pruning import build_graph, prepare, protected_layers, prune_model
 from yolo_prune.stats import count_macs
 
-from .helpers import randomize_bn, zero_channels
+from .helpers import random_detection_model, zero_channels
 
 FAMILIES = ["yolo11n.yaml", "yolo11s.yaml", "yolo26n.yaml", "yolo26s.yaml"]
 VARIANTS = ["yolov8-p2.yaml", "yolov8-p6.yaml"]
@@ -41,19 +41,7 @@ _PRUNED: dict[str, nn.Module] = {}
 def base(cfg: str) -> nn.Module:
     """A fresh copy of the random-init model of ``cfg`` (eval mode), built once per session."""
     if cfg not in _BASE:
-        import logging
-
-        from ultralytics.nn.tasks import DetectionModel
-
-        logging.getLogger("ultralytics").setLevel(logging.ERROR)  # "no model scale passed" for the variants
-        torch.manual_seed(0)
-        model = randomize_bn(DetectionModel(cfg, nc=NC, verbose=False))
-        g = torch.Generator().manual_seed(1)
-        head = model.model[-1]
-        for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
-            for branch in getattr(head, name, None) or []:
-                branch[-1].bias.data = torch.randn(branch[-1].out_channels, generator=g)
-        _BASE[cfg] = model.eval()
+        _BASE[cfg] = random_detection_model(cfg, NC)
     return copy.deepcopy(_BASE[cfg])
 
 

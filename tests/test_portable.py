@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import pickle
 import subprocess
 import sys
 import types
@@ -26,6 +24,7 @@ from ultralytics.nn.modules.block import Attention
 
 import yolo_prune as yp
 from yolo_prune.errors import UsageError
+from yolo_prune.models import pickled_modules
 from yolo_prune.modules import to_prunable, to_stock
 from yolo_prune.pruning import build_graph, prepare
 from yolo_prune.pruning.allocation import curve_of
@@ -33,7 +32,7 @@ from yolo_prune.pruning.graph import ChannelGroup
 from yolo_prune.pruning.portable import TiedGroup, tie, tie_counts, untie
 from yolo_prune.pruning.schedule import LossCurve
 
-from .helpers import FAST, randomize_bn, shapes, subprocess_env, zero_channels
+from .helpers import FAST, random_detection_model, shapes, subprocess_env, zero_channels
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 NC = 3
@@ -91,16 +90,7 @@ YOLO(sys.argv[1])
 
 
 def _base(cfg: str) -> nn.Module:
-    from ultralytics.nn.tasks import DetectionModel
-
-    torch.manual_seed(0)
-    model = randomize_bn(DetectionModel(cfg, nc=NC, verbose=False))
-    g = torch.Generator().manual_seed(1)
-    head = model.model[-1]
-    for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
-        for branch in getattr(head, name, None) or []:
-            branch[-1].bias.data = torch.randn(branch[-1].out_channels, generator=g)
-    return model.eval()
+    return random_detection_model(cfg, NC)
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +105,6 @@ def _run(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**subprocess_env(), "YOLO_AUTOINSTALL": "False"}  # ultralytics must not try to pip-install yolo_prune
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=600)
-
-
-def _modules_in_pickle(path: Path) -> set[str]:
-    """Every Python module the checkpoint's pickle names a class or function of."""
-    found: set[str] = set()
-
-    class Recorder(pickle.Unpickler):
-        def find_class(self, module, name):
-            found.add(module)
-            return super().find_class(module, name)
-
-    torch.load(path, map_location="cpu", weights_only=False,
-               pickle_module=types.SimpleNamespace(Unpickler=Recorder, load=pickle.load, __name__="pickle"))
-    return found
 
 
 # --------------------------------------------------------------------------------------- the checkpoint alone
@@ -162,7 +138,7 @@ def test_free_form_checkpoint_needs_yolo_prune(tmp_path):
     error names the missing package; the report says so too."""
     res = yp.prune(_base("yolov8n.yaml"), method="l1", target_macs=TARGET, imgsz=IMGSZ, portable=False,
                    project=tmp_path, name="free")
-    assert any(m.startswith("yolo_prune") for m in _modules_in_pickle(res.checkpoint))
+    assert any(m.startswith("yolo_prune") for m in pickled_modules(res.checkpoint))
     proc = _run(LOAD_ONLY, str(res.checkpoint), cwd=tmp_path)
     assert proc.returncode != 0
     assert "No module named 'yolo_prune" in proc.stderr
@@ -177,7 +153,7 @@ def test_only_stock_classes_and_macs_near_the_target(pruned, cfg):
     assert res.portable and res.to_dict()["portable"] is True
     assert abs(res.steps[-1].macs_fraction - TARGET) <= 0.03
     assert res.macs_ratio < TARGET + 0.05 and res.params_ratio < 0.8
-    modules = _modules_in_pickle(res.checkpoint)
+    modules = pickled_modules(res.checkpoint)
     assert modules and not any(m.startswith("yolo_prune") for m in modules), sorted(modules)
     assert {type(m).__module__.split(".")[0] for m in res.model.model.modules()} <= {"torch", "ultralytics"}
     assert "loads with `YOLO(path)` without yolo-prune" in (res.save_dir / "report.md").read_text()
@@ -216,7 +192,7 @@ def test_a_finetuned_portable_checkpoint_stays_portable(pruned, data, tmp_path):
     tuned = yp.finetune(res.checkpoint, data, epochs=1, project=tmp_path, name="ft", plots=False, **FAST)
     assert shapes(tuned.last) == shapes(res.checkpoint)
     for ckpt in (tuned.last, tuned.best):
-        modules = _modules_in_pickle(ckpt)
+        modules = pickled_modules(ckpt)
         assert not any(m.startswith("yolo_prune") for m in modules), sorted(modules)
 
 
@@ -229,7 +205,7 @@ def test_calibrated_pruning_is_portable(data, tmp_path):
     assert res.allocation == "sensitivity" and res.compensate == "lstsq"
     assert abs(res.steps[-1].macs_fraction - 0.7) <= 0.03
     assert res.map50_95_no_recalibration is not None and res.map50_95_after is not None
-    assert not any(m.startswith("yolo_prune") for m in _modules_in_pickle(res.checkpoint))
+    assert not any(m.startswith("yolo_prune") for m in pickled_modules(res.checkpoint))
 
 
 def test_free_channels_go_in_equal_numbers(tmp_path):

@@ -196,6 +196,23 @@ def read_provenance(path: str | Path) -> dict:
     return dict(ckpt.get("yolo_prune") or {})
 
 
+def pickled_modules(path: str | Path) -> set[str]:
+    """Every Python module whose classes or functions the checkpoint's pickle names: a checkpoint that names no
+    ``yolo_prune`` module loads with ultralytics alone (``portable=True``)."""
+    import types
+
+    found: set[str] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            found.add(module)
+            return super().find_class(module, name)
+
+    torch.load(path, map_location="cpu", weights_only=False,
+               pickle_module=types.SimpleNamespace(Unpickler=Recorder, load=pickle.load, __name__="pickle"))
+    return found
+
+
 def reset_class_head(model: nn.Module, nc: int, names: dict[int, str] | list[str] | None = None) -> int:
     """Give a detection model a new class count, in place, keeping everything but Detect's final class convs.
 
