@@ -42,8 +42,9 @@ Modes:
   sensitivity  per channel group: the loss when it alone is pruned at 25/50/75%  (model= data=)
   finetune  train a pruned checkpoint, keeping its architecture      (model= data= epochs= [teacher=dense.pt])
   val       COCO mAP (pycocotools) of a model on a YOLO- or COCO-format dataset  (model= data=)
+            model= also takes an export: x.onnx, x_int8.onnx, x_openvino_model/, x_int8_openvino_model/
   bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
-  export    export with ultralytics                                              (model= format=onnx)
+  export    export with ultralytics         (model= format=onnx; INT8: format=openvino|onnx int8=True data=)
   cfg       print the default configuration with every key documented
   version   print the version
 
@@ -130,7 +131,9 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     save_dir = _run_folder(cfg, "export")
-    return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, **extra)
+    return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, int8=cfg["int8"],
+                        data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"], verbose=cfg["verbose"],
+                        **extra)
 
 
 def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:

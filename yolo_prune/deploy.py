@@ -7,6 +7,9 @@ folder inside ``save_dir``, exports ``YOLO(that checkpoint)`` and moves the resu
 
 :func:`export_onnx` is the single ONNX path used by both ``mode=export`` and the onnxruntime latency
 benchmark (:mod:`yolo_prune.bench`), so the graph that is timed is the graph that is shipped.
+
+``int8=True`` (formats ``openvino`` and ``onnx``) quantizes that FP32 export after the fact, calibrated on images of
+``data``'s train split, Detect's decode kept in float (:mod:`yolo_prune.quantize`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import torch
 from torch import nn
 
 from .errors import OutputError, UsageError
-from .io import atomic_path
-from .runtimes import require_openvino
 from .forms import ModelLike, as_detection_model
+from .io import atomic_path
 from .logs import quiet_ultralytics
+from .quantize import calibration_images, check_int8, quantize_export
+from .runtimes import require_openvino
 
 
 def export_formats() -> list[str]:
@@ -118,6 +122,10 @@ def export_model(
     save_dir: str | Path,
     half: bool = False,
     simplify: bool = True,
+    int8: bool = False,
+    data: Any = None,
+    calib_images: int = 64,
+    seed: int = 0,
     verbose: bool = False,
     **kwargs: Any,
 ) -> Path:
@@ -126,13 +134,22 @@ def export_model(
     ``format`` is any ultralytics export format (an unknown one raises :class:`UsageError`); ``half``
     requests FP16 (ultralytics ``quantize=16``); ``simplify`` runs onnxslim on ONNX-based formats;
     other ``kwargs`` (``opset``, ``dynamic``, ``batch``, ``nms``...) go to the ultralytics exporter.
+    ``int8=True`` (or ultralytics' ``quantize=8``), for ``openvino`` and ``onnx``: post-training INT8 quantization
+    of the FP32 export (:mod:`yolo_prune.quantize`) on ``calib_images`` images of ``data``'s train split drawn with
+    ``seed`` (or ultralytics' ``fraction`` of it); writes ``<stem>_int8_openvino_model/`` or ``<stem>_int8.onnx``.
     The model is never modified. ultralytics' log lines are shown only with ``verbose=True``.
     """
     fmt = check_format(format)
-    if fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
+    if str(kwargs.get("quantize", "")).lower() in ("8", "int8"):
+        int8 = bool(kwargs.pop("quantize"))
+    fraction = kwargs.pop("fraction", None) if int8 else None
+    if int8:
+        check_int8(fmt, data, half=half)
+    elif fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
         require_openvino()
     module = as_detection_model(model)
     args = _export_args(fmt, imgsz, half, simplify, kwargs)
+    images = calibration_images(data, n=calib_images, imgsz=imgsz, seed=seed, fraction=fraction) if int8 else None
     save_dir = Path(save_dir).expanduser().absolute()  # the exporter writes beside its (absolute) checkpoint
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -140,18 +157,25 @@ def export_model(
     except OSError as e:
         raise OutputError(f"cannot write to {save_dir}: {e.strerror or e}") from None
     with tmp_root as tmp:
-        ckpt = Path(tmp) / f"{_model_stem(model, module)}.pt"
-        _save_checkpoint(module, ckpt)
-        from ultralytics import YOLO
+        out = _ultralytics_export(module, Path(tmp) / f"{_model_stem(model, module)}.pt", args, verbose)
+        if images is not None:
+            out = quantize_export(out, fmt, images, head=len(module.model) - 1, verbose=verbose)
+        return _move_output(out, save_dir)
 
-        with quiet_ultralytics(verbose):
-            try:
-                out = YOLO(ckpt).export(**args)
-            except (AssertionError, SyntaxError) as e:  # ultralytics' argument checks
-                raise UsageError(f"export format={fmt}: {_one_line(e)}") from None
-        if not out or not Path(out).exists():
-            raise OutputError(f"ultralytics export to {fmt} produced no output")
-        return _move_output(Path(out), save_dir)
+
+def _ultralytics_export(module: nn.Module, ckpt: Path, args: dict[str, Any], verbose: bool) -> Path:
+    """Save ``module`` as the FP32 checkpoint ``ckpt`` and export it with ``YOLO(ckpt).export(**args)``."""
+    from ultralytics import YOLO
+
+    _save_checkpoint(module, ckpt)
+    with quiet_ultralytics(verbose):
+        try:
+            out = YOLO(ckpt).export(**args)
+        except (AssertionError, SyntaxError) as e:  # ultralytics' argument checks
+            raise UsageError(f"export format={args['format']}: {_one_line(e)}") from None
+    if not out or not Path(out).exists():
+        raise OutputError(f"ultralytics export to {args['format']} produced no output")
+    return Path(out)
 
 
 def export_onnx(model: ModelLike, save_dir: str | Path, *, imgsz: int = 640, batch: int = 1) -> Path:

@@ -8,6 +8,7 @@ pycocotools' COCOeval, or with faster-coco-eval (same numbers, faster) when it i
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io as _io
@@ -20,11 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import yaml
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import ops
 
 from .data.spec import DataSpec, resolve_data
-from .errors import OutputError, UsageError
+from .errors import ModelLoadError, OutputError, UsageError
 from .forms import as_detection_model
 from .io import write_json, write_text
 from .logs import Progress, quiet_ultralytics
@@ -221,13 +223,50 @@ def _out_dir(save_dir: str | Path | None, stack: contextlib.ExitStack) -> Path:
     return path
 
 
-def _check_classes(net: torch.nn.Module, spec: DataSpec) -> None:
-    n_model = len(net.names)
+def exported_format(model: Any) -> str | None:
+    """``"onnx"`` for a ``.onnx`` file, ``"openvino"`` for an OpenVINO export folder (holding an ``.xml``), else None
+    (a checkpoint, yaml or in-memory model)."""
+    if not isinstance(model, (str, Path)):
+        return None
+    path = Path(model)
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.is_dir() and (next(path.glob("*.xml"), None) is not None or path.name.endswith("_openvino_model")):
+        return "openvino"
+    return None
+
+
+def exported_names(path: str | Path, fmt: str) -> dict[int, str]:
+    """The class names ultralytics' exporter stored with an ONNX file or an OpenVINO folder (``metadata.yaml``)."""
+    path = Path(path)
+    try:
+        if fmt == "onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            names = ast.literal_eval(props["names"])
+        else:
+            names = yaml.safe_load((path / "metadata.yaml").read_text(encoding="utf-8"))["names"]
+    except FileNotFoundError:
+        raise ModelLoadError(f"model file not found: {path}") from None
+    except Exception as e:  # a foreign file without ultralytics' metadata, a corrupt one...
+        raise ModelLoadError(f"{path} is not an ultralytics {fmt} export ({type(e).__name__}: no class names "
+                             "in its metadata)") from None
+    return dict(names)
+
+
+def _check_classes(names: dict[int, str] | list[str], spec: DataSpec) -> None:
+    n_model = len(names)
     if n_model < spec.nc:
         raise UsageError(f"the model predicts {n_model} classes but {spec.source.name} has {spec.nc}")
     if n_model > spec.nc:
         warnings.warn(f"the model predicts {n_model} classes but {spec.source.name} has {spec.nc}: predictions of "
                       f"classes {spec.nc}..{n_model - 1} are left out of the COCO metrics", stacklevel=3)
+
+
+def _size(imgsz: Any) -> int:
+    """The validated image size (ultralytics keeps an export's ``[h, w]``): its larger side."""
+    return int(max(imgsz)) if isinstance(imgsz, (list, tuple)) else int(imgsz)
 
 
 def _stat(stats: dict[str, Any], name: str) -> float:
@@ -270,7 +309,9 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     """Validate ``model`` on the val split of ``data`` and score it with the official COCO protocol.
 
     Args:
-        model: path to a .pt checkpoint (or model yaml), an ultralytics ``YOLO`` object or a ``DetectionModel``.
+        model: path to a .pt checkpoint (or model yaml), an ultralytics ``YOLO`` object or a ``DetectionModel``;
+            or an ultralytics export: a ``.onnx`` file or an OpenVINO folder (``*_openvino_model/``, FP32 or INT8),
+            run by ultralytics' ``AutoBackend`` at the export's own image size when it is static.
         data: a YOLO- or COCO-format data yaml (see :func:`yolo_prune.data.resolve_data`) or a resolved DataSpec.
         imgsz, batch, device, conf, iou: as for ``yolo val`` (rectangular batches, no plots).
         save_dir: folder for ``predictions.json`` and ``metrics.json``; None keeps no files.
@@ -280,8 +321,13 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     """
     backend = resolve_backend(backend)
     spec = resolve_data(data)
-    net = as_detection_model(model)
-    _check_classes(net, spec)
+    fmt = exported_format(model)
+    if fmt is None:
+        net = as_detection_model(model)
+        _check_classes(net.names, spec)
+    else:  # ultralytics' AutoBackend runs it; a static export validates at its own input size
+        net = str(Path(model).expanduser().absolute())
+        _check_classes(exported_names(net, fmt), spec)
     args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": "detect",
             "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}
     if device is not None:
@@ -302,7 +348,7 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
             ul_map50_95=_stat(stats, "mAP50-95"), ul_map50=_stat(stats, "mAP50"),
             precision=_stat(stats, "precision"), recall=_stat(stats, "recall"),
             backend=coco["backend"], eval_seconds=round(eval_seconds, 4), val_seconds=round(val_seconds, 3),
-            n_images=int(validator.seen), n_predictions=len(validator.jdict), imgsz=int(imgsz),
+            n_images=int(validator.seen), n_predictions=len(validator.jdict), imgsz=_size(validator.args.imgsz),
             data=str(spec.source), save_dir=out if keep else None, predictions_json=preds_path if keep else None,
             metrics_json=out / "metrics.json" if keep else None, val_json=spec.val_json, per_class=coco["per_class"],
         )

@@ -165,8 +165,9 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "(same total epochs; BENCHMARKS.md section 10); prune and sparsify: 1", "prune", lo=1,
           modes=_PRUNE | _STEPPED),
         K("calib_images", 64, "int", "images from the data's train split for method=activation|recon, compensate, "
-          "recalibrate and allocation (the sensitivity probes use the first 32)", "prune", lo=0,
-          modes=_PRUNE | {"sensitivity", "sparsify"}),
+          "recalibrate and allocation (the sensitivity probes use the first 32); export int8=True: the quantization's "
+          "calibration images (ultralytics' fraction= takes that fraction of the split instead)", "prune", lo=0,
+          modes=_PRUNE | {"sensitivity", "sparsify", "export"}),
         K("compensate", "lstsq_seq", "str", "with data=: how the pruned model makes up for removed channels on "
           "calib_images: lstsq_seq (refit every conv layer by layer toward the dense model's outputs), lstsq (refit "
           "the consumers of removed channels, one shot), mean (bias only), none; sparsify: anything but none "
@@ -267,6 +268,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("backends", "torch,onnx", "str", "runtimes to time in mode=bench: torch (eager), onnx (onnxruntime), "
           "openvino", "bench", optional=True, modes=_STEPPED | {"bench"}),
         K("format", "onnx", "str", "export format for mode=export (any ultralytics export format)", "export",
+          modes=frozenset({"export"})),
+        K("int8", False, "bool", "mode=export: post-training INT8 quantization of the export, calibrated on "
+          "calib_images images of data's train split (needs data=); format=openvino: NNCF (pip install "
+          "yolo-prune[openvino]), writes <name>_int8_openvino_model/; format=onnx: onnxruntime QDQ, per-channel "
+          "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float", "export",
           modes=frozenset({"export"})),
     )),
 )

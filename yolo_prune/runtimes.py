@@ -25,6 +25,16 @@ def require_openvino():
     return openvino
 
 
+def require_nncf():
+    """Import and return ``nncf`` (OpenVINO's post-training quantization), or raise a one-line :class:`UsageError`."""
+    try:
+        import nncf
+    except ImportError:
+        raise UsageError("INT8 export to OpenVINO needs nncf, which is not installed: pip install "
+                         "'yolo-prune[openvino]' (or pip install nncf)") from None
+    return nncf
+
+
 def check_runtime(runtime: Any) -> str:
     """Canonical runtime name (``onnx``/``ort`` -> ``onnxruntime``, ``ov`` -> ``openvino``), else UsageError."""
     name = ALIASES.get(str(runtime).strip().lower(), str(runtime).strip().lower())

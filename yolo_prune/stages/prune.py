@@ -25,7 +25,7 @@ from ..provenance import provenance
 from ..report import plot_layer_channels, prune_report_markdown
 from ..results import Result, table
 from ..stats import model_stats
-from ..pruning.calibration import load_calibration_images
+from ..data.calibration import load_calibration_images
 from ..pruning.engine import PruneOutcome, Reference, StepRecord, layer_widths, prune_model
 from ..pruning.recovery import normalize_compensation, normalize_recalibration
 from ..pruning.graph import build_graph

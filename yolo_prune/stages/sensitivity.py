@@ -27,7 +27,7 @@ from ..models import load_model, wrap_model
 from ..options import Options, PruneOptions, RunOptions, TrainOptions, settings
 from ..report import pyplot, save_figure
 from ..results import Result, table
-from ..pruning.calibration import load_calibration_images
+from ..data.calibration import load_calibration_images
 from ..pruning.graph import build_graph, prepare
 from ..pruning.importance import make_importance, resolve_method
 from ..pruning.reconstruct import reconstruct

@@ -33,7 +33,7 @@ from ..models import load_model, save_checkpoint
 from ..options import (BenchOptions, Options, PruneOptions, RunOptions, Settings, SparsifyOptions, StageOptions,
                        TrainOptions, settings)
 from ..provenance import provenance
-from ..pruning.calibration import load_calibration_images
+from ..data.calibration import load_calibration_images
 from ..pruning.masks import (SPARSITY_ATTR, LayerSparsity, check_mask_options, checkpoint_sizes, count_nonzero,
                              global_sparsity, layer_sparsity, model_sizes, sparsify_module)
 from ..report import plot_layer_sparsity, plot_weight_histograms
