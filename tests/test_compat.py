@@ -104,23 +104,40 @@ def _doctored(pruned_pt, path, **changed):
     return save_checkpoint(YOLO(str(pruned_pt)).model.float(), path, provenance=prov)
 
 
-def _load_warnings(path, caplog) -> list[str]:
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="yolo_prune"):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _load_warnings(path) -> list[str]:
+    """The warnings of the ``yolo_prune`` logger while loading ``path`` (whether or not it propagates: the CLI's
+    setup, run earlier in the session, may have stopped it)."""
+    logger, records = logging.getLogger("yolo_prune"), _Records()
+    level = logger.level
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
+    logger.addHandler(records)
+    try:
         load_model(path)
-    return [r.getMessage() for r in caplog.records if r.name == "yolo_prune" and r.levelno >= logging.WARNING]
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    return records.messages
 
 
-def test_loading_where_ultralytics_minor_differs_warns_once(pruned_pt, tmp_path, caplog):
-    assert _load_warnings(pruned_pt, caplog) == []
+def test_loading_where_ultralytics_minor_differs_warns_once(pruned_pt, tmp_path):
+    assert _load_warnings(pruned_pt) == []
     other = f"{parse_version(versions()['ultralytics'])[0]}.{parse_version(versions()['ultralytics'])[1] + 1}.0"
-    warned = _load_warnings(_doctored(pruned_pt, tmp_path / "other.pt", ultralytics=other), caplog)
+    warned = _load_warnings(_doctored(pruned_pt, tmp_path / "other.pt", ultralytics=other))
     assert len(warned) == 1 and "\n" not in warned[0]
     assert f"pruned with ultralytics {other} (this environment has {versions()['ultralytics']})" in warned[0]
 
 
-def test_loading_a_checkpoint_pruned_with_an_old_torch_pruning_warns(pruned_pt, tmp_path, caplog):
+def test_loading_a_checkpoint_pruned_with_an_old_torch_pruning_warns(pruned_pt, tmp_path):
     same_minor = _doctored(pruned_pt, tmp_path / "patch.pt", torch_pruning="99.0")  # newer: nothing known to differ
-    assert _load_warnings(same_minor, caplog) == []
-    warned = _load_warnings(_doctored(pruned_pt, tmp_path / "old.pt", torch_pruning="1.4.0"), caplog)
+    assert _load_warnings(same_minor) == []
+    warned = _load_warnings(_doctored(pruned_pt, tmp_path / "old.pt", torch_pruning="1.4.0"))
     assert len(warned) == 1 and "torch-pruning 1.4.0 (older than the tested" in warned[0]
