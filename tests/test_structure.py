@@ -21,7 +21,8 @@ PACKAGE = ROOT / "yolo_prune"
 
 # bottom-up; a module belongs to the first entry that names it or a package above it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("errors", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options", "config")),
+    ("core", ("errors", "compat", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options",
+              "config")),
     ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "quantize", "deploy")),
     ("pruning", ("pruning",)),
     ("latency", ("latency",)),

@@ -22,7 +22,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .compat import check_versions
+
 __version__ = "0.1.0"
+
+check_versions()  # an ultralytics or torch-pruning older than the tested minimum: one line with the pip command
 
 # public name -> (module, attribute)
 _API = {
@@ -62,6 +66,7 @@ _API = {
     "LatencyResult": ("yolo_prune.bench", "LatencyResult"),
     "ModelStats": ("yolo_prune.stats", "ModelStats"),
     "YoloPruneError": ("yolo_prune.errors", "YoloPruneError"),
+    "DependencyVersionError": ("yolo_prune.compat", "DependencyVersionError"),
 }
 
 __all__ = ["__version__", *_API]

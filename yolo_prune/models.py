@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import version_drift
 from .errors import ModelLoadError, UnsupportedModelError
 from .forms import ModelLike, as_detection_model
 from .io import atomic_write
+from .logs import LOGGER
+from .provenance import versions
 
 
 def _yolo_class():
@@ -69,7 +72,19 @@ def load_model(source: ModelLike) -> Any:
             f"{source} is a {model.task or type(model.model).__name__} model; yolo-prune prunes detection models"
         )
     _check_detection(model.model, str(source))
+    _warn_version_drift(model, path)
     return model
+
+
+def _warn_version_drift(model: Any, path: Path) -> None:
+    """One warning line when the checkpoint records versions that differ from this environment's in a way known
+    to matter (:func:`~yolo_prune.compat.version_drift`); checkpoints yolo-prune did not write record none."""
+    recorded = ((getattr(model, "ckpt", None) or {}).get("yolo_prune") or {}).get("versions") or {}
+    if not recorded:
+        return
+    notes = version_drift(recorded, versions())
+    if notes:
+        LOGGER.warning("%s was pruned with %s; prune again here if it misbehaves", path, ", ".join(notes))
 
 
 def _is_wrapper(source: Any) -> bool:

@@ -132,6 +132,8 @@ class PrunableAttention(Attention):
     only before pruning; here it is ``num_heads * head_dim`` always. Same outputs for the same weights.
     """
 
+    format: str | None = None  # set by ultralytics' exporter ("coreml": fused attention); older Attention lacks it
+
     def __init__(self, qkv: Conv, proj: Conv, pe: Conv, *, num_heads: int, key_dim: int, head_dim: int):
         nn.Module.__init__(self)
         self.num_heads, self.key_dim, self.head_dim = num_heads, key_dim, head_dim

@@ -10,21 +10,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .compat import installed_version
 from .io import sha256_file
 from . import __version__
 
 
 def versions() -> dict[str, str]:
+    """The versions of yolo-prune, torch, ultralytics, torch-pruning (its distribution's: the module's
+    ``__version__`` lags behind releases) and Python in this environment."""
     import torch
     import torch_pruning
     import ultralytics
-
 
     return {
         "yolo_prune": __version__,
         "torch": torch.__version__,
         "ultralytics": ultralytics.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "torch_pruning": installed_version("torch-pruning") or getattr(torch_pruning, "__version__", "unknown"),
         "python": platform.python_version(),
     }
 
