@@ -21,6 +21,12 @@ reference for "mAP kept" is the dense model trained the same number of extra epo
     python -m bench.bccd_pipeline --dataset fixture --arm auto_f16 --set sparse_epochs=0 finetune_epochs=16 steps=auto "train_args={nbs: 16}"
 
 Results: ``bench/results/bccd_pipeline.json`` (one entry per arm; the command of each is recorded).
+``bench/results/bccd_pipeline_e12b.json``: the same for the bccd model as ``common.bccd_dense()`` trains it since
+``nbs=batch`` became the training default (val 0.631; the runs in ``bccd_pipeline.json`` started from a model trained
+with ``nbs=64``, val 0.617, no longer kept):
+
+    python -m bench.bccd_pipeline --results bccd_pipeline_e12b --reference 16 --set nbs=16
+    python -m bench.bccd_pipeline --results bccd_pipeline_e12b --arm portable_f16_nbs16 --set sparse_epochs=0 finetune_epochs=16 "train_args={nbs: 16}"
 """
 
 from __future__ import annotations
@@ -54,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", choices=("bccd", "bccd_e3", "fixture"), default="bccd",
                     help="bccd (the bccd-tuned model @416), bccd_e3 (the same tuned 3 epochs only) or fixture "
                          "(COCO yolov8n on coco128 96/32 @320)")
+    ap.add_argument("--results", metavar="NAME", help="write bench/results/NAME.json (and work in bench/work/NAME) "
+                    "instead of the dataset's default: runs from another dense model than the recorded ones")
     args = ap.parse_args(argv)
     global IMGSZ, NAME
     if args.dataset == "fixture":
         IMGSZ, NAME = 320, "fixture_pipeline"
     elif args.dataset == "bccd_e3":
         NAME = "undertrained_pipeline"
+    NAME = args.results or NAME
     if not args.arm and args.reference is None:
         ap.error("give --arm NAME or --reference EPOCHS")
 

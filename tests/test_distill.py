@@ -233,18 +233,19 @@ def test_trainer_keeps_distill_options_in_args_and_away_from_the_validator(prune
     assert feat.args.distill_model == str(teacher_pt.absolute())  # ultralytics' DistillationModel takes it over
 
 
-def test_linear_fade_scales_the_distillation_terms_down_over_the_epochs(pruned_pt, teacher_pt, data, tmp_path):
+def test_the_default_linear_fade_scales_the_distillation_terms_down_over_the_epochs(pruned_pt, teacher_pt, data, tmp_path):
     trainer = FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "f"),
-                                         "plots": False, "teacher": str(teacher_pt), "distill_fade": "linear",
-                                         **{**FAST, "epochs": 4}})
+                                         "plots": False, "teacher": str(teacher_pt), **{**FAST, "epochs": 4}})
     assert trainer.args.distill_fade == "linear" and "distill_fade: linear" in (tmp_path / "f" / "args.yaml").read_text()
     scales = []
     for epoch in range(4):
         trainer.epoch = epoch
         scales.append(trainer.distill_scale)
     assert scales == [1.0, 0.75, 0.5, 0.25]
+    assert DistillOptions().distill_fade == "linear"  # the default
     plain = FinetuneTrainer(overrides={"model": str(pruned_pt), "data": data, "save_dir": str(tmp_path / "p"),
-                                       "plots": False, "teacher": str(teacher_pt), **{**FAST, "epochs": 4}})
+                                       "plots": False, "teacher": str(teacher_pt), "distill_fade": "none",
+                                       **{**FAST, "epochs": 4}})
     plain.epoch = 3
     assert plain.args.distill_fade == "none" and plain.distill_scale == 1.0
     # the scale multiplies the KD term of the criterion

@@ -228,7 +228,7 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
             raise UsageError(f"{key} must be a number {'>' if strict else '>='} 0, got {v!r}")
         values[key] = float(v)
-    if values.get("distill_fade", "none") not in FADES:
+    if values.get("distill_fade", DISTILL_DEFAULTS["distill_fade"]) not in FADES:
         raise UsageError(f"distill_fade must be one of {', '.join(FADES)}, got {values.get('distill_fade')!r}")
     if not isinstance(values.get("labels"), bool):
         raise UsageError(f"labels must be True or False, got {values.get('labels')!r}")
@@ -310,7 +310,7 @@ class DistillMixin:
     @property
     def distill_scale(self) -> float:
         """The factor on the distillation terms this epoch: 1, or with ``distill_fade=linear`` 1 - epoch/epochs."""
-        if getattr(self.args, "distill_fade", "none") != "linear":
+        if getattr(self.args, "distill_fade", DISTILL_DEFAULTS["distill_fade"]) != "linear":
             return 1.0
         return 1.0 - int(getattr(self, "epoch", 0)) / max(int(self.epochs), 1)
 
@@ -397,7 +397,7 @@ def distill_options(
     distill_cls: float = 1.0,
     distill_box: float = 1.0,
     distill_temp: float = 1.0,
-    distill_fade: str = "none",
+    distill_fade: str = "linear",
     labels: bool = True,
     unlabeled: Any = None,
 ) -> dict[str, Any]:
