@@ -214,7 +214,8 @@ class _Pass:
         if opts.ratio is not None:
             current = sum(channel_count(g) for g, _ in scored)
             goal_removed = opts.ratio * step / opts.steps * self.reference.channels
-            already = self.reference.channels - current
+            # removed so far: groups the criterion cannot score (e.g. bn on Proto's transposed conv) were not removed
+            already = self.reference.channels - sum(g.channels for g in graph.groups())
             with self.timings("planning"):
                 return plan_of(max(0.0, (goal_removed - already) / max(current, 1))), None
         with self.timings("planning"):
