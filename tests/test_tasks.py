@@ -29,7 +29,7 @@ from yolo_prune.models import load_model, pickled_modules
 from yolo_prune.pruning import build_graph, prepare, prune_model
 from yolo_prune.stats import count_macs
 
-from .helpers import HEAD_OUTPUTS, random_detection_model, subprocess_env, zero_channels
+from .helpers import HEAD_OUTPUTS, random_detection_model, read_csv, subprocess_env, zero_channels
 from .test_portable import BLOCKED
 
 NC = 3
@@ -214,6 +214,19 @@ def checkpoints(tmp_path_factory) -> dict[str, yp.PruneResult]:
         assert res.portable and abs(res.steps[-1].macs_fraction - TARGET) <= 0.03
         out[task] = res.checkpoint
     return out
+
+
+def test_cli_report_lists_the_task_branches(checkpoints):
+    """The CLI run's layers.csv lists the seg head's prunable convs (cv4 hidden widths, Proto's inner convs and its
+    transposed conv) with their pruned widths, and none of its outputs."""
+    rows = {r["name"]: (int(r["channels_before"]), int(r["channels_after"]))
+            for r in read_csv(checkpoints["segment"].parent.parent / "layers.csv")}
+    head = [n for n in rows if n.startswith("model.23.")]
+    assert {"model.23.proto.cv1.conv", "model.23.proto.upsample", "model.23.proto.cv2.conv"} <= set(head)
+    assert not any(n.startswith("model.23.proto.cv3") or n.endswith((".2", "dfl.conv")) for n in head), head
+    for part in (".proto.", ".cv4."):
+        before, after = (sum(w[i] for n, w in rows.items() if part in n) for i in (0, 1))
+        assert after < before, part
 
 
 CHECK = BLOCKED + r'''

@@ -21,7 +21,7 @@ from ..errors import PruningError, UsageError
 from ..logs import Progress, Timings
 from .allocation import make_planner, resolve_allocation
 from .cost import Cost, MacsCost
-from .graph import ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
+from .graph import CONVS, ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
 from .importance import METHODS, make_importance, resolve_method
 from .recovery import Recovery, RecoveryContext, normalize_compensation, normalize_recalibration
 from .portable import channel_count, tie, untie
@@ -108,12 +108,13 @@ _FIELDS = {f.name for f in dataclasses.fields(EngineOptions)}
 
 
 def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
-    """Output channels of every prunable conv (the protected Detect outputs excluded), by module name."""
+    """Output channels of every prunable conv (Proto's transposed conv too; the protected head outputs excluded), by
+    module name."""
     ignored = {id(m) for layer in graph.ignored for m in layer.modules()}
     return {
         name: m.out_channels
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and id(m) not in ignored
+        if isinstance(m, CONVS) and id(m) not in ignored
     }
 
 
