@@ -32,7 +32,8 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def zero_channels(graph, *, seed: int, beta: bool = True) -> tuple[int, int]:
     """Zero the BN gamma (and beta, with ``beta``) of a random quarter of every channel group's channels, in
-    every BN that produces them. Returns (channels zeroed, channels in all groups)."""
+    every BN that produces them. Returns (channels zeroed, channels in all groups); a group without a BN (Proto's
+    transposed conv) has none zeroed."""
     from torch import nn
 
     g = torch.Generator().manual_seed(seed)
@@ -40,12 +41,14 @@ def zero_channels(graph, *, seed: int, beta: bool = True) -> tuple[int, int]:
     for group in graph.groups():
         k = group.channels // 4
         chosen = torch.randperm(group.channels, generator=g)[:k].tolist()
+        has_bn = False
         for dep, idxs in graph.dg.get_pruning_group(group.root, group.handler, chosen) if k else []:
             if isinstance(dep.target.module, nn.BatchNorm2d) and graph.dg.is_out_channel_pruning_fn(dep.handler):
+                has_bn = True
                 dep.target.module.weight.data[idxs] = 0.0
                 if beta:
                     dep.target.module.bias.data[idxs] = 0.0
-        zeroed += k
+        zeroed += k if has_bn else 0
     return zeroed, sum(grp.channels for grp in graph.groups())
 
 
@@ -56,21 +59,35 @@ FAST = dict(imgsz=64, batch=4, workers=0, device="cpu", nbs=4, warmup_epochs=0)
 
 
 
-def random_detection_model(cfg: str, nc: int = NC) -> torch.nn.Module:
-    """The model of ``cfg`` with random BN statistics and random head biases (so that no output is trivially equal
-    across widths), eval mode; seeded."""
-    import logging
+def model_class(cfg: str) -> type:
+    """The ultralytics model class of a model yaml's task (DetectionModel, SegmentationModel, PoseModel, OBBModel)."""
+    from ultralytics.nn import tasks as ut
 
-    from ultralytics.nn.tasks import DetectionModel
+    classes = {"segment": ut.SegmentationModel, "pose": ut.PoseModel, "obb": ut.OBBModel}
+    return classes.get(ut.guess_model_task(ut.yaml_model_load(cfg)), ut.DetectionModel)
+
+
+# Every per-scale branch list of a head whose last conv is an output: box, class, and the tasks' (mask coefficients,
+# keypoints, angle; Pose26's cv4 ends in a hidden conv, its outputs are cv4_kpts / cv4_sigma).
+HEAD_OUTPUTS = ("cv2", "cv3", "one2one_cv2", "one2one_cv3", "cv4", "one2one_cv4", "cv4_kpts", "one2one_cv4_kpts",
+                "cv4_sigma", "one2one_cv4_sigma")
+
+
+def random_detection_model(cfg: str, nc: int = NC) -> torch.nn.Module:
+    """The model of ``cfg`` (detection, or segmentation / pose / OBB in their model class) with random BN statistics
+    and random head output biases (so that no output is trivially equal across widths), eval mode; seeded."""
+    import logging
 
     logging.getLogger("ultralytics").setLevel(logging.ERROR)  # "no model scale passed" for the variants
     torch.manual_seed(0)
-    model = randomize_bn(DetectionModel(cfg, nc=nc, verbose=False))
+    model = randomize_bn(model_class(cfg)(cfg, nc=nc, verbose=False))
     g = torch.Generator().manual_seed(1)
     head = model.model[-1]
-    for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+    for name in HEAD_OUTPUTS:
         for branch in getattr(head, name, None) or []:
-            branch[-1].bias.data = torch.randn(branch[-1].out_channels, generator=g)
+            last = branch[-1] if isinstance(branch, nn.Sequential) else branch
+            if type(last) is nn.Conv2d:
+                last.bias.data = torch.randn(last.out_channels, generator=g)
     return model.eval()
 
 

@@ -2,9 +2,10 @@
 
 ``load_model`` accepts an ultralytics ``.pt`` checkpoint, a model yaml (``yolov8n.yaml``, random init),
 an ultralytics ``YOLO`` object or a ``DetectionModel``, and always returns a ``YOLO`` object wrapping a
-detection model. Every way this can go wrong is a :class:`~yolo_prune.errors.ModelLoadError` with a
-one-line message (:class:`~yolo_prune.errors.UnsupportedModelError` for a detection model whose head
-yolo-prune does not handle, e.g. YOLOv10's ``v10Detect`` or RT-DETR's decoder).
+detection model (with ``tasks=PRUNABLE_TASKS`` also a segmentation, pose or oriented-box model, whose task the
+``YOLO`` object keeps). Every way this can go wrong is a :class:`~yolo_prune.errors.ModelLoadError` with a
+one-line message (:class:`~yolo_prune.errors.UnsupportedModelError` for a model whose head yolo-prune does not
+handle, e.g. YOLOv10's ``v10Detect``, RT-DETR's decoder, YOLOE's or World's heads).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from .compat import version_drift
-from .errors import ModelLoadError, UnsupportedModelError
-from .forms import ModelLike, as_detection_model
+from .errors import ModelLoadError
+from .forms import DETECT, ModelLike, as_detection_model, check_head, check_yaml_head, model_task, task_scope
 from .io import atomic_write
 from .logs import LOGGER
 from .provenance import versions
@@ -34,20 +35,19 @@ def _yolo_class():
     return YOLO
 
 
-def load_model(source: ModelLike) -> Any:
-    """Return an ultralytics ``YOLO`` object for ``source`` (path, yaml, YOLO or DetectionModel).
+def load_model(source: ModelLike, *, tasks: tuple[str, ...] = DETECT) -> Any:
+    """Return an ultralytics ``YOLO`` object for ``source`` (path, yaml, YOLO or DetectionModel) of one of ``tasks``
+    (:data:`~yolo_prune.forms.PRUNABLE_TASKS` at most).
 
     An in-memory ``YOLO`` is returned as it is (not copied); a ``DetectionModel`` is wrapped.
     """
-    from ultralytics.nn.tasks import DetectionModel
-
     YOLO = _yolo_class()
     if isinstance(source, YOLO):
-        _check_detection(source.model, repr(source.model_name or "model"))
+        _check_model(source.model, repr(source.model_name or "model"), tasks)
         return source
     if isinstance(source, nn.Module) or _is_wrapper(source):
-        net = as_detection_model(source)  # DDP / compile / EMA wrappers peeled off
-        _check_detection(net, type(net).__name__)
+        net = as_detection_model(source, tasks=tasks)  # DDP / compile / EMA wrappers peeled off
+        _check_model(net, type(net).__name__, tasks)
         return wrap_model(net)
     if not isinstance(source, (str, Path)):
         raise ModelLoadError(f"model must be a path, a YOLO object or a DetectionModel, not {type(source).__name__}")
@@ -55,6 +55,7 @@ def load_model(source: ModelLike) -> Any:
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
+        check_yaml_head(source)
         try:
             model = YOLO(str(source))
         except FileNotFoundError:
@@ -67,11 +68,9 @@ def load_model(source: ModelLike) -> Any:
         model = _load_pt(path)
     else:
         raise ModelLoadError(f"unsupported model file {source}: expected an ultralytics .pt checkpoint or a model .yaml")
-    if not isinstance(model.model, DetectionModel) or model.task != "detect":
-        raise ModelLoadError(
-            f"{source} is a {model.task or type(model.model).__name__} model; yolo-prune prunes detection models"
-        )
-    _check_detection(model.model, str(source))
+    task = model_task(model.model)  # the head's: ultralytics says "detect" when a checkpoint records no task
+    _check_model(model.model, str(source), tasks, task=task)
+    model.task = model.model.task = model.overrides["task"] = task
     _warn_version_drift(model, path)
     return model
 
@@ -106,18 +105,18 @@ def _load_pt(path: Path) -> Any:
         raise ModelLoadError(f"{path} needs the Python module {e.name!r}, which is not installed") from None
 
 
-def _check_detection(model: nn.Module, what: str) -> None:
-    from ultralytics.nn.modules import Detect
+def _check_model(model: nn.Module, what: str, tasks: tuple[str, ...], *, task: str | None = None) -> None:
+    """A ``DetectionModel`` of one of ``tasks`` (``task``: the one the YOLO object says) whose head yolo-prune
+    prunes, or a one-line :class:`ModelLoadError` / :class:`UnsupportedModelError` before any work."""
     from ultralytics.nn.tasks import DetectionModel
 
     if not isinstance(model, DetectionModel):
-        raise ModelLoadError(f"{what} is a {type(model).__name__}, not an ultralytics DetectionModel")
-    head = model.model[-1]
-    if type(head) is not Detect:
-        raise UnsupportedModelError(
-            f"{what} ends in {type(head).__name__}; yolo-prune supports the Detect head of YOLOv8, YOLO11 and "
-            "YOLO26 detection models"
-        )
+        raise ModelLoadError(f"{what} is a {task + ' model' if task else type(model).__name__}, not an ultralytics "
+                             "DetectionModel; yolo-prune prunes detection models")
+    task = task or model_task(model)
+    if task not in tasks:
+        raise ModelLoadError(f"{what} is a {task} model; {task_scope(tasks)}")
+    check_head(model, what)
 
 
 def _short(e: BaseException) -> str:
@@ -126,7 +125,8 @@ def _short(e: BaseException) -> str:
 
 
 def wrap_model(model: nn.Module) -> Any:
-    """Wrap an in-memory ``DetectionModel`` in an ultralytics ``YOLO`` object (no file is written)."""
+    """Wrap an in-memory ``DetectionModel`` (or a segmentation, pose or OBB model: its task is kept) in an
+    ultralytics ``YOLO`` object (no file is written)."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     YOLO = _yolo_class()
@@ -137,12 +137,13 @@ def wrap_model(model: nn.Module) -> Any:
     yolo.callbacks = callbacks.get_default_callbacks()
     yolo.predictor = yolo.trainer = yolo.metrics = None
     yolo.ckpt, yolo.cfg, yolo.ckpt_path, yolo.model_name = {}, None, None, None
+    task = model_task(model)
     yolo.model = model
-    yolo.task = "detect"
-    model.task = "detect"
+    yolo.task = task
+    model.task = task
     if not isinstance(getattr(model, "args", None), dict):
         model.args = dict(DEFAULT_CFG_DICT)
-    yolo.overrides = {"task": "detect"}
+    yolo.overrides = {"task": task}
     del yolo.training
     return yolo
 
@@ -167,6 +168,7 @@ def save_checkpoint(
     for p in m.parameters():
         p.requires_grad_(False)
     args = dict(train_args if train_args is not None else getattr(model, "args", {}) or {})
+    args["task"] = m.task = model_task(model)  # what YOLO(path) reads back
     ckpt = {
         "date": datetime.now(timezone.utc).isoformat(),
         "version": __version__,
@@ -201,6 +203,7 @@ def save_input_checkpoint(model: nn.Module, path: str | Path) -> Path:
         p.requires_grad_(False)
     args = getattr(model, "args", None)
     args = dict(args) if isinstance(args, dict) else dict(vars(args)) if args is not None else {}
+    args["task"] = m.task = model_task(model)  # what YOLO(path) reads back
     ckpt = {"model": m, "train_args": args, "date": datetime.now().astimezone().isoformat()}
     return atomic_write(path, lambda p: torch.save(ckpt, p))
 

@@ -1,14 +1,16 @@
 """Model cost: parameters, multiply-accumulates (MACs) and checkpoint size.
 
 All functions accept what :func:`yolo_prune.forms.as_detection_model` accepts (a ``DetectionModel``, an
-ultralytics ``YOLO`` object, a ``.pt`` checkpoint or model ``.yaml`` path), and never modify the model they
-are given.
+ultralytics ``YOLO`` object, a ``.pt`` checkpoint or model ``.yaml`` path), of every task yolo-prune prunes
+(detection, segmentation, pose, oriented boxes), and never modify the model they are given.
 
 MACs are counted with ultralytics-thop on a fused (Conv+BatchNorm folded) copy of the model in eval
 mode, with one ``1 x 3 x imgsz x imgsz`` input. That counts exactly the multiply-accumulates of the
 convolution and linear layers, the same quantity ultralytics reports (``GFLOPs = 2 * GMACs``,
 8.7 GFLOPs = 4.37 GMACs for yolov8n at 640) and the same number whether or not the model was fused
-before. Element-wise work (activations, BatchNorm, upsampling, pooling, concatenation) is not counted.
+before. A segmentation model's ``Proto`` counts at its resolution (its transposed conv per input pixel), and
+what ``fuse()`` drops for inference (YOLO26's unused head branch, Pose26's sigma convs and flow model, Proto26's
+semantic branch) is not counted. Element-wise work (activations, BatchNorm, upsampling, pooling, concatenation) is not counted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import io
 import torch
 from torch import nn
 
-from .forms import ModelLike, as_detection_model
+from .forms import PRUNABLE_TASKS, ModelLike, as_detection_model
 from .results import Result
 
 
@@ -38,7 +40,7 @@ def model_device(module: nn.Module) -> torch.device:
 
 def inference_copy(model: ModelLike) -> nn.Module:
     """A deep copy of ``model`` as ultralytics runs it for inference: FP32, eval mode, Conv+BN fused."""
-    module = copy.deepcopy(as_detection_model(model)).float().eval()
+    module = copy.deepcopy(as_detection_model(model, tasks=PRUNABLE_TASKS)).float().eval()
     for p in module.parameters():
         p.requires_grad_(False)
     if hasattr(module, "fuse"):
@@ -73,7 +75,7 @@ def count_macs(model: ModelLike, *, imgsz: int = 640) -> int:
 
 def count_params(model: ModelLike) -> int:
     """Number of parameters of the model as given (unfused: BatchNorm weights included, like ultralytics)."""
-    return sum(p.numel() for p in as_detection_model(model).parameters())
+    return sum(p.numel() for p in as_detection_model(model, tasks=PRUNABLE_TASKS).parameters())
 
 
 def checkpoint_size_mb(model: ModelLike) -> float:
@@ -82,7 +84,7 @@ def checkpoint_size_mb(model: ModelLike) -> float:
     This mirrors an ultralytics checkpoint without optimizer or training state, so sizes before and
     after pruning compare like for like.
     """
-    half = copy.deepcopy(as_detection_model(model)).half()
+    half = copy.deepcopy(as_detection_model(model, tasks=PRUNABLE_TASKS)).half()
     buffer = io.BytesIO()
     torch.save({"model": half}, buffer)
     return buffer.getbuffer().nbytes / 1e6
@@ -101,7 +103,7 @@ class ModelStats(Result):
 
 def model_stats(model: ModelLike, *, imgsz: int = 640) -> ModelStats:
     """Parameters, MACs (one batch-1 forward at ``imgsz``) and fp16 checkpoint size of ``model``."""
-    module = as_detection_model(model)
+    module = as_detection_model(model, tasks=PRUNABLE_TASKS)
     macs = count_macs(module, imgsz=imgsz)
     return ModelStats(
         params=count_params(module),

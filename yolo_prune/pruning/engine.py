@@ -21,7 +21,7 @@ from ..errors import PruningError, UsageError
 from ..logs import Progress, Timings
 from .allocation import make_planner, resolve_allocation
 from .cost import Cost, MacsCost
-from .graph import ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
+from .graph import CONVS, ChannelGroup, KeptChannels, PruneGraph, build_graph, prepare
 from .importance import METHODS, make_importance, resolve_method
 from .recovery import Recovery, RecoveryContext, normalize_compensation, normalize_recalibration
 from .portable import channel_count, tie, untie
@@ -108,12 +108,13 @@ _FIELDS = {f.name for f in dataclasses.fields(EngineOptions)}
 
 
 def layer_widths(model: nn.Module, graph: PruneGraph) -> dict[str, int]:
-    """Output channels of every prunable conv (the protected Detect outputs excluded), by module name."""
+    """Output channels of every prunable conv (Proto's transposed conv too; the protected head outputs excluded), by
+    module name."""
     ignored = {id(m) for layer in graph.ignored for m in layer.modules()}
     return {
         name: m.out_channels
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and id(m) not in ignored
+        if isinstance(m, CONVS) and id(m) not in ignored
     }
 
 
@@ -214,7 +215,8 @@ class _Pass:
         if opts.ratio is not None:
             current = sum(channel_count(g) for g, _ in scored)
             goal_removed = opts.ratio * step / opts.steps * self.reference.channels
-            already = self.reference.channels - current
+            # removed so far: groups the criterion cannot score (e.g. bn on Proto's transposed conv) were not removed
+            already = self.reference.channels - sum(g.channels for g in graph.groups())
             with self.timings("planning"):
                 return plan_of(max(0.0, (goal_removed - already) / max(current, 1))), None
         with self.timings("planning"):

@@ -1,13 +1,20 @@
-"""What depends on what: the dependency graph of a YOLOv8 / YOLO11 / YOLO26 detection model.
+"""What depends on what: the dependency graph of a YOLOv8 / YOLO11 / YOLO26 detection, segmentation, pose or
+oriented-box model.
 
 The model is first put in a prunable form (:func:`~yolo_prune.modules.to_prunable`: C2f, C3k2, C2
 and C2PSA hold their split conv as two convs, attention keeps its inner widths on its own), then
 torch-pruning's ``DependencyGraph`` is traced once. A :class:`ChannelGroup` is one set of channels that
 must be removed together (a conv's outputs with its BN, every consumer's inputs, every residual add and
 concat slice it feeds). Protected layers never lose output channels, and a group that would touch one is
-not a group at all: the Detect head's final box/class convs of both branches (YOLO26's one-to-one head
-too) and DFL, and inside every attention block the ``qkv`` and ``pe`` convs (their outputs are split per
-head and reshaped; only the attention's outer channels and its FFN's hidden width are prunable).
+not a group at all: the head's final convs of every branch (box, class, and the task's: mask coefficients,
+keypoints and their sigmas, angle; YOLO26's one-to-one head too), DFL, ``Proto``'s output conv (the ``nm``
+prototypes) and Proto26's semantic output conv, and inside every attention block the ``qkv`` and ``pe`` convs
+(their outputs are split per head and reshaped; only the attention's outer channels and its FFN's hidden width
+are prunable). The task branches' hidden widths and ``Proto``'s inner convs (its transposed conv included) are
+groups like any other.
+
+Branches that run only in training (Pose26's keypoint sigmas, Proto26's semantic head) are traced too, from the
+features they read, so that their inputs follow every removal; the MACs model leaves them out, as ``fuse()`` does.
 
 A graph built with ``portable=True`` offers only the groups whose removal stock ultralytics classes can still
 compute (:func:`~yolo_prune.modules.to_stock` converts the model back afterwards): no group that changes an
@@ -24,33 +31,47 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 from torch import nn
-from ultralytics.nn.modules import C2, C2PSA, DFL, SPPF, Bottleneck, C2f, C3k2, Concat, Conv, Detect, DWConv
-from ultralytics.nn.modules.block import Attention, C3k, PSABlock
+from ultralytics.nn.modules import block as _block
+from ultralytics.nn.modules import C2, C2PSA, DFL, SPPF, Bottleneck, C2f, C3k2, Concat, Conv, DWConv
+from ultralytics.nn.modules.block import Attention, C3k, Proto, PSABlock
 
 from ..errors import UnsupportedModelError
+from ..forms import supported_heads
 from ..modules import SPLIT_FORMS, C2fSplit, C2PSASplit, C2Split, C3k2Split, PrunableAttention, to_prunable
 
 # Top-level layer types of a detection model that the graph handles correctly (exact types: a subclass
-# may compute something else).
+# may compute something else); the heads: Detect, Segment(26), Pose(26), OBB(26) (yolo_prune.forms).
 SUPPORTED_LAYERS: tuple[type, ...] = (
-    Conv, C2f, C2fSplit, C3k2, C3k2Split, C2, C2Split, SPPF, C2PSA, C2PSASplit, Concat, nn.Upsample, Detect,
+    Conv, C2f, C2fSplit, C3k2, C3k2Split, C2, C2Split, SPPF, C2PSA, C2PSASplit, Concat, nn.Upsample,
+    *supported_heads(),
 )
+_PROTO26 = getattr(_block, "Proto26", None)  # YOLO26 segmentation (absent from older ultralytics)
+# Modules never traced nor pruned, whose insides are not checked: Pose26's flow model (used by its loss only).
+_OPAQUE: tuple[type, ...] = tuple(t for t in (getattr(_block, "RealNVP", None),) if t is not None)
 # Modules allowed inside those layers (exact types), besides parameter-free activations.
 _INNER: tuple[type, ...] = (
     Conv, DWConv, nn.Conv2d, nn.BatchNorm2d, nn.Sequential, nn.ModuleList, nn.Identity, nn.MaxPool2d,
-    Bottleneck, C3k, PSABlock, Attention, PrunableAttention, DFL,
+    Bottleneck, C3k, PSABlock, Attention, PrunableAttention, DFL, Proto, nn.ConvTranspose2d,
+    *(t for t in (_PROTO26,) if t is not None), *_OPAQUE,
 )
-SUPPORTED_BLOCKS = "Conv, C2f, C2, C3k2, C3k, SPPF, C2PSA/PSABlock, Concat, Upsample, Detect"
+SUPPORTED_BLOCKS = "Conv, C2f, C2, C3k2, C3k, SPPF, C2PSA/PSABlock, Concat, Upsample, Detect, Segment, Pose, OBB"
+# The convolutions the graph prunes and counts (Proto upsamples with a transposed conv).
+CONVS: tuple[type, ...] = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 def _inner_problem(layer: nn.Module) -> str | None:
     """Why a supported top-level ``layer`` still cannot be pruned (an unknown inner block, a grouped
     conv), or None."""
+    opaque = {id(x) for m in layer.modules() if isinstance(m, _OPAQUE) for x in m.modules() if x is not m}
     for m in layer.modules():
+        if id(m) in opaque:
+            continue
         if m is not layer and type(m) not in _INNER and type(m).__module__ != "torch.nn.modules.activation":
             return f"contains {type(m).__name__}"
         if isinstance(m, nn.Conv2d) and m.groups not in (1, m.in_channels):
             return "has a grouped convolution"
+        if isinstance(m, nn.ConvTranspose2d) and m.groups != 1:
+            return "has a grouped transposed convolution"
     return None
 
 
@@ -76,29 +97,53 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def _detect_branches(head: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the Detect head's branch lists that run in inference, and those ``fuse()`` drops.
+# The head's per-scale branch lists: box, class, and the task's (mask coefficients, keypoints, angle; Pose26's
+# shared keypoint features cv4 feed cv4_kpts and the training-only cv4_sigma). YOLO26 adds one2one_<name> of each.
+HEAD_BRANCHES = ("cv2", "cv3", "cv4", "cv4_kpts", "cv4_sigma")
+# (feature branch list, training-only branch list reading it): Pose26's keypoint sigmas.
+_TRAINING_BRANCHES = (("cv4", "cv4_sigma"), ("one2one_cv4", "one2one_cv4_sigma"))
 
-    A YOLO26 head holds one-to-many (``cv2``/``cv3``) and one-to-one (``one2one_*``) branches; the one
-    ``end2end`` selects is the one an inference (fused) model keeps.
+
+def _detect_branches(head: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the head's branch lists that run in inference, and those ``fuse()`` drops.
+
+    A YOLO26 head holds one-to-many (``cv2``/``cv3``/``cv4``...) and one-to-one (``one2one_*``) branches; the one
+    ``end2end`` selects is the one an inference (fused) model keeps. Pose26's sigma branches are dropped either way.
     """
-    one2many, one2one = ["cv2", "cv3"], ["one2one_cv2", "one2one_cv3"]
-    if getattr(head, "one2one_cv2", None) is None:
-        return one2many, []
-    if getattr(head, "cv2", None) is None:
-        return one2one, []
-    return (one2one, one2many) if head.end2end else (one2many, one2one)
+    present = [n for n in HEAD_BRANCHES if getattr(head, n, None) is not None]
+    one2many, one2one = present, [f"one2one_{n}" for n in HEAD_BRANCHES if getattr(head, f"one2one_{n}", None)
+                                  is not None]
+    if not one2one or not one2many:
+        keep, drop = one2many or one2one, []
+    else:
+        keep, drop = (one2one, one2many) if head.end2end else (one2many, one2one)
+    training = [n for n in keep if n.endswith("cv4_sigma")]
+    return [n for n in keep if n not in training], drop + training
+
+
+def _output_convs(head: nn.Module) -> list[nn.Module]:
+    """The head's final convs (what leaves each branch: a plain ``nn.Conv2d``, the branch itself or its last
+    layer), ``Proto``'s output conv and Proto26's semantic output conv."""
+    convs: list[nn.Module] = []
+    for name in HEAD_BRANCHES + tuple(f"one2one_{n}" for n in HEAD_BRANCHES):
+        for branch in getattr(head, name, None) or []:
+            last = branch[-1] if isinstance(branch, nn.Sequential) else branch
+            if type(last) is nn.Conv2d:
+                convs.append(last)
+    proto = getattr(head, "proto", None)
+    if proto is not None:
+        convs.append(proto.cv3.conv)
+        if getattr(proto, "semseg", None) is not None:
+            convs.append(proto.semseg[-1])
+    return convs
 
 
 def protected_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels must never change: Detect's box/class output convs (every branch)
-    and DFL, and every attention's ``qkv`` and ``pe`` convs (split per head / reshaped)."""
+    """Layers whose output channels must never change: the head's output convs (box, class and the task's, every
+    branch), ``Proto``'s prototypes and DFL (:func:`_output_convs`), and every attention's ``qkv`` and ``pe``
+    convs (split per head / reshaped)."""
     head = model.model[-1]
-    layers: list[nn.Module] = []
-    for name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
-        branches = getattr(head, name, None)
-        if branches is not None:
-            layers += [branch[-1] for branch in branches]
+    layers: list[nn.Module] = _output_convs(head)
     layers.append(head.dfl)
     for m in model.modules():
         if isinstance(m, Attention):
@@ -195,7 +240,7 @@ class PruneGraph:
 
     def _all_groups(self) -> list[ChannelGroup]:
         out = []
-        for group in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=[nn.Conv2d]):
+        for group in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=list(CONVS)):
             root = group[0].dep.target.module
             channels = self.dg.get_out_channels(root)
             if not channels:
@@ -203,7 +248,7 @@ class PruneGraph:
             convs: dict[tuple[nn.Module, bool], float] = {}
             for dep, idxs in group:
                 m = dep.target.module
-                if isinstance(m, nn.Conv2d):
+                if isinstance(m, CONVS):
                     is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
                     convs[(m, is_out)] = len(idxs) / channels
             out.append(
@@ -240,7 +285,9 @@ class PruneGraph:
 
         An attention's two matrix products (``q^T k`` and ``v attn^T``) cost ``num_heads * (key_dim +
         head_dim) * N^2`` for N tokens; its inner widths never change, so that part is a constant which
-        grows with the square of the image area (which is why MACs are counted at the size asked for).
+        grows with the square of the image area (which is why MACs are counted at the size asked for). A transposed
+        conv (Proto's upsampling) counts per input pixel, as ultralytics-thop does: its ``conv_hw`` is its input
+        area.
         """
         delta = delta or {}
         total = float(sum(a.num_heads * (a.key_dim + a.head_dim) * n * n for a, n in self.attn_tokens.items()))
@@ -305,12 +352,49 @@ def _output(out):
 
 
 def _size_hooks(model: nn.Module, hw: dict[nn.Conv2d, int], tokens: dict[nn.Module, int]) -> list:
-    """Forward hooks recording every conv's output area and every attention's token count."""
+    """Forward hooks recording every conv's output area (a transposed conv's input area: see
+    :meth:`PruneGraph.conv_macs`) and every attention's token count."""
     hooks = [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, o.shape[-1] * o.shape[-2]))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, i[0].shape[-1] * i[0].shape[-2]))
+              for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
     hooks += [m.register_forward_hook(lambda mod, i, o: tokens.__setitem__(mod, i[0].shape[-1] * i[0].shape[-2]))
               for m in model.modules() if isinstance(m, Attention)]
     return hooks
+
+
+def _training_readers(head: nn.Module) -> list[tuple[nn.Module, nn.Module, bool]]:
+    """(training-only module, the module whose tensor it reads, whether it reads that module's input rather than its
+    output): Pose26's sigma convs read each keypoint branch's features, Proto26's semantic head reads the fused
+    features ``feat_fuse`` reads."""
+    readers = []
+    for features, sigma in _TRAINING_BRANCHES:
+        if getattr(head, sigma, None) is not None:
+            pairs = zip(getattr(head, features), getattr(head, sigma))
+            readers += [(reader, source, False) for source, reader in pairs]
+    proto = getattr(head, "proto", None)
+    if getattr(proto, "semseg", None) is not None:
+        readers.append((proto.semseg, proto.feat_fuse, True))
+    return readers
+
+
+def _trace_forward(model: nn.Module, example: torch.Tensor) -> tuple[object, list[torch.Tensor]]:
+    """The eval-mode forward torch-pruning traces, plus the outputs of the head's training-only modules computed
+    from the tensors they read in training (see the module docstring), so that their inputs are in the graph."""
+    readers = _training_readers(model.model[-1])
+    seen: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, (_, source, reads_input) in enumerate(readers):
+        if reads_input:
+            hooks.append(source.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(i, args[0])))
+        else:
+            hooks.append(source.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, out)))
+    try:
+        out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, [reader(seen[i]) for i, (reader, _, _) in enumerate(readers) if i in seen]
 
 
 def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = None,
@@ -331,7 +415,8 @@ def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = N
     hooks = _size_hooks(model, hw, tokens)
     try:  # one traced forward records both the graph and every conv's output size
         dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, output_transform=_output, verbose=False
+            model, example_inputs=example, forward_fn=_trace_forward,
+            output_transform=lambda out: _output(out[0]) + out[1], verbose=False
         )
     finally:
         for h in hooks:
@@ -358,8 +443,10 @@ def build_graph(model: nn.Module, *, imgsz: int = 64, macs_imgsz: int | None = N
         else:
             hw, tokens = measured
     head = model.model[-1]
-    for name in _detect_branches(head)[1]:  # MACs of the model as it runs: fuse() drops this branch
-        for m in getattr(head, name).modules():
+    dropped = [getattr(head, name) for name in _detect_branches(head)[1]]
+    dropped += [reader for reader, _, _ in _training_readers(head)]
+    for mod in dropped:  # MACs of the model as it runs: fuse() drops these
+        for m in mod.modules():
             hw.pop(m, None)
     names = {m: n for n, m in model.named_modules()}
     model.train(was_training)

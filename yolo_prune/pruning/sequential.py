@@ -37,20 +37,24 @@ Batches = list[torch.Tensor]
 
 
 def _units(layer: nn.Module) -> list[tuple[nn.Module, Callable[[Any], Any]]]:
-    """The pieces of a top-level layer refit one after the other: the Detect head branch by branch
-    (each branch reads one feature map), any other layer as a whole."""
+    """The pieces of a top-level layer refit one after the other: the head branch by branch (each branch reads one
+    feature map; Pose26's keypoint features with their output conv; Proto reads the finest map, Proto26 all of
+    them), any other layer as a whole."""
     from ultralytics.nn.modules import Detect
 
-    if isinstance(layer, Detect):
-        units = []
-        for attr in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
-            branches = getattr(layer, attr, None)
-            if branches is None:
-                continue
-            for k, branch in enumerate(branches):
-                units.append((branch, (lambda k: lambda xs: xs[k])(k)))
-        return units
-    return [(layer, lambda x: x)]
+    if not isinstance(layer, Detect):
+        return [(layer, lambda x: x)]
+    units = []
+    for attr in ("cv2", "cv3", "cv4", "one2one_cv2", "one2one_cv3", "one2one_cv4"):
+        branches = getattr(layer, attr, None)
+        outputs = getattr(layer, f"{attr}_kpts", None)  # Pose26: cv4 ends in hidden features
+        for k, branch in enumerate(branches or []):
+            unit = branch if outputs is None else nn.Sequential(branch, outputs[k])
+            units.append((unit, (lambda k: lambda xs: xs[k])(k)))
+    proto = getattr(layer, "proto", None)
+    if proto is not None:
+        units.append((proto, (lambda xs: xs) if hasattr(proto, "feat_fuse") else (lambda xs: xs[0])))
+    return units
 
 
 def _execution_order(unit: nn.Module, select: Callable, x: Any) -> list[nn.Conv2d]:

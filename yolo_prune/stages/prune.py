@@ -18,6 +18,7 @@ from ..bench import check_threads
 from ..io import run_dir, write_json, write_text, write_yaml
 from ..latency import NOISY, LatencyCost, LatencyTable, build_table, check_runtime, measure_models
 from ..logs import LOGGER, Timings, format_seconds, progress_output
+from ..forms import PRUNABLE_TASKS
 from ..models import load_model, save_checkpoint, wrap_model
 from ..modules import stock_problems, to_stock
 from ..options import LatencyOptions, Options, PruneOptions, RunOptions, TrainOptions, settings, target_macs
@@ -199,7 +200,8 @@ GROUPS = (PruneOptions, LatencyOptions, TrainOptions, RunOptions)
 
 def prune(model: Any, *options: Options, data: str | Path | None = None, validate: bool = False, save: bool = True,
           progress: bool = False, latency_table: Any = None, **overrides: Any) -> PruneResult:
-    """Prune ``model`` (path, yaml, YOLO or DetectionModel) and return a :class:`PruneResult`.
+    """Prune ``model`` (path, yaml, YOLO or DetectionModel; a detection, segmentation, pose or oriented-box model)
+    and return a :class:`PruneResult`.
 
     ``options`` are typed option objects (:class:`~yolo_prune.options.PruneOptions`, ``LatencyOptions``,
     ``TrainOptions`` for ``imgsz``/``batch``/``device``/``seed``, ``RunOptions`` for ``project``/``name``/
@@ -251,7 +253,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     t_start, timings = time.perf_counter(), Timings()
     with progress_output(progress):
         with timings("load"):
-            yolo = load_model(model)
+            yolo = load_model(model, tasks=PRUNABLE_TASKS)
+            _check_task(yolo.task, validate=validate and data is not None)
             if p.portable:
                 _check_portable(yolo.model, model)
             module = copy.deepcopy(yolo.model).float().cpu().eval()
@@ -327,7 +330,14 @@ def _save(result: PruneResult, yolo: Any, module: torch.nn.Module, data: Any, se
     ckpt = save_checkpoint(module, save_dir / "weights" / "pruned.pt", train_args=getattr(yolo.model, "args", None),
                            provenance={**result.provenance, "report": report})
     result.save_dir, result.checkpoint = save_dir, ckpt
-    result.model = load_model(ckpt)
+    result.model = load_model(ckpt, tasks=PRUNABLE_TASKS)
+
+
+def _check_task(task: str, *, validate: bool) -> None:
+    """Validation measures COCO box mAP of detection models only, so far."""
+    if validate and task != "detect":
+        raise UsageError(f"validate=True measures detection mAP; it does not handle {task} models yet: prune without "
+                         "validate and validate the checkpoint with ultralytics (YOLO(path).val(data=...))")
 
 
 def _check_threshold(p: PruneOptions) -> None:

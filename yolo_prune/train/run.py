@@ -64,10 +64,12 @@ def _check_train_args(train_args: dict[str, Any], model: Any) -> None:
 
 
 def _check_model_path(model: str | Path) -> str:
-    """A model yaml as it is; a ``.pt`` path once it loads as a detection model (before any run folder exists)."""
+    """A model yaml or a ``.pt`` path, once it builds or loads as a detection model (before any run folder exists):
+    a segmentation, pose or OBB yaml is refused here, not trained as a detector."""
     path = Path(model)
     suffix = path.suffix.lower()
     if suffix in {".yaml", ".yml"}:
+        as_detection_model(path)  # an unsupported head or another task: one-line error
         return str(model)  # a model yaml (random init); ultralytics resolves its own names such as yolov8n.yaml
     if suffix != ".pt":
         raise ModelLoadError(f"model must be a .pt checkpoint or a model yaml, got {model}")
