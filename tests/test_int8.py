@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("data_cache")
 
 IMGSZ = 128
 CALIB = 8
-TOL = 0.6  # measured 0.26-0.37 for both families and runtimes; a tail-quantized export 0.90-1.01
+TOL = 0.6  # measured 0.27-0.37 for both families and runtimes; a tail-quantized export 0.93-1.00
 
 
 def _pruned(yaml: str) -> torch.nn.Module:
@@ -136,9 +136,9 @@ def test_int8_scores_stay_close_to_fp32_and_a_broken_export_fails(family, shared
     for fmt, run in (("onnx", _run_onnx), ("openvino", _run_openvino)):
         int8 = export_model(model, format=fmt, imgsz=160, save_dir=tmp_path, int8=True, data=data, calib_images=16)
         fp = fp32 if fmt == "onnx" else export_model(model, format=fmt, imgsz=160, save_dir=tmp_path)
-        assert _score_error(run, int8, fp, held) < TOL, fmt  # measured v8n 0.30 / 0.31, 11n 0.26 / 0.37
+        assert _score_error(run, int8, fp, held) < TOL, fmt  # measured v8n 0.30 / 0.31, 11n 0.27 / 0.37
     tail = quantize_onnx(fp32, tmp_path / "tail.onnx", calib, head=len(model.model) - 1, exclude=[])
-    assert _score_error(_run_onnx, tail, fp32, held) > TOL  # measured v8n 1.01, 11n 0.90
+    assert _score_error(_run_onnx, tail, fp32, held) > TOL  # measured v8n 1.00, 11n 0.93
 
 
 def test_val_reads_the_exports(exports, synthetic):
