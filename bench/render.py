@@ -719,7 +719,7 @@ def block_int8(name: str = "int8") -> str:
             f"`{res['pruned']}`, data {res['data']} (mAP on its val split); static imgsz {res['imgsz']}, batch 1, "
             f"{res['calib_images']} calibration images from the train split; latency: medians of {res['runs']} "
             f"interleaved rounds per runtime and thread count, OpenVINO at its default inference precision. "
-            f"{load_note(res)}.\n\n" + md_table(rows, head) + ("\n\n" + "\n".join(verdicts) if verdicts else ""))
+            f"{load_note(res)}.{' Note: ' + res['note'] + '.' if res.get('note') else ''}\n\n" + md_table(rows, head) + ("\n\n" + "\n".join(verdicts) if verdicts else ""))
 
 
 def block_collapse(name: str = "collapse") -> str:
