@@ -5,7 +5,7 @@ BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
 ``cost``, ``families``, ``families:<result name>``, ``distill``, ``unstructured``, ``sparsity:<result name>``,
 ``accuracy``, ``accuracy_targets``, ``collapse``, ``recovery``, ``portable:<result name>``,
-``bccd_pipeline:<result name>``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``bccd_pipeline:<result name>``, ``int8:<result name>``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python -m bench.render            # rewrite the blocks in BENCHMARKS.md
     python -m bench.render --print    # print the blocks instead
@@ -676,6 +676,52 @@ def block_portable(name: str = "portable") -> str:
                               "portable - free (points)", "loads with ultralytics alone", "prune s")))
 
 
+INT8_TARGETS = {"map_points": 1.5, "onnxruntime": 0.25, "openvino": 0.30}  # issue 21, on bccd
+
+
+def _int8_verdicts(res: dict[str, Any], lat: dict[tuple[str, str, int], dict[str, Any]]) -> list[str]:
+    """Issue 21's targets for the pruned INT8 exports: mAP50-95 within 1.5 points of dense FP32, latency ratios."""
+    ex = res["exports"]
+    lines = []
+    for fmt, runtime in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        drop = 100 * (ex[f"dense_fp32_{fmt}"]["map50_95"] - ex[f"pruned_int8_{fmt}"]["map50_95"])
+        ok = drop <= INT8_TARGETS["map_points"]
+        ratios = {n: r["ratio_vs_dense_fp32"] for (k, rt, n), r in lat.items() if k == f"pruned_int8_{fmt}"}
+        fast = all(v <= INT8_TARGETS[runtime] for v in ratios.values())
+        shown = ", ".join(f"{v:.2f}x at {n} thread{'s' if n > 1 else ''}" for n, v in sorted(ratios.items()))
+        lines.append(f"- pruned INT8, {runtime}: mAP50-95 {-drop:+.1f} points vs dense FP32 (target: at most "
+                     f"{INT8_TARGETS['map_points']} below: {'met' if ok else 'missed'}); latency {shown} (target <= "
+                     f"{INT8_TARGETS[runtime]:.2f}x: {'met' if fast else 'missed'})")
+    return lines
+
+
+def block_int8(name: str = "int8") -> str:
+    """Issue 21: dense/pruned x FP32/INT8 x ONNX/OpenVINO exports, mAP, size and latency ratio (bench/int8.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.int8`._"
+    lat = {(r["export"], r["runtime"], r["threads"]): r for r in res.get("latency", [])}
+    threads = sorted({n for (_, _, n) in lat})
+    rows = []
+    for k, e in res["exports"].items():
+        model, precision, fmt = k.split("_")
+        runtime = "onnxruntime" if fmt == "onnx" else "openvino"
+        ref = res["exports"][f"dense_fp32_{fmt}"]["map50_95"]
+        cells = [f"{lat[(k, runtime, n)]['ratio_vs_dense_fp32']:.3f} ({lat[(k, runtime, n)]['median_ms']:.1f} ms)"
+                 if (k, runtime, n) in lat else "n/a" for n in threads]
+        rows.append((model, precision.upper(), "ONNX" if fmt == "onnx" else "OpenVINO", f(e["map50_95"]),
+                     f"{100 * (e['map50_95'] - ref):+.1f}", f(e["map50"]), f(e["size_mb"], 2), *cells))
+    head = ("model", "precision", "format", "mAP50-95", "vs dense FP32 (points)", "mAP50", "size MB",
+            *(f"latency vs dense FP32, {n} thread{'s' if n > 1 else ''}" for n in threads))
+    verdicts = _int8_verdicts(res, lat) if lat and all(f"{m}_{p}_{x}" in res["exports"] for m in ("dense", "pruned")
+                                                       for p in ("fp32", "int8") for x in ("onnx", "openvino")) else []
+    return (f"Command: `{res['command']}` (started {res['started']}); dense `{res['dense']}`, pruned "
+            f"`{res['pruned']}`, data {res['data']} (mAP on its val split); static imgsz {res['imgsz']}, batch 1, "
+            f"{res['calib_images']} calibration images from the train split; latency: medians of {res['runs']} "
+            f"interleaved rounds per runtime and thread count, OpenVINO at its default inference precision. "
+            f"{load_note(res)}.{' Note: ' + res['note'] + '.' if res.get('note') else ''}\n\n" + md_table(rows, head) + ("\n\n" + "\n".join(verdicts) if verdicts else ""))
+
+
 def block_collapse(name: str = "collapse") -> str:
     """Issue 24: mAP right after a one-shot prune and where the removal went (bench/collapse.py)."""
     res = common.read_result(name)
@@ -805,7 +851,7 @@ BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_
 # blocks that take a result name: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
 NAMED_BLOCKS = {"frontier": block_frontier, "sparsity": block_sparsity, "latency_target": block_latency_target,
                 "latency": block_latency, "families": block_families, "portable": block_portable,
-                "bccd_pipeline": block_bccd_pipeline}
+                "bccd_pipeline": block_bccd_pipeline, "int8": block_int8}
 
 
 def render(text: str) -> str:

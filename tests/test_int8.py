@@ -3,9 +3,12 @@
 Random-init pruned yolov8n / yolo11n (BatchNorm statistics measured on the generated images) show that the INT8
 exports are INT8, keep Detect's decode in float, load and run in openvino and onnxruntime, and that ``val`` reads
 them. Their outputs barely depend on the image (INT8 noise is as large as the image-to-image spread), so accuracy is
-checked on the real COCO yolov8n fixture, pruned: the class-score error of the INT8 model over the 8 images, relative
-to how much the FP32 scores vary between those images, must stay below 1; quantizing the decode tail with the rest
-(the scores then share one int8 scale with box pixels) measured 4.4 and is shown to fail.
+checked on the real COCO yolov8n and yolo11n fixtures, lightly pruned with compensation and BN recalibration so that
+they still detect (coco128 @160 mAP50-95 0.157 / 0.126; pruned harder without them both score 0.000, and the INT8
+score error of such a dead model measures the rounding of near-zero probabilities, not accuracy): the class-score
+error of the INT8 model over 8 held images, relative to how much the FP32 scores vary between those images, must stay
+below TOL; quantizing the decode tail with the rest (the scores then share one int8 scale with box pixels) is shown to
+fail it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("data_cache")
 
 IMGSZ = 128
 CALIB = 8
-TOL = 1.0
+TOL = 0.6  # measured 0.27-0.37 for both families and runtimes; a tail-quantized export 0.93-1.00
 
 
 def _pruned(yaml: str) -> torch.nn.Module:
@@ -120,21 +123,22 @@ def test_int8_exports_are_int8_with_a_float_decode_and_run(exports, images):
 
 
 @pytest.mark.fixtures
-def test_int8_scores_stay_close_to_fp32_and_a_broken_export_fails(shared_fixtures, tmp_path):
+@pytest.mark.parametrize("family", ["yolov8n", "yolo11n"])
+def test_int8_scores_stay_close_to_fp32_and_a_broken_export_fails(family, shared_fixtures, tmp_path):
     from yolo_prune.stages.prune import prune
 
     data = shared_fixtures / "coco128" / "coco128.yaml"
-    model = prune(shared_fixtures / "weights" / "yolov8n_coco_int8rebuild.pt", method="bn", ratio=0.3, imgsz=160,
-                  save=False).model.model
+    model = prune(shared_fixtures / "weights" / f"{family}_coco_int8rebuild.pt", method="l1", ratio=0.1, imgsz=160,
+                  data=data, calib_images=32, save=False).model.model
     fp32 = export_model(model, format="onnx", imgsz=160, save_dir=tmp_path)
     calib = calibration_images(data, n=16, imgsz=160, seed=0)
     held = calibration_images(data, n=8, imgsz=160, seed=1)  # other images of the split
     for fmt, run in (("onnx", _run_onnx), ("openvino", _run_openvino)):
         int8 = export_model(model, format=fmt, imgsz=160, save_dir=tmp_path, int8=True, data=data, calib_images=16)
         fp = fp32 if fmt == "onnx" else export_model(model, format=fmt, imgsz=160, save_dir=tmp_path)
-        assert _score_error(run, int8, fp, held) < TOL, fmt  # measured 0.39 (onnx), 0.25 (openvino)
-    tail = quantize_onnx(fp32, tmp_path / "tail.onnx", calib, head=22, exclude=[])
-    assert _score_error(_run_onnx, tail, fp32, held) > 2 * TOL  # measured 4.4
+        assert _score_error(run, int8, fp, held) < TOL, fmt  # measured v8n 0.30 / 0.31, 11n 0.27 / 0.37
+    tail = quantize_onnx(fp32, tmp_path / "tail.onnx", calib, head=len(model.model) - 1, exclude=[])
+    assert _score_error(_run_onnx, tail, fp32, held) > TOL  # measured v8n 1.00, 11n 0.93
 
 
 def test_val_reads_the_exports(exports, synthetic):
