@@ -37,11 +37,24 @@ def test_an_older_dependency_is_refused_in_one_line(name, monkeypatch):
 
 
 def test_the_minimum_itself_and_newer_or_absent_dependencies_pass(monkeypatch):
-    check_versions()  # this environment
-    monkeypatch.setattr(compat, "installed_version", lambda n: MINIMUM[n])
-    check_versions()
+    assert check_versions() is None  # this environment
+    asked: list[str] = []
+
+    def at_minimum(name: str) -> str:
+        asked.append(name)
+        return MINIMUM[name]
+
+    monkeypatch.setattr(compat, "installed_version", at_minimum)
+    assert check_versions() is None and sorted(asked) == sorted(MINIMUM)  # every dependency is checked
     monkeypatch.setattr(compat, "installed_version", lambda n: None)  # not installed: its own import reports it
-    check_versions()
+    assert check_versions() is None
+    # the boundary: one patch release below the minimum fails
+    name = "torch-pruning"
+    major, minor, patch = (int(x) for x in MINIMUM[name].split(".")[:3])
+    below = f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{minor - 1}.99"
+    monkeypatch.setattr(compat, "installed_version", lambda n: below if n == name else MINIMUM[n])
+    with pytest.raises(DependencyVersionError, match=f"found {below}"):
+        check_versions()
 
 
 def test_import_yolo_prune_refuses_ultralytics_8_3():
