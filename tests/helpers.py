@@ -165,3 +165,33 @@ def run_ddp_file(trainer, cwd: Path) -> None:
     finally:
         ddp_cleanup(trainer, file)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# Runs in a fresh interpreter: every yolo_prune import fails as if the package were not installed.
+BLOCKED = r'''
+import sys
+
+
+class NoYoloPrune:
+    """A finder that refuses yolo_prune as if it were not installed (first on sys.meta_path)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "yolo_prune" or name.startswith("yolo_prune."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoYoloPrune())
+'''
+
+# The same, then the job a test passes as JSON in argv[1]: ``jobs`` with the input tensor ``x`` and the image ``image``.
+BLOCKED_JOBS = BLOCKED + r'''
+import json
+import numpy as np
+import torch
+from ultralytics import YOLO
+
+jobs = json.loads(sys.argv[1])
+x = torch.load(jobs["x"])
+image = np.load(jobs["image"])
+'''

@@ -32,7 +32,7 @@ from yolo_prune.pruning.graph import ChannelGroup
 from yolo_prune.pruning.portable import TiedGroup, tie, tie_counts, untie
 from yolo_prune.pruning.schedule import LossCurve
 
-from .helpers import FAST, random_detection_model, shapes, subprocess_env, zero_channels
+from .helpers import BLOCKED, BLOCKED_JOBS, FAST, random_detection_model, shapes, subprocess_env, zero_channels
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
 NC = 3
@@ -41,32 +41,7 @@ TARGET = 0.6
 X = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(3))
 IMAGE = (np.random.default_rng(4).random((IMGSZ, IMGSZ, 3)) * 255).astype(np.uint8)
 
-# Runs in a fresh interpreter: every yolo_prune import fails as if the package were not installed.
-BLOCKED = r'''
-import sys
-
-
-class NoYoloPrune:
-    """A finder that refuses yolo_prune as if it were not installed (first on sys.meta_path)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "yolo_prune" or name.startswith("yolo_prune."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NoYoloPrune())
-'''
-
-CHECK = BLOCKED + r'''
-import json
-import numpy as np
-import torch
-from ultralytics import YOLO
-
-jobs = json.loads(sys.argv[1])
-x = torch.load(jobs["x"])
-image = np.load(jobs["image"])
+CHECK = BLOCKED_JOBS + r'''
 out = {}
 for name, path in jobs["models"].items():
     yolo = YOLO(path)

@@ -29,8 +29,7 @@ from yolo_prune.models import load_model, pickled_modules
 from yolo_prune.pruning import build_graph, prepare, prune_model
 from yolo_prune.stats import count_macs
 
-from .helpers import HEAD_OUTPUTS, random_detection_model, read_csv, subprocess_env, zero_channels
-from .test_portable import BLOCKED
+from .helpers import BLOCKED_JOBS, HEAD_OUTPUTS, random_detection_model, read_csv, subprocess_env, zero_channels
 
 NC = 3
 IMGSZ = 128
@@ -229,15 +228,7 @@ def test_cli_report_lists_the_task_branches(checkpoints):
         assert after < before, part
 
 
-CHECK = BLOCKED + r'''
-import json
-import numpy as np
-import torch
-from ultralytics import YOLO
-
-jobs = json.loads(sys.argv[1])
-x = torch.load(jobs["x"])
-image = np.load(jobs["image"])
+CHECK = BLOCKED_JOBS + r'''
 report = {}
 for task, path in jobs["models"].items():
     yolo = YOLO(path)
