@@ -73,7 +73,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------- the options
 #: Trainer options of distillation (not ultralytics keys), with their defaults: the keys of
 #: :class:`yolo_prune.options.DistillOptions` (a trainer without a ``teacher`` does not distil).
-FADES = ("none", "linear")
+FADES = choices("distill_fade")
 DISTILL_DEFAULTS: dict[str, Any] = {**DistillOptions().to_dict(), "teacher": None}
 DISTILL_MODES = choices("distill")
 #: Batch key carrying the teacher's raw head outputs to the criterion.
