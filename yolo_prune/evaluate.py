@@ -462,13 +462,13 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     fmt = exported_format(model)
     if fmt is None:
         net = as_detection_model(model, tasks=PRUNABLE_TASKS)
-        task = model_task(net)
+        task, kpt_shape = model_task(net), getattr(net.model[-1], "kpt_shape", None)
         _check_classes(net.names, spec)
     else:  # ultralytics' AutoBackend runs it; a static export validates at its own input size
         net = str(Path(model).expanduser().absolute())
-        task = exported_task(net, fmt)
+        task, kpt_shape = exported_task(net, fmt), exported_metadata(net, fmt).get("kpt_shape")
         _check_classes(exported_names(net, fmt), spec)
-    spec = _check_task_data(spec, task)
+    spec = _check_task_data(spec, task, kpt_shape)
     args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": task,
             "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}
     if device is not None:
@@ -500,9 +500,9 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     return result
 
 
-def _check_task_data(spec: DataSpec, task: str) -> DataSpec:
+def _check_task_data(spec: DataSpec, task: str, kpt_shape: Any = None) -> DataSpec:
     """The data resolved for ``task`` (COCO-format data gets outline labels for a segmentation model); a pose model
-    needs a YOLO-format pose dataset (``kpt_shape``)."""
+    needs a YOLO-format pose dataset with its own ``kpt_shape``."""
     if task == "segment":
         return resolve_data(spec, task="segment")
     if task == "pose":
@@ -510,4 +510,7 @@ def _check_task_data(spec: DataSpec, task: str) -> DataSpec:
         if not isinstance(cfg, dict) or "kpt_shape" not in cfg:
             raise UsageError(f"{spec.source.name} has no kpt_shape: a pose model is validated on a YOLO-format pose "
                              "dataset (kpt_shape and keypoint labels)")
+        if kpt_shape is not None and list(kpt_shape) != list(cfg["kpt_shape"]):
+            raise UsageError(f"the model predicts keypoints of shape {list(kpt_shape)} but {spec.source.name} has "
+                             f"kpt_shape {list(cfg['kpt_shape'])}")
     return spec
