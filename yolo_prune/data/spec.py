@@ -109,7 +109,7 @@ def resolve_data(data: str | Path | DataSpec, *, cache_dir: str | Path | None = 
     """
     if isinstance(data, DataSpec):
         if task == "segment" and data.format == "coco" and data.task != "segment":
-            return resolve_data(data.source, task=task)
+            return resolve_data(data.source, cache_dir=data.cache.parent, task=task)
         return data
     if data is None or str(data) == "":
         raise DatasetError("no dataset given (data=...)")
