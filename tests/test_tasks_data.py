@@ -22,7 +22,7 @@ from yolo_prune import cli
 from yolo_prune.data import make_synthetic, resolve_data
 from yolo_prune.data.coco import load_coco_split, outline
 from yolo_prune.data.synthetic import FLIP_IDX, KPT_SHAPE
-from yolo_prune.errors import UsageError
+from yolo_prune.errors import DatasetError, UsageError
 from yolo_prune.evaluate import TASK_FIELDS, TASK_KEYS, evaluate
 from yolo_prune.models import save_checkpoint
 
@@ -253,3 +253,17 @@ def test_pose_model_needs_its_pose_data(task_ckpt, synthetic_task):
     coco_pose = random_detection_model(CFG["pose"], nc=3)  # 17 keypoints
     with pytest.raises(UsageError, match=r"keypoints of shape \[17, 3\] but yolo.yaml has kpt_shape \[5, 3\]"):
         evaluate(coco_pose, synthetic_task("pose") / "yolo.yaml", imgsz=64, batch=4)
+
+
+def test_task_models_on_data_of_another_task_are_one_line_errors(task_ckpt, synthetic_task, tmp_path, capsys):
+    detect = synthetic_task("detect")
+    with pytest.raises(UsageError, match=r"yolo.yaml has box labels \(cls cx cy w h\): a segment model"):
+        evaluate(task_ckpt("segment"), detect / "yolo.yaml", imgsz=64, batch=4)
+    with pytest.raises(DatasetError, match="no annotation has a segmentation"):
+        evaluate(task_ckpt("segment"), detect / "coco.yaml", imgsz=64, batch=4)
+    with pytest.raises(UsageError, match="COCO-format data, which has no rotated boxes"):
+        evaluate(task_ckpt("obb"), synthetic_task("segment") / "coco.yaml", imgsz=64, batch=4)
+    code = cli.main(["val", f"model={task_ckpt('obb')}", f"data={detect / 'yolo.yaml'}", "imgsz=64",
+                     f"project={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "an obb model is validated on rotated-box" in err, err

@@ -503,6 +503,14 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
 def _check_task_data(spec: DataSpec, task: str, kpt_shape: Any = None) -> DataSpec:
     """The data resolved for ``task`` (COCO-format data gets outline labels for a segmentation model); a pose model
     needs a YOLO-format pose dataset with its own ``kpt_shape``."""
+    if task == "obb" and spec.format == "coco":
+        raise UsageError(f"{spec.source.name} is COCO-format data, which has no rotated boxes: an OBB model is "
+                         "validated on a YOLO-format OBB dataset (x1 y1 ... x4 y4 labels)")
+    if task in ("segment", "obb") and spec.format == "yolo" and _has_box_labels(spec.val_images):
+        what = "outline (polygon)" if task == "segment" else "rotated-box (x1 y1 ... x4 y4)"
+        article = "an" if task == "obb" else "a"
+        raise UsageError(f"{spec.source.name} has box labels (cls cx cy w h): {article} {task} model is validated "
+                         f"on {what} labels")
     if task == "segment":
         return resolve_data(spec, task="segment")
     if task == "pose":
@@ -514,3 +522,17 @@ def _check_task_data(spec: DataSpec, task: str, kpt_shape: Any = None) -> DataSp
             raise UsageError(f"the model predicts keypoints of shape {list(kpt_shape)} but {spec.source.name} has "
                              f"kpt_shape {list(cfg['kpt_shape'])}")
     return spec
+
+
+def _has_box_labels(images: Sequence[Path]) -> bool:
+    """Whether a label file of these images has a box row (5 columns): not data of a segment or OBB model."""
+    from ultralytics.data.utils import img2label_paths
+
+    for label in img2label_paths([str(p) for p in images]):
+        try:
+            rows = Path(label).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(len(row.split()) == 5 for row in rows):
+            return True
+    return False

@@ -53,7 +53,8 @@ class CocoSplit:
     """A checked COCO split. ``boxes`` are the training boxes per image id: (class index, x1, y1, x2, y2), clipped
     to the image, crowd boxes excluded; ``annotations`` are the kept annotations for evaluation (crowd included).
     ``segments`` (read with ``segments=True``) are the training outlines per image id: (class index, (n, 2) pixel
-    polygon), in the order of ``boxes``; an annotation without a usable segmentation has its box as outline."""
+    polygon), in the order of ``boxes``; an annotation without a usable segmentation has its box as outline (they
+    are counted in ``no_outline``)."""
 
     json_path: Path
     image_dir: Path
@@ -64,6 +65,7 @@ class CocoSplit:
     info: dict[str, Any] = field(default_factory=dict)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     segments: dict[int, list[tuple[int, np.ndarray]]] | None = None
+    no_outline: int = 0
 
     @property
     def category_ids(self) -> list[int]:
@@ -219,6 +221,7 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
         raise DatasetError(f"{json_path}: 'annotations' is not a list")
     boxes: dict[int, list] = {im.id: [] for im in images}
     outlines: dict[int, list] | None = {im.id: [] for im in images} if segments else None
+    no_outline = 0
     kept_anns: list[dict[str, Any]] = []
     for a in anns:
         reason = _annotation_problem(a, declared, class_of)
@@ -242,10 +245,11 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
             boxes[im.id].append((class_of[a["category_id"]], x1, y1, x2, y2))
             if outlines is not None:
                 poly = outline(a.get("segmentation"), im.width, im.height)
+                no_outline += poly is None
                 poly = _corners(x1, y1, x2, y2) if poly is None else poly
                 outlines[im.id].append((class_of[a["category_id"]], poly))
     info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
-    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped, outlines)
+    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped, outlines, no_outline)
 
 
 def _corners(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
