@@ -223,8 +223,7 @@ def test_ground_truth_scores_one(task_ckpt, synthetic_task, task, fmt, tmp_path,
         assert r.mask_map50 == pytest.approx(1.0) and r.mask_map50_95 > 0.4, metrics
         metrics["mask_map50_95"] = None
     assert r.recall == pytest.approx(1.0) and all(v > 0.97 for v in metrics.values() if v is not None), metrics
-    if task != "obb":  # an OBB's COCO box is the extent of the predicted rectangle: that of the labels
-        assert r.map50 == pytest.approx(1.0)
+    assert r.map50 == pytest.approx(1.0), r.map50  # OBB: the extent of the predicted rectangle, as of the labels
     preds = json.loads(r.predictions_json.read_text())
     if task == "segment":
         from pycocotools import mask as mask_utils
