@@ -232,6 +232,10 @@ def test_ground_truth_scores_one(task_ckpt, synthetic_task, task, fmt, tmp_path,
         size = {im["id"]: [im["height"], im["width"]] for im in gt["images"]}
         assert all(p["segmentation"]["size"] == size[p["image_id"]] for p in preds)  # the original image size
         assert all(mask_utils.area(p["segmentation"]) > 0 for p in preds)
+        if fmt == "coco":  # both COCOeval backends score masks alike
+            slow, fast = (ev.coco_eval(r.val_json, r.predictions_json, backend=b, iou_type="segm")
+                          for b in ("pycocotools", "faster"))
+            assert slow["map50_95"] == pytest.approx(fast["map50_95"], abs=1e-4) == r.mask_map50_95
     if task == "obb":
         assert all(len(p["rbox"]) == 5 and len(p["poly"]) == 8 for p in preds)
 

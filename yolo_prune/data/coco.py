@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,7 +290,9 @@ def _rle_outline(rle: dict[str, Any]) -> np.ndarray | None:
         h, w = (int(v) for v in rle["size"])
         if isinstance(rle["counts"], list):  # uncompressed
             rle = mask_utils.frPyObjects(rle, h, w)
-        m = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+        with warnings.catch_warnings():  # pycocotools' decode under numpy 2: a DeprecationWarning about copy=False
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
     except Exception:  # pycocotools raises TypeError / ValueError / its own for malformed counts
         return None
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
