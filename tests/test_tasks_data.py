@@ -270,3 +270,11 @@ def test_task_models_on_data_of_another_task_are_one_line_errors(task_ckpt, synt
                      f"project={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "an obb model is validated on rotated-box" in err, err
+
+
+def test_val_of_a_segmentation_export_reads_its_task(task_ckpt, synthetic_task, tmp_path):
+    from ultralytics import YOLO
+
+    onnx_file = YOLO(str(task_ckpt("segment"))).export(format="onnx", imgsz=64, verbose=False)
+    r = evaluate(onnx_file, synthetic_task("segment") / "coco.yaml", imgsz=64, batch=4)
+    assert r.task == "segment" and all(0 <= getattr(r, k) <= 1 for k in TASK_KEYS["segment"])

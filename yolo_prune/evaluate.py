@@ -368,9 +368,10 @@ def exported_names(path: str | Path, fmt: str) -> dict[int, str]:
     return exported_metadata(path, fmt)["names"]
 
 
-def exported_task(path: str | Path, fmt: str) -> str:
-    """The task of an export (``detect`` when its metadata has none); a task yolo-prune does not take is refused."""
-    task = str(exported_metadata(path, fmt).get("task") or "detect")
+def exported_task(path: str | Path, meta: dict[str, Any]) -> str:
+    """The task of an export from its :func:`exported_metadata` (``detect`` when it has none); a task yolo-prune does
+    not take is refused."""
+    task = str(meta.get("task") or "detect")
     if task not in PRUNABLE_TASKS:
         raise UsageError(f"{path} is a {task} export; yolo-prune validates detection, segmentation, pose and OBB "
                          "models")
@@ -466,8 +467,9 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
         _check_classes(net.names, spec)
     else:  # ultralytics' AutoBackend runs it; a static export validates at its own input size
         net = str(Path(model).expanduser().absolute())
-        task, kpt_shape = exported_task(net, fmt), exported_metadata(net, fmt).get("kpt_shape")
-        _check_classes(exported_names(net, fmt), spec)
+        meta = exported_metadata(net, fmt)
+        task, kpt_shape = exported_task(net, meta), meta.get("kpt_shape")
+        _check_classes(meta["names"], spec)
     spec = _check_task_data(spec, task, kpt_shape)
     args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": task,
             "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}
