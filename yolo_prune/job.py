@@ -23,15 +23,18 @@ from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
 from .stages.prune import prune
+from .stages.quantize import check_quantize, quantize_stage
 from .stages.report import PipelineResult, pipeline_report, verdict
 from .stages.teacher import pipeline_teacher
 from .stats import model_stats
 from .train import finetune, sparse_train
 
-STAGES = ("baseline", "sparse", "prune", "finetune", "val", "bench")
-GROUPS = (PruneOptions, SparseOptions, StageOptions, TrainOptions, DistillOptions, BenchOptions, RunOptions)
-# what a resumed run takes from its pipeline.json (device, workers, verbose, bench settings and data may change)
-RESUMED = (PruneOptions, SparseOptions, StageOptions, DistillOptions)
+STAGES = ("baseline", "sparse", "prune", "finetune", "val", "quantize", "bench")
+GROUPS = (PruneOptions, SparseOptions, StageOptions, TrainOptions, DistillOptions, BenchOptions, RunOptions,
+          LatencyOptions)
+# what a resumed run takes from its pipeline.json (device, workers, verbose, bench settings and data may change;
+# int8/runtime/threads, the INT8 stage's, are LatencyOptions)
+RESUMED = (PruneOptions, SparseOptions, StageOptions, DistillOptions, LatencyOptions)
 STATE_FILE = "pipeline.json"
 
 
@@ -60,6 +63,10 @@ class _Run:
         t = self.s.train
         return dict(imgsz=t.imgsz, batch=t.batch, device=t.device, seed=t.seed, verbose=self.s.run.verbose,
                     workers=t.workers, **self.distill_kw, **self.train_args)
+
+    def step(self, k: int) -> str:
+        """``[k/N]`` of the log lines: 7 stages with the INT8 stage, else 6."""
+        return f"[{k}/{7 if self.s.latency.int8 else 6}]"
 
     def training(self, mode: str, folder: str, fn: Any, source: Any, epochs: int, **kw: Any) -> dict[str, Any]:
         """Train into ``save_dir/mode/folder``; on resume continue from its last.pt if it has one."""
@@ -102,9 +109,11 @@ def pipeline(model: Any, data: str | Path | None, *options: Options, train_args:
     ft = _finetune(ctx, pr["checkpoint"])
     final = Path((ft or {}).get("best") or (ft or {}).get("last") or pr["checkpoint"])
     va = _val(ctx, final)
+    _quantize(ctx, final)  # (the report reads its record)
     be = None
     if bench and s.bench.backends:
-        LOGGER.info("[6/6] bench: CPU latency, dense vs pruned (%s)", s.bench.backends)
+        LOGGER.info("%s bench: CPU latency, dense vs pruned (%s)", ctx.step(7 if s.latency.int8 else 6),
+                    s.bench.backends)
         be = run.bench_stage(ctx.state, {"dense": model, "pruned": final}, imgsz=s.train.imgsz,
                              backends=run.backend_list(s.bench.backends), runs=s.bench.bench_runs,
                              warmup=s.bench.bench_warmup, seed=s.train.seed, verbose=s.run.verbose)
@@ -133,6 +142,7 @@ def _resumed(folder: Path, model: Any, data: Any, s: Settings) -> tuple[Any, Any
 def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[str, Any]) -> _Run:
     """Check the data and the options, resolve the teacher, record the settings: the run's context."""
     spec = resolve_data(data)  # fail early on a bad dataset, before any training
+    check_quantize(s.latency.int8, s.latency.runtime, data)  # (runtime=torch, openvino missing: before training)
     teacher = pipeline_teacher(s.distill.teacher, model, spec.nc, folder)
     if teacher is None and (s.distill.labels is False or s.distill.unlabeled):
         raise UsageError("labels=False trains against a teacher's outputs, but this pipeline has no teacher")
@@ -146,7 +156,7 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
     args = {"model": run.absolute(model), "data": run.absolute(data), **s.sparse.to_dict(), **s.stage.to_dict(),
             **s.prune.to_dict(), "threshold": threshold, "target_macs": target, "imgsz": s.train.imgsz,
             "batch": s.train.batch, "seed": s.train.seed, "train_args": dict(train_args),
-            **s.distill.to_dict(), "teacher": teacher}
+            **s.distill.to_dict(), "teacher": teacher, **s.latency.to_dict()}
     state = run.start(folder, STATE_FILE, args, resume=s.run.resume)
     return _Run(s=s, model=model, data=data, save_dir=folder, state=state, threshold=threshold, target_macs=target,
                 distill_kw=distill_kw, train_args=dict(train_args))
@@ -155,7 +165,7 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
 def _baseline(ctx: _Run) -> dict[str, Any]:
     base = ctx.state.done("baseline")
     if base is None:
-        LOGGER.info("[1/6] baseline: measuring and validating the dense model")
+        LOGGER.info("%s baseline: measuring and validating the dense model", ctx.step(1))
         dense = load_model(ctx.model)
         stats = model_stats(dense.model, imgsz=ctx.s.train.imgsz)
         val = evaluate(dense, ctx.data, save_dir=ctx.save_dir / "baseline", **ctx.val_kw)
@@ -168,7 +178,7 @@ def _sparse(ctx: _Run) -> dict[str, Any] | None:
     sp = ctx.state.done("sparse")
     s = ctx.s
     if sp is None and s.stage.sparse_epochs > 0:
-        LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", s.stage.sparse_epochs,
+        LOGGER.info("%s sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", ctx.step(2), s.stage.sparse_epochs,
                     s.sparse.sr_mode, s.sparse.sr)
         method = s.prune.method or "auto"
         greg = {"target_macs": ctx.target_macs, "method": method if method in ("bn", "l1", "l2", "random") else "bn",
@@ -191,7 +201,7 @@ def _prune(ctx: _Run, source: Any, base: dict[str, Any]) -> dict[str, Any]:
     if pr is not None:
         return pr
     p = ctx.s.prune
-    LOGGER.info("[3/6] prune: method=%s %s in %d step(s)", p.method or "auto",
+    LOGGER.info("%s prune: method=%s %s in %d step(s)", ctx.step(3), p.method or "auto",
                 f"ratio={p.ratio}" if p.ratio is not None else f"target_macs={ctx.target_macs}", p.steps)
 
     def one_step(step: int, current: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,7 +292,7 @@ def _finetune(ctx: _Run, checkpoint: str) -> dict[str, Any] | None:
     ft = ctx.state.done("finetune")
     epochs = ctx.s.stage.finetune_epochs
     if ft is None and epochs > 0:
-        LOGGER.info("[4/6] finetune: %d epochs", epochs)
+        LOGGER.info("%s finetune: %d epochs", ctx.step(4), epochs)
         ft = ctx.state.finish("finetune", ctx.training("finetune", "final", finetune, checkpoint, epochs))
     return ft
 
@@ -290,12 +300,28 @@ def _finetune(ctx: _Run, checkpoint: str) -> dict[str, Any] | None:
 def _val(ctx: _Run, final: Path) -> dict[str, Any]:
     va = ctx.state.done("val")
     if va is None:
-        LOGGER.info("[5/6] val: COCO evaluation of %s", final)
+        LOGGER.info("%s val: COCO evaluation of %s", ctx.step(5), final)
         v = evaluate(final, ctx.data, save_dir=ctx.save_dir / "val", **ctx.val_kw)
         st = model_stats(final, imgsz=ctx.s.train.imgsz)
         va = ctx.state.finish("val", {"map50_95": v.map50_95, "map50": v.map50, "params": st.params, "macs": st.macs,
                                       "size_mb": st.size_mb, "checkpoint": str(final)})
     return va
+
+
+def _quantize(ctx: _Run, final: Path) -> dict[str, Any] | None:
+    """``int8=True``: the final model as an INT8 export for ``runtime``, against the dense FP32 export (stage
+    ``quantize``)."""
+    q8 = ctx.state.done("quantize")
+    lat = ctx.s.latency
+    if q8 is None and lat.int8:
+        LOGGER.info("%s quantize: INT8 export for %s, COCO evaluation, latency against the dense FP32 export",
+                    ctx.step(6), lat.runtime)
+        res = quantize_stage(final, ctx.model, ctx.data, runtime=lat.runtime, save_dir=ctx.save_dir / "quantize",
+                             imgsz=ctx.s.train.imgsz, calib_images=ctx.s.prune.calib_images, seed=ctx.s.train.seed,
+                             threads=lat.threads, bench=ctx.s.bench,
+                             val_kw=ctx.val_kw, progress=ctx.s.run.verbose or listening())
+        q8 = ctx.state.finish("quantize", res.to_dict())
+    return q8
 
 
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
