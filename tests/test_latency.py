@@ -7,6 +7,7 @@ the code does with them (shapes, cache hits, the solver respecting the table's o
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 
@@ -294,6 +295,12 @@ def test_int8_conv_probe_is_quantized_as_the_export():
     assert len(times) == 2 and min(times) > 0
     with pytest.raises(UsageError, match="torch has no INT8 path"):
         latency.ConvBench("torch", 16, 32, 3, 1, 16, 1, 1, int8=True)
+    if importlib.util.find_spec("openvino") is not None:  # OpenVINO runs the QDQ probe as its INT8 convolution
+        ov_bench = latency.ConvBench("openvino", 16, 32, 3, 1, 16, 1, 1, int8=True, profile_dir=".")
+        ov_bench()
+        assert 0 < ov_bench.share() <= 1
+        kinds = {p.exec_type for p in ov_bench._request.profiling_info}
+        assert any("I8" in k.upper() or "U8" in k.upper() for k in kinds), kinds
 
 
 def test_int8_table_differs_from_fp32_and_is_cached_apart(_v8n_base, few_convs, monkeypatch, tmp_path):
@@ -315,8 +322,10 @@ def test_int8_table_differs_from_fp32_and_is_cached_apart(_v8n_base, few_convs, 
     with pytest.raises(UsageError, match="measured in FP32"):
         prune(copy.deepcopy(_v8n_base), target_latency=0.9, runtime="onnxruntime", int8=True, imgsz=64,
               latency_table=fp32, save=False)
-    res = prune(copy.deepcopy(_v8n_base), target_latency=0.99, runtime="onnxruntime", threads=1, int8=True,
+    res = prune(copy.deepcopy(_v8n_base), target_latency=1.0, runtime="onnxruntime", threads=1, int8=True,
                 imgsz=64, latency_table=int8, project=tmp_path, name="p")
     lat = res.latency  # predicted from the INT8 table, measured on the INT8 exports
     assert lat["int8"] and lat["predicted_ms"] > 0 and lat["measured_ms"] > 0 and lat["measured_dense_ms"] > 0
     assert "latency onnxruntime INT8 1 thr measured (ms)" in str(res)
+    md = (tmp_path / "p" / "report.md").read_text()
+    assert "predicted (INT8 latency table)" in md and "measured (INT8 exported models, interleaved)" in md
