@@ -463,6 +463,9 @@ def _latency_cost(dense: Any, lat: LatencyOptions, *, round_to: Any, ratio: floa
     threads = check_threads(lat.threads)
     wants_target = ratio is None and (target_latency is not None or target_ms is not None)
     if not wants_target and round_to != "auto":
+        if int8:
+            LOGGER.warning("int8=True in mode prune measures latency targets and round_to=auto on INT8 kernels; "
+                           "without either it changes nothing (export the pruned model with int8=True)")
         return None
     with timings("latency_table"):
         if isinstance(table, (str, Path)):
