@@ -203,7 +203,7 @@ def test_prune_with_target_latency_reports_predicted_and_measured(torch_table, v
         (["prune", "threads=two"], "threads='two' must be an integer"),
         (["prune", "round_to=fast"], "round_to='fast' must be an integer"),
         (["bench", "backends=torch,tensorrt"], "unknown backend(s) tensorrt"),
-        (["pipeline", "data=x.yaml", "target_latency=0.5"], "MACs targets only"),
+        (["pipeline", "data=x.yaml", "round_to=auto"], "does not take round_to=auto"),
     ],
 )
 def test_latency_options_fail_in_one_line(argv, text, capsys, tmp_path):

@@ -75,3 +75,27 @@ def test_runtime_torch_with_int8_is_refused_in_one_line(tmp_path, synthetic, cap
                      "runtime=torch", f"project={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "runtime=torch" in err[0]
+
+
+def test_pipeline_latency_target_on_int8_kernels(tmp_path, synthetic, dense_ckpt, monkeypatch):  # noqa: F811
+    """target_latency with int8=True: one INT8 table of the input model (3 convs here: a whole one takes minutes),
+    every prune step plans over it, and the report gives predicted vs measured latency of the INT8 exports."""
+    from yolo_prune.latency import build
+
+    real = build.conv_specs
+    monkeypatch.setattr(build, "conv_specs", lambda *a, **k: real(*a, **k)[:3])
+    monkeypatch.setenv("YOLO_PRUNE_CACHE", str(tmp_path / "cache"))
+    result = pipeline(dense_ckpt, synthetic / "coco.yaml", project=tmp_path, name="lat", int8=True,
+                      runtime="onnxruntime", threads=1, target_latency=1.0, **TINY8)
+    report = json.loads((result.save_dir / "report.json").read_text())
+    lat = report["stages"]["prune.step1"]["latency"]
+    assert lat["int8"] and lat["runtime"] == "onnxruntime" and lat["target_fraction"] == 1.0
+    assert lat["predicted_ms"] > 0 and lat["measured_ms"] > 0  # predicted (INT8 table) vs measured (INT8 exports)
+    assert list((tmp_path / "cache" / "latency").glob("onnxruntime-int8-*.json"))
+    rows = {r["metric"]: r for r in report["table"]}
+    assert rows["latency onnxruntime INT8 predicted (ms)"]["after"] == lat["predicted_ms"]
+    assert rows["latency onnxruntime INT8 measured (ms)"]["after"] == lat["measured_ms"]
+    assert report["args"]["target_latency"] == 1.0 and report["args"]["target_macs"] is None
+    with pytest.raises(UsageError, match="sr_mode=greg plans toward target_macs"):
+        pipeline(dense_ckpt, synthetic / "coco.yaml", project=tmp_path, name="greg", target_latency=0.5,
+                 **{**TINY8, "sparse_epochs": 1})

@@ -19,6 +19,7 @@ from .data import resolve_data
 from .errors import UsageError
 from .evaluate import evaluate
 from .logs import LOGGER, listening
+from .latency import build_table
 from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
@@ -51,6 +52,7 @@ class _Run:
     target_macs: float | None
     distill_kw: dict[str, Any]
     train_args: dict[str, Any]
+    latency_table: Any = None  # with a latency target: the input model's table (every prune step plans over it)
 
     @property
     def val_kw(self) -> dict[str, Any]:
@@ -153,6 +155,11 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
     if threshold is not None and s.prune.ratio is not None:
         raise UsageError("threshold (free removal of zeroed channels) combines with target_macs, not with ratio")
     target = None if s.prune.ratio is not None else (s.prune.target_macs if s.prune.target_macs is not None else 0.5)
+    if _latency_target(s):
+        target = None
+        if s.stage.sparse_epochs > 0 and s.sparse.sr_mode == "greg":
+            raise UsageError("sr_mode=greg plans toward target_macs; with target_latency/target_ms use sparse_epochs=0 "
+                             "or another sr_mode")
     args = {"model": run.absolute(model), "data": run.absolute(data), **s.sparse.to_dict(), **s.stage.to_dict(),
             **s.prune.to_dict(), "threshold": threshold, "target_macs": target, "imgsz": s.train.imgsz,
             "batch": s.train.batch, "seed": s.train.seed, "train_args": dict(train_args),
@@ -201,8 +208,7 @@ def _prune(ctx: _Run, source: Any, base: dict[str, Any]) -> dict[str, Any]:
     if pr is not None:
         return pr
     p = ctx.s.prune
-    LOGGER.info("%s prune: method=%s %s in %d step(s)", ctx.step(3), p.method or "auto",
-                f"ratio={p.ratio}" if p.ratio is not None else f"target_macs={ctx.target_macs}", p.steps)
+    LOGGER.info("%s prune: method=%s %s in %d step(s)", ctx.step(3), p.method or "auto", _goal(ctx), p.steps)
 
     def one_step(step: int, current: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         return _prune_step(ctx, step, current, records[-1]["macs"] if records else base["macs"], base["macs"])
@@ -261,22 +267,52 @@ def _moved(record: dict[str, Any], src: Path, dst: Path) -> dict[str, Any]:
     return {**record, "checkpoint": str(dst / ckpt.relative_to(src))}
 
 
+def _latency_target(s: Settings) -> bool:
+    return s.prune.ratio is None and (s.latency.target_latency is not None or s.latency.target_ms is not None)
+
+
+def _goal(ctx: _Run) -> str:
+    p, lat = ctx.s.prune, ctx.s.latency
+    if p.ratio is not None:
+        return f"ratio={p.ratio}"
+    if _latency_target(ctx.s):
+        what = f"target_latency={lat.target_latency}" if lat.target_latency is not None else f"target_ms={lat.target_ms}"
+        return f"{what} on {lat.runtime}{' INT8' if lat.int8 else ''}"
+    return f"target_macs={ctx.target_macs}"
+
+
+def _step_latency(ctx: _Run, step: int, steps: int) -> LatencyOptions:
+    """The latency options of prune step ``step`` of ``steps``: ``1 - (1 - target) * step / steps`` of the dense
+    latency of the input model's table (measured once, cached; INT8 kernels with ``int8``)."""
+    lat = ctx.s.latency
+    if ctx.latency_table is None:
+        ctx.latency_table = build_table(ctx.model, imgsz=ctx.s.train.imgsz, runtime=lat.runtime, threads=lat.threads,
+                                        int8=lat.int8, progress=listening())
+    t = ctx.latency_table
+    target = lat.target_latency if lat.target_latency is not None else min(1.0, lat.target_ms / t.dense_ms)
+    return lat.replace(target_latency=1 - (1 - target) * step / steps, target_ms=None)
+
+
 def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float, *,
                 folder: str | None = None) -> dict[str, Any]:
     p, steps = ctx.s.prune, ctx.s.prune.steps
-    if p.ratio is not None:
+    lat = ctx.s.latency.replace(target_latency=None, target_ms=None)
+    if _latency_target(ctx.s):
+        step_kw = {"ratio": None, "target_macs": None}
+        lat = _step_latency(ctx, step, steps)
+    elif p.ratio is not None:
         step_kw = {"ratio": 1 - (1 - p.ratio) ** (1 / steps), "target_macs": None}
     else:
         goal = 1 - (1 - ctx.target_macs) * step / steps
         step_kw = {"target_macs": min(1.0, goal * base_macs / prev_macs), "ratio": None}
     threshold = ctx.threshold if step == 1 else None
-    res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), data=ctx.data, seed=ctx.s.train.seed,
+    res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), lat, data=ctx.data, seed=ctx.s.train.seed,
                 imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=folder or f"step{step}", exist_ok=True,
-                progress=listening())
+                progress=listening(), latency_table=ctx.latency_table)
     record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after, "params": res.params_after,
               "size_mb": res.size_mb_after, "macs_fraction": res.macs_after / base_macs, "prune_seconds": res.seconds,
               "prune_timings": res.timings, "prune_total_seconds": res.total_seconds,
-              "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free,
+              "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free, "latency": res.latency,
               "layers": [dataclasses.asdict(x) for x in res.layers]}
     v = evaluate(res.model, ctx.data, save_dir=res.save_dir / "val", **ctx.val_kw)
     record.update(map50_95_pruned=v.map50_95, map50_pruned=v.map50, map50_95=v.map50_95, map50=v.map50)
@@ -326,10 +362,9 @@ def _quantize(ctx: _Run, final: Path) -> dict[str, Any] | None:
 
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     """Run :func:`pipeline` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
-    if any(cfg.get(k) is not None for k in LatencyOptions.names() if k in ("target_latency", "target_ms")) \
-            or cfg.get("round_to") == "auto":
-        raise UsageError("the pipeline prunes to MACs targets only (latency targets and round_to=auto: run "
-                         "'yolo-prune prune target_latency=...', then 'yolo-prune finetune')")
+    if cfg.get("round_to") == "auto":
+        raise UsageError("the pipeline does not take round_to=auto (run 'yolo-prune prune round_to=auto ...', then "
+                         "'yolo-prune finetune'); latency targets (target_latency=, target_ms=) it takes")
     resume_dir = cfg["model"] if cfg["resume"] and Path(str(cfg["model"])).is_dir() else None  # model=<run folder>
     return pipeline(cfg["model"], cfg["data"], train_args=extra, save_dir=resume_dir, **config_keys(cfg))
 

@@ -194,10 +194,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "form), loading then needs yolo-prune; also greg's plan (sparse), which then zeroes what portable pruning "
           "removes", "prune", modes=frozenset({"prune", "pipeline", "sparse"})),
         K("target_latency", None, "float", "fraction of the dense model's latency to keep, in (0, 1], measured on "
-          "`runtime` with `threads`; replaces target_macs", "latency", optional=True, lo=0, hi=1, bounds="(]",
-          modes=frozenset({"prune"})),
+          "`runtime` with `threads`; replaces target_macs (pipeline: reached in `steps` equal increments of the dense "
+          "latency, one table of the input model; int8=True: on INT8 kernels)", "latency", optional=True, lo=0, hi=1,
+          bounds="(]", modes=_PRUNE),
         K("target_ms", None, "float", "latency to reach in milliseconds on `runtime` with `threads`; replaces "
-          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=frozenset({"prune"})),
+          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=_PRUNE),
         K("runtime", "onnxruntime", "str", "where latency targets and round_to=auto are measured: onnxruntime, "
           "openvino (pip install yolo-prune[openvino]), torch; pipeline/demo with int8=True: the runtime the INT8 "
           "stage exports for (openvino or onnxruntime) and measures on", "latency", choices=("onnxruntime", "openvino", "torch"),

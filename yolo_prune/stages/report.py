@@ -83,8 +83,21 @@ def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int,
         if latency_of(bench, "dense", backend) is not None:
             rows.append((f"CPU latency {backend} (ms)", latency_of(bench, "dense", backend),
                          latency_of(bench, "pruned", backend)))
+    rows += latency_rows(kept.get("latency"))
     rows += int8_rows(base, int8)
     return [(k, a, b, _ratio(a, b)) for k, a, b in rows]
+
+
+def latency_rows(lat: dict | None) -> list[tuple[str, Any, Any]]:
+    """A latency target's rows: predicted (the input model's table) and measured (exports of the model before and
+    after the kept prune step, interleaved) milliseconds on the table's runtime, INT8 kernels with ``int8``."""
+    if not lat or lat.get("predicted_ms") is None:
+        return []
+    where = f"{lat['runtime']}{' INT8' if lat.get('int8') else ''}"
+    rows = [(f"latency {where} predicted (ms)", lat["dense_ms"], lat["predicted_ms"])]
+    if lat.get("measured_ms") is not None:
+        rows.append((f"latency {where} measured (ms)", lat["measured_dense_ms"], lat["measured_ms"]))
+    return rows
 
 
 def int8_rows(base: dict, int8: dict | None) -> list[tuple[str, Any, Any]]:
