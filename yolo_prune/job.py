@@ -276,7 +276,8 @@ def _goal(ctx: _Run) -> str:
     if p.ratio is not None:
         return f"ratio={p.ratio}"
     if _latency_target(ctx.s):
-        what = f"target_latency={lat.target_latency}" if lat.target_latency is not None else f"target_ms={lat.target_ms}"
+        what = (f"target_latency={lat.target_latency}" if lat.target_latency is not None
+                else f"target_ms={lat.target_ms}")
         return f"{what} on {lat.runtime}{' INT8' if lat.int8 else ''}"
     return f"target_macs={ctx.target_macs}"
 
@@ -296,7 +297,7 @@ def _step_latency(ctx: _Run, step: int, steps: int) -> LatencyOptions:
 def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float, *,
                 folder: str | None = None) -> dict[str, Any]:
     p, steps = ctx.s.prune, ctx.s.prune.steps
-    lat = ctx.s.latency.replace(target_latency=None, target_ms=None)
+    lat = ctx.s.latency.replace(target_latency=None, target_ms=None, int8=False)  # (MACs: no table to measure)
     if _latency_target(ctx.s):
         step_kw = {"ratio": None, "target_macs": None}
         lat = _step_latency(ctx, step, steps)
