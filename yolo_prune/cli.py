@@ -35,7 +35,7 @@ Usage: yolo-prune MODE key=value ...
 
 Modes:
   demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
-  pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
+  pipeline  sparse -> prune -> finetune -> val [-> int8] -> bench in one run folder (model= data= [int8=True runtime=])
   sparse    sparsity training: drive BatchNorm gammas to 0    (model= data= sr_mode= sr= epochs=)
   prune     rank channels and remove them       (model= method= target_macs= | target_latency= runtime= | ratio=)
   sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)

@@ -194,16 +194,18 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "form), loading then needs yolo-prune; also greg's plan (sparse), which then zeroes what portable pruning "
           "removes", "prune", modes=frozenset({"prune", "pipeline", "sparse"})),
         K("target_latency", None, "float", "fraction of the dense model's latency to keep, in (0, 1], measured on "
-          "`runtime` with `threads`; replaces target_macs", "latency", optional=True, lo=0, hi=1, bounds="(]",
-          modes=frozenset({"prune"})),
+          "`runtime` with `threads`; replaces target_macs (pipeline: reached in `steps` equal increments of the dense "
+          "latency, one table of the input model; int8=True: on INT8 kernels)", "latency", optional=True, lo=0, hi=1,
+          bounds="(]", modes=_PRUNE),
         K("target_ms", None, "float", "latency to reach in milliseconds on `runtime` with `threads`; replaces "
-          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=frozenset({"prune"})),
+          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=_PRUNE),
         K("runtime", "onnxruntime", "str", "where latency targets and round_to=auto are measured: onnxruntime, "
-          "openvino (pip install yolo-prune[openvino]), torch", "latency", choices=("onnxruntime", "openvino", "torch"),
+          "openvino (pip install yolo-prune[openvino]), torch; pipeline/demo with int8=True: the runtime the INT8 "
+          "stage exports for (openvino or onnxruntime) and measures on", "latency", choices=("onnxruntime", "openvino", "torch"),
           aliases={"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "pytorch": "torch"},
-          modes=frozenset({"prune"})),
+          modes=_PRUNE),
         K("threads", None, "int", "intra-op threads of the runtime for latency targets and mode=bench; empty: the "
-          "runtime's default", "latency", optional=True, lo=0, modes=frozenset({"prune", "bench"})),
+          "runtime's default", "latency", optional=True, lo=0, modes=_PRUNE | {"bench"}),
         K("latency_aware", False, "bool|float", "with a latency target: rank channels by importance per millisecond "
           "they cost (True), or by importance / ms**latency_aware (a number in (0, 1]); False: by importance alone",
           "latency", lo=0, hi=1, bounds="(]", modes=frozenset({"prune"})),
@@ -273,8 +275,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("int8", False, "bool", "mode=export: post-training INT8 quantization of the export, calibrated on "
           "calib_images images of data's train split (needs data=); format=openvino: NNCF (pip install "
           "yolo-prune[openvino]), writes <name>_int8_openvino_model/; format=onnx: onnxruntime QDQ, per-channel "
-          "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float", "export",
-          modes=frozenset({"export"})),
+          "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float; pipeline/demo: "
+          "a quantize stage after val exports the final model INT8 for `runtime` (openvino|onnxruntime) and reports "
+          "its mAP, size and latency against the dense FP32 export; prune with target_latency/target_ms: the latency "
+          "table is measured on INT8 kernels of `runtime` and the pruned model is verified as an INT8 export",
+          "latency", modes=_PRUNE | {"export"}),
     )),
 )
 
