@@ -36,8 +36,8 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     if not dense.is_file():
         _train_dense(cfg, extra, data, save_dir)
     keys = config_keys(cfg)
-    if int8_available() and not keys.get("int8"):  # the demo ends deployable where OpenVINO's INT8 path exists
-        keys.update(int8=True, runtime="openvino")
+    if keys.get("int8") == "auto":  # the demo ends deployable where OpenVINO's INT8 path exists
+        keys.update(int8=True, runtime="openvino") if int8_available() else keys.update(int8=False)
     result = pipeline(dense, data, save_dir=save_dir, train_args=extra, **keys)
     LOGGER.info("demo: the pruned model trained %d epochs more than the dense one (sparse + finetune), which is "
                 "part of its mAP; BENCHMARKS.md compares at equal training budget", cfg["sparse_epochs"] +

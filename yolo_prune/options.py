@@ -272,14 +272,15 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "openvino", "bench", optional=True, modes=_STEPPED | {"bench"}),
         K("format", "onnx", "str", "export format for mode=export (any ultralytics export format)", "export",
           modes=frozenset({"export"})),
-        K("int8", False, "bool", "mode=export: post-training INT8 quantization of the export, calibrated on "
+        K("int8", False, "bool|str", "mode=export: post-training INT8 quantization of the export, calibrated on "
           "calib_images images of data's train split (needs data=); format=openvino: NNCF (pip install "
           "yolo-prune[openvino]), writes <name>_int8_openvino_model/; format=onnx: onnxruntime QDQ, per-channel "
           "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float; pipeline/demo: "
           "a quantize stage after val exports the final model INT8 for `runtime` (openvino|onnxruntime) and reports "
           "its mAP, size and latency against the dense FP32 export; prune with target_latency/target_ms: the latency "
-          "table is measured on INT8 kernels of `runtime` and the pruned model is verified as an INT8 export",
-          "latency", modes=_PRUNE | {"export"}),
+          "table is measured on INT8 kernels of `runtime` and the pruned model is verified as an INT8 export; auto (the "
+          "demo's setting, demo only): True with runtime=openvino when openvino and nncf are installed, else False",
+          "latency", choices=(True, False, "auto"), modes=_PRUNE | {"export"}),
     )),
 )
 
