@@ -100,21 +100,28 @@ def kept_in_fp32(ptq: Any, final: Any) -> list[dict[str, str]]:
 class _Validation:
     """NNCF's ``validation_fn``: the outputs of the compiled model on the items and their mAP50-95 (``metric``),
     returned with the outputs so that NNCF ranks the quantizers by output error (NMSE), not by a per-image mAP.
-    Logs a progress line at most every 10 s (NNCF validates many candidate models)."""
+    ``inputs`` is the validation dataset's transform (NNCF's ranking runs the models on it directly). Both log a
+    progress line at most every 10 s: NNCF runs many candidate models."""
 
     def __init__(self, metric: Metric) -> None:
-        self.metric, self.calls, self.t0, self.last = metric, 0, time.perf_counter(), time.perf_counter()
+        self.metric, self.calls, self.images = metric, 0, 0
+        self.t0 = self.last = time.perf_counter()
 
     def __call__(self, compiled: Any, items: Any) -> tuple[float, list[list[np.ndarray]]]:
-        items = list(items)
-        outputs = [compiled(ValSample.inputs(it))[compiled.output(0)] for it in items]
+        outputs, items = [], list(items)
+        for it in items:
+            outputs.append(compiled(self.inputs(it))[compiled.output(0)])
         self.calls += 1
+        return float(self.metric(outputs, items)), [[o] for o in outputs]
+
+    def inputs(self, item: dict[str, Any]) -> np.ndarray:
+        self.images += 1
         now = time.perf_counter()
         if now - self.last >= 10:
             self.last = now
-            LOGGER.info("accuracy control: %d candidate runs, %s elapsed", self.calls,
+            LOGGER.info("accuracy control: %d validations, %d images run, %s elapsed", self.calls, self.images,
                         time.strftime("%M:%S", time.gmtime(now - self.t0)))
-        return float(self.metric(outputs, items)), [[o] for o in outputs]
+        return ValSample.inputs(item)
 
 
 def _compiled(model: Any) -> Any:
@@ -162,7 +169,7 @@ def quantize_openvino_controlled(src: str | Path, dst: str | Path, images: np.nd
         params = nncf.quantization.advanced_parameters.AdvancedAccuracyRestorerParameters(num_ranking_workers=1)
         with quiet_nncf(verbose):
             final = nncf.quantize_with_accuracy_control(
-                model, calibration_dataset(images), nncf.Dataset(sample.items, ValSample.inputs), validate,
+                model, calibration_dataset(images), nncf.Dataset(sample.items, validate.inputs), validate,
                 max_drop=float(max_map_drop), drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
                 subset_size=len(images), ignored_scope=ignored_scope(ignored),
                 advanced_accuracy_restorer_parameters=params)
