@@ -13,8 +13,13 @@ compiled and run on those images; progress lines every 10 s count them.
 
 Which layers stayed in FP32 is read from the models themselves: the ops with a FakeQuantize input in the plain PTQ
 model that have none in the final one. ``int8_report.json`` in the export folder records the FP32, PTQ and final mAP
-on the sample and those layers. ONNX has no accuracy-controlled path: its INT8 is onnxruntime's quantizer, which
-has none (NNCF's ONNX accuracy control would be another quantizer than ``format=onnx int8=True`` ships).
+on the sample and those layers.
+
+ONNX is refused: ``format=onnx int8=True`` is onnxruntime's quantizer (uint8 activations), which has no accuracy
+control. NNCF 3.4 does run ``quantize_with_accuracy_control`` on ONNX models (checked: it hands the validation
+function a ``ModelProto`` and wants dict inputs), but its ONNX quantizer writes int8 activation zero points (S8S8
+QDQ), the form that ran 1.5x slower than FP32 in onnxruntime here (:mod:`yolo_prune.quantize`): another quantizer,
+slower, than the one ``int8=True`` ships.
 """
 
 from __future__ import annotations
