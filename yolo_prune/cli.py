@@ -45,6 +45,7 @@ Modes:
             model= also takes an export: x.onnx, x_int8.onnx, x_openvino_model/, x_int8_openvino_model/
   bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
   export    export with ultralytics         (model= format=onnx; INT8: format=openvino|onnx int8=True data=)
+            format=openvino int8=True max_map_drop=0.01: layers kept in FP32 until mAP50-95 drops <= 0.01
   cfg       print the default configuration with every key documented
   version   print the version
 
@@ -132,8 +133,8 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     save_dir = _run_folder(cfg, "export")
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, int8=cfg["int8"],
-                        data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"], verbose=cfg["verbose"],
-                        **extra)
+                        data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"],
+                        max_map_drop=cfg["max_map_drop"], verbose=cfg["verbose"], **extra)
 
 
 def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:

@@ -166,7 +166,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           modes=_PRUNE | _STEPPED),
         K("calib_images", 64, "int", "images from the data's train split for method=activation|recon, compensate, "
           "recalibrate and allocation (the sensitivity probes use the first 32); export int8=True: the quantization's "
-          "calibration images (ultralytics' fraction= takes that fraction of the split instead)", "prune", lo=0,
+          "calibration images (ultralytics' fraction= takes that fraction of the split instead), and with "
+          "max_map_drop= also the number of val-split images the accuracy control scores each candidate on", "prune", lo=0,
           modes=_PRUNE | {"sensitivity", "sparsify", "export"}),
         K("compensate", "lstsq_seq", "str", "with data=: how the pruned model makes up for removed channels on "
           "calib_images: lstsq_seq (refit every conv layer by layer toward the dense model's outputs), lstsq (refit "
@@ -229,7 +230,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("step_epochs", 1, "int", "pipeline/sparsify with steps>1: fine-tuning epochs after each pruning increment",
           "stage", lo=0, modes=_STEPPED),
         K("max_map_drop", None, "float", "pipeline/sparsify with steps>1: stop early and keep the last model whose "
-          "mAP50-95 dropped by at most this (absolute)", "stage", optional=True, lo=0, hi=1, modes=_STEPPED),
+          "mAP50-95 dropped by at most this (absolute, 0.01 = one point); export with int8=True format=openvino: "
+          "NNCF accuracy control keeps layers in FP32 until the INT8 mAP50-95, scored on calib_images val images, "
+          "is at most this below FP32's (int8_report.json lists them)", "stage", optional=True, lo=0, hi=1,
+          modes=_STEPPED | {"export"}),
         K("resume", False, "bool|str", "continue an interrupted run with its own settings (no data= needed): "
           "sparse/finetune from model=.../weights/last.pt (or the project/name run folder); pipeline/demo/sparsify "
           "from the last finished stage of model=<run folder> (or project/name); the API also takes the path of a "
