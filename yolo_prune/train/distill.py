@@ -54,7 +54,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import ModelLoadError, UsageError
-from ..forms import as_detection_model
+from ..forms import PRUNABLE_TASKS, as_detection_model
 from ..data.spec import image_folder
 from ..options import DistillOptions, choices
 
@@ -193,7 +193,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
     """Load a teacher checkpoint: fp32, eval mode, Conv+BN fused (it only runs inference), no gradients."""
     if Path(str(path)).suffix.lower() in (".yaml", ".yml"):
         raise ModelLoadError(f"teacher {path} is a model yaml: the teacher must be a trained .pt checkpoint")
-    model = as_detection_model(Path(str(path)), what="teacher")
+    model = as_detection_model(Path(str(path)), what="teacher", tasks=PRUNABLE_TASKS)
     model = model.float().fuse(verbose=False).eval().to(device)
     for q in model.parameters():
         q.requires_grad_(False)

@@ -187,9 +187,11 @@ def _model_nc(model: nn.Module) -> int | None:
 
 
 def _rebuild_keeps_shapes(model: nn.Module, nc: int) -> bool:
-    """True if ``DetectionModel(model.yaml)`` has exactly the parameter names and shapes of ``model``."""
+    """True if the model class of ``model`` (``DetectionModel``, ``SegmentationModel``...) rebuilt from its yaml has
+    exactly the parameter names and shapes of ``model``."""
+    cls = type(model) if isinstance(model, DetectionModel) else DetectionModel
     try:
-        rebuilt = DetectionModel(model.yaml, nc=nc, verbose=False)
+        rebuilt = cls(model.yaml, nc=nc, verbose=False)
     except Exception:
         return False
     a = {k: v.shape for k, v in model.state_dict().items()}

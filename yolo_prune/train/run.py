@@ -13,10 +13,10 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import DatasetError, ModelLoadError, UsageError
-from ..forms import as_detection_model
+from ..forms import DETECT, PRUNABLE_TASKS, as_detection_model, model_task
 from ..io import run_dir, run_path
 from ..logs import quiet_ultralytics
 from ..options import RunOptions, TrainOptions
@@ -63,18 +63,36 @@ def _check_train_args(train_args: dict[str, Any], model: Any) -> None:
         )
 
 
-def _check_model_path(model: str | Path) -> str:
-    """A model yaml or a ``.pt`` path, once it builds or loads as a detection model (before any run folder exists):
-    a segmentation, pose or OBB yaml is refused here, not trained as a detector."""
+def _check_model_path(model: str | Path, tasks: tuple[str, ...]) -> tuple[str, str]:
+    """A model yaml or a ``.pt`` path and its task, once it builds or loads as a model of one of ``tasks`` (before
+    any run folder exists): a model of another task or with an unsupported head is refused here in one line."""
     path = Path(model)
     suffix = path.suffix.lower()
-    if suffix in {".yaml", ".yml"}:
-        as_detection_model(path)  # an unsupported head or another task: one-line error
-        return str(model)  # a model yaml (random init); ultralytics resolves its own names such as yolov8n.yaml
-    if suffix != ".pt":
+    if suffix not in {".yaml", ".yml", ".pt"}:
         raise ModelLoadError(f"model must be a .pt checkpoint or a model yaml, got {model}")
-    as_detection_model(path)  # missing, unreadable or not a detection model: ModelLoadError
-    return str(path)
+    net = as_detection_model(path, tasks=tasks)  # missing, unreadable, unsupported head, other task: one line
+    # a model yaml (random init): ultralytics resolves its own names such as yolov8n.yaml
+    return (str(model) if suffix != ".pt" else str(path)), model_task(net)
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """The task of the model in a checkpoint (a resumed run's ``last.pt``): its head's, else its recorded task."""
+    try:
+        return model_task(as_detection_model(Path(path), tasks=PRUNABLE_TASKS))
+    except ModelLoadError:  # e.g. an unfinished distill=feature run holds ultralytics' DistillationModel wrapper
+        from ultralytics.utils.patches import torch_load
+
+        ckpt = torch_load(path, map_location="cpu", weights_only=False)
+        return str((ckpt.get("train_args") or {}).get("task") or "detect")
+
+
+def _pick_trainer(trainers: type | Mapping[str, type], task: str) -> type:
+    """The trainer class of ``task``: ``trainers`` itself, or its entry for the task."""
+    if isinstance(trainers, type):
+        return trainers
+    if task not in trainers:
+        raise ModelLoadError(f"the model is a {task} model; training takes {', '.join(trainers)} models")
+    return trainers[task]
 
 
 def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path | None, mode: str, name: str | None) -> Path:
@@ -147,24 +165,29 @@ def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
     return (None if m95 is None else float(m95)), (None if m50 is None else float(m50))
 
 
-def run_training(trainer_cls: type, mode: str, model: Any, data: Any, train: TrainOptions, run: RunOptions, *,
+def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, data: Any, train: TrainOptions, run: RunOptions, *,
                  extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
                  ) -> tuple[Any, TrainResult]:
     """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
 
     ``train`` gives epochs, imgsz, batch, workers, device and seed; ``run`` the run folder, ``resume`` and ``verbose``.
 
+    ``trainer_cls`` is one trainer class, or one per task (``{"detect": ..., "segment": ...}``): the class of the
+    model's task is used, read from the checkpoint (its head), so a task needs no option.
     ``extra`` are trainer-specific options (e.g. ``sr``) that the trainer itself pops from its overrides.
     Returns the trainer and a :class:`TrainResult` (the caller adds what is specific to its trainer).
     """
     train_args = dict(train_args or {})
     _check_train_args(train_args, model)
+    tasks = DETECT if isinstance(trainer_cls, type) else tuple(trainer_cls)  # one class: a detection trainer
     if run.resume:
         overrides = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
+        task = checkpoint_task(overrides["model"])
     else:
-        overrides = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz, batch=train.batch,
-                                       seed=train.seed, project=run.project, name=run.name, exist_ok=run.exist_ok,
-                                       extra=extra)
+        overrides, task = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz,
+                                             batch=train.batch, seed=train.seed, project=run.project, name=run.name,
+                                             exist_ok=run.exist_ok, extra=extra, tasks=tasks)
+    trainer_cls = _pick_trainer(trainer_cls, task)
     if train.device is not None:
         overrides["device"] = str(train.device)
     overrides["workers"] = train.workers
@@ -192,12 +215,17 @@ def _resume_overrides(model: Any, data: Any, resume: Any, project: str | Path | 
 
 def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: int, batch: int, seed: int,
                        project: str | Path | None, name: str | None, exist_ok: bool,
-                       extra: dict[str, Any] | None) -> dict[str, Any]:
-    """Overrides of a new run; checks the model and data first, then creates the run folder (and ``input.pt``)."""
+                       extra: dict[str, Any] | None, tasks: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """Overrides of a new run and the model's task; checks the model and data first, then creates the run folder
+    (and ``input.pt``)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise UsageError(f"epochs must be a positive integer, got {epochs!r}")
-    model_path = _check_model_path(model) if isinstance(model, (str, Path)) else None
-    module = as_detection_model(model) if model_path is None else None
+    model_path, module = None, None
+    if isinstance(model, (str, Path)):
+        model_path, task = _check_model_path(model, tasks)
+    else:
+        module = as_detection_model(model, tasks=tasks)
+        task = model_task(module)
     data_yaml = resolve_data_yaml(data)
     save_dir = run_dir(project, mode, name, exist_ok=exist_ok).resolve()
     if module is not None:
@@ -221,7 +249,7 @@ def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: 
         # on a 200-image dataset, too few for a pruned model to recover (BENCHMARKS.md section 7); nbs=64 in
         # train_args restores it. (batch -1 / a fraction means autobatch: ultralytics' own nbs then.)
         overrides["nbs"] = batch
-    return overrides
+    return overrides, task
 
 
 def _train_result(trainer: Any, mode: str) -> TrainResult:
