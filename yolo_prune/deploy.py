@@ -144,14 +144,14 @@ def export_model(
     if str(kwargs.get("quantize", "")).lower() in ("8", "int8"):
         int8 = bool(kwargs.pop("quantize"))
     fraction = kwargs.pop("fraction", None) if int8 else None
-    if int8:
-        check_int8(fmt, data, half=half)
-    elif fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
-        require_openvino()
     module = as_detection_model(model, tasks=PRUNABLE_TASKS)
     if int8 and model_task(module) != "detect":
         raise UsageError(f"int8=True exports detection models only; this is a {model_task(module)} model "
                          "(export it without int8)")
+    if int8:
+        check_int8(fmt, data, half=half)
+    elif fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
+        require_openvino()
     args = _export_args(fmt, imgsz, half, simplify, kwargs)
     images = calibration_images(data, n=calib_images, imgsz=imgsz, seed=seed, fraction=fraction) if int8 else None
     save_dir = Path(save_dir).expanduser().absolute()  # the exporter writes beside its (absolute) checkpoint
