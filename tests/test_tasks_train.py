@@ -1,7 +1,7 @@
 """Segmentation, pose and OBB models through the training, export and benchmark steps (issue 22, second slice).
 
 Random-init yolo11n-seg / -pose / -obb pruned to half the MACs, trained 1-2 epochs at imgsz 64 on a few generated
-images with the task's labels (:mod:`tests.task_data`). What is checked: each task gets ultralytics' trainer of its
+images with the task's labels (the generated dataset of each task, ``synthetic_task``). What is checked: each task gets ultralytics' trainer of its
 task under yolo-prune's mixins (picked from the checkpoint, no option); a fine-tune keeps every pruned shape and the
 task outputs' widths (mask coefficients and prototypes, keypoints, angle); distillation from a teacher adds its
 term to the task loss; an interrupted task fine-tune resumes with the same shapes; sparsity training runs on a
@@ -34,7 +34,6 @@ from yolo_prune.train import (FinetuneSegmentTrainer, FinetuneTrainer, KeepArchi
 from yolo_prune.train.distill import DistillMixin
 
 from .helpers import FAST, HEAD_OUTPUTS, random_detection_model, read_csv, shapes
-from .task_data import make_task_data
 
 CFGS = {"segment": "yolo11n-seg.yaml", "pose": "yolo11n-pose.yaml", "obb": "yolo11n-obb.yaml"}
 ULTRALYTICS = {"detect": DetectionTrainer, "segment": SegmentationTrainer, "pose": PoseTrainer, "obb": OBBTrainer}
@@ -59,9 +58,8 @@ def head_widths(model_or_path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def task_data(synthetic, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("task_data")
-    return {task: make_task_data(synthetic, task, root / task) for task in CFGS}
+def task_data(synthetic_task) -> dict[str, Path]:
+    return {task: synthetic_task(task) / "yolo.yaml" for task in CFGS}
 
 
 @pytest.fixture(scope="module")
