@@ -57,6 +57,14 @@ def head_widths(model_or_path) -> dict[str, int]:
     return widths
 
 
+def pose_model(cfg: str) -> nn.Module:
+    """The random-init pose model of ``cfg`` with the generated data's keypoints (5 x 3)."""
+    from ultralytics.nn.tasks import PoseModel
+
+    torch.manual_seed(0)
+    return PoseModel(cfg, nc=3, data_kpt_shape=(5, 3), verbose=False).eval()
+
+
 @pytest.fixture(scope="module")
 def task_data(synthetic_task) -> dict[str, Path]:
     return {task: synthetic_task(task) / "yolo.yaml" for task in CFGS}
@@ -68,7 +76,7 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pruned")
     out = {}
     for task, cfg in CFGS.items():
-        dense = random_detection_model(cfg)
+        dense = random_detection_model(cfg) if task != "pose" else pose_model(cfg)
         if task == "segment":
             out["segment_dense"] = save_checkpoint(dense, root / "segment_dense.pt")
         res = prune(dense, method="l1", target_macs=0.5, imgsz=64, save=False)
@@ -101,6 +109,13 @@ def test_finetune_keeps_the_pruned_shapes_and_task_outputs(task, pruned, task_da
     key = "metrics/mAP50-95(P)" if task == "pose" else "train/box_loss"
     assert key in rows[0]  # ultralytics' task validator and loss ran
     assert res.map50_95 is not None
+
+
+def test_pose_model_with_other_keypoints_is_refused_in_one_line(task_data, tmp_path):
+    path = save_checkpoint(random_detection_model(CFGS["pose"]), tmp_path / "kpt17.pt")  # 17 keypoints, data 5
+    with pytest.raises(UsageError, match=r"keypoints of shape \[17, 3\] but the data has kpt_shape \[5, 3\]") as e:
+        finetune(str(path), str(task_data["pose"]), epochs=1, project=tmp_path, name="ft", **FAST)
+    assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")

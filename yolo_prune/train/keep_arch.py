@@ -79,6 +79,7 @@ class KeepArchitectureMixin:
         if not isinstance(weights, nn.Module):
             return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         model = weights.float()
+        _check_keypoints(model, self.data)
         nc, model_nc = int(self.data["nc"]), _model_nc(model)
         if model_nc is not None and model_nc != nc:
             if _rebuild_keeps_shapes(model, model_nc):
@@ -177,6 +178,17 @@ def _trim_results_csv(path: Path, last_epoch: int) -> None:
             keep.append(line)
     if len(keep) != len(lines):
         write_text(path, "\n".join(keep) + "\n")
+
+
+def _check_keypoints(model: nn.Module, data: dict) -> None:
+    """A pose model trains on data with its own keypoints: :class:`UsageError` naming both shapes otherwise (its
+    pruned keypoint head cannot be rebuilt for other keypoints)."""
+    model_kpt = getattr(model.model[-1], "kpt_shape", None) if isinstance(getattr(model, "model", None),
+                                                                          nn.Sequential) else None
+    data_kpt = data.get("kpt_shape")
+    if model_kpt is not None and data_kpt is not None and list(model_kpt) != list(data_kpt):
+        raise UsageError(f"the model predicts keypoints of shape {list(model_kpt)} but the data has kpt_shape "
+                         f"{list(data_kpt)}: train a pose model on data with its own keypoints")
 
 
 def _model_nc(model: nn.Module) -> int | None:

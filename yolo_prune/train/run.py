@@ -31,12 +31,13 @@ MAP50_95_KEY = "metrics/mAP50-95(B)"
 MAP50_KEY = "metrics/mAP50(B)"
 
 
-def resolve_data_yaml(data: Any) -> str:
-    """Return a YOLO-format data yaml ultralytics can train on.
+def resolve_data_yaml(data: Any, task: str = "detect") -> str:
+    """Return a YOLO-format data yaml ultralytics can train a model of ``task`` on.
 
-    The single call site of ``yolo_prune.data.resolve_data`` in training (which also converts COCO-format input).
+    The single call site of ``yolo_prune.data.resolve_data`` in training (which also converts COCO-format input,
+    with the outlines of the objects as labels for a segmentation model).
     """
-    return str(resolve_data(data).yaml)
+    return str(resolve_data(data, task=task).yaml)
 
 
 # Keys the API sets itself from its own arguments.
@@ -181,8 +182,7 @@ def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, 
     _check_train_args(train_args, model)
     tasks = DETECT if isinstance(trainer_cls, type) else tuple(trainer_cls)  # one class: a detection trainer
     if run.resume:
-        overrides = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
-        task = checkpoint_task(overrides["model"])
+        overrides, task = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
     else:
         overrides, task = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz,
                                              batch=train.batch, seed=train.seed, project=run.project, name=run.name,
@@ -205,12 +205,14 @@ def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, 
 
 
 def _resume_overrides(model: Any, data: Any, resume: Any, project: str | Path | None, mode: str,
-                      name: str | None) -> dict[str, Any]:
-    """Overrides that continue the interrupted run whose ``last.pt`` :func:`_find_resume_checkpoint` finds."""
+                      name: str | None) -> tuple[dict[str, Any], str]:
+    """Overrides that continue the interrupted run whose ``last.pt`` :func:`_find_resume_checkpoint` finds, and the
+    task of its model."""
     last = _find_resume_checkpoint(model, resume, project, mode, name)
     save_dir = last.resolve().parent.parent  # where last.pt is now, even if the run folder was moved
+    task = checkpoint_task(last)
     return {"model": str(last), "resume": str(last), "save_dir": str(save_dir), "plots": False,
-            "data": _resume_data(last) if data is None else resolve_data_yaml(data)}
+            "data": _resume_data(last) if data is None else resolve_data_yaml(data, task)}, task
 
 
 def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: int, batch: int, seed: int,
@@ -226,7 +228,7 @@ def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: 
     else:
         module = as_detection_model(model, tasks=tasks)
         task = model_task(module)
-    data_yaml = resolve_data_yaml(data)
+    data_yaml = resolve_data_yaml(data, task)
     save_dir = run_dir(project, mode, name, exist_ok=exist_ok).resolve()
     if module is not None:
         model_path = str(save_input_checkpoint(module, save_dir / "weights" / "input.pt"))
