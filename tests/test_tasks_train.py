@@ -12,6 +12,7 @@ segmentation model; a fine-tuned segmentation model exports to ONNX with the tor
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,20 @@ def test_seg_export_matches_torch_and_benches(seg_run, tmp_path):
     assert lat.get("seg", "torch").median_ms > 0 and lat.get("seg", "onnx").median_ms > 0
     with pytest.raises(UsageError, match="int8=True exports detection models only; this is a segment model"):
         export_model(str(best), format="onnx", imgsz=64, save_dir=tmp_path / "q", int8=True, data="unused.yaml")
+
+
+def test_pipeline_on_generated_seg_data_reports_box_and_mask_map(pruned, synthetic_task, tmp_path):
+    """Done when: a pipeline on generated seg data reports box and mask mAP before and after (report.json)."""
+    from yolo_prune.job import pipeline
+
+    res = pipeline(str(pruned["segment_dense"]), synthetic_task("segment") / "yolo.yaml", target_macs=0.7,
+                   method="l1", allocation="global", steps=1, compensate="none", recalibrate=False, imgsz=64,
+                   batch=4, workers=0, sparse_epochs=0, finetune_epochs=1, bench_runs=2, bench_warmup=1,
+                   backends=("torch",), project=tmp_path, name="p", train_args={"mosaic": 0.0, "warmup_epochs": 0})
+    report = json.loads((res.save_dir / "report.json").read_text())
+    rows = {r["metric"]: r for r in report["table"]}
+    for key in ("mAP50-95", "mAP50", "mask mAP50-95", "mask mAP50", "mask mAP50-95 right after pruning"):
+        assert rows[key]["before"] is not None and rows[key]["after"] is not None, key
+    assert "| mask mAP50-95 |" in (res.save_dir / "report.md").read_text()
+    assert "train/seg_loss" in (res.save_dir / "finetune" / "final" / "results.csv").read_text().splitlines()[0]
+    assert shapes(res.final) == shapes(report["stages"]["prune"]["pruned_checkpoint"])
