@@ -24,6 +24,11 @@ Two kinds, chosen with ``distill``:
   ``last.pt``/``best.pt``; a checkpoint of an *unfinished* run holds the wrapper with the projectors (never the
   teacher). ``both`` combines the two.
 
+Segmentation, pose and OBB models (and a teacher of any of those tasks, or a detector, with the same classes and
+strides) distil the same way: their heads are Detect plus a branch, so the ``boxes`` / ``scores`` of the raw outputs
+are distilled and the student's task loss (masks, keypoints, angle; ``v8SegmentationLoss``, ``PoseLoss26``...)
+passes through :class:`DistillLoss` unchanged, ``kd_loss`` appended after its terms.
+
 ``labels=False`` trains without ground truth: the detection loss terms are zero and only the teacher teaches.
 The training images are the data's train split (its labels ignored) or ``unlabeled=`` (a folder of images, an
 image-list file, or a list of them; linked into yolo-prune's cache, never written to). Validation still uses
