@@ -181,7 +181,7 @@ def test_pipeline_on_generated_seg_data_reports_box_and_mask_map(pruned, synthet
     """Done when: a pipeline on generated seg data reports box and mask mAP before and after (report.json)."""
     from yolo_prune.job import pipeline
 
-    res = pipeline(str(pruned["segment_dense"]), synthetic_task("segment") / "yolo.yaml", target_macs=0.7,
+    res = pipeline(str(pruned["segment_dense"]), synthetic_task("segment") / "coco.yaml", target_macs=0.7,
                    method="l1", allocation="global", steps=1, compensate="none", recalibrate=False, imgsz=64,
                    batch=4, workers=0, sparse_epochs=0, finetune_epochs=1, bench_runs=2, bench_warmup=1,
                    backends=("torch",), project=tmp_path, name="p", train_args={"mosaic": 0.0, "warmup_epochs": 0})
