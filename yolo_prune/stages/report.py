@@ -88,14 +88,12 @@ def val_maps(v: Any) -> dict[str, float | None]:
 
 def _task_rows(base: dict, kept: dict, val: dict) -> list[tuple[str, Any, Any]]:
     """Rows of the task metrics (masks, keypoints...) that both the baseline and the final validation recorded."""
-    rows = []
-    for key in (k for k in val if k not in _BOX_MAPS and k.endswith(_BOX_MAPS) and k in base):
-        task, metric = key.rsplit("_map", 1)
-        label = f"{task.replace('_', ' ')} mAP{metric.replace('_', '-')}"
-        if kept.get(f"{key}_pruned") is not None:
-            rows.append((f"{label} right after pruning", base[key], kept[f"{key}_pruned"]))
-        rows.append((label, base[key], val[key]))
-    return rows
+    keys = [k for k in val if k not in _BOX_MAPS and k.endswith(_BOX_MAPS) and k in base]
+    labels = {k: f"{k.rsplit('_map', 1)[0].replace('_', ' ')} mAP{k.rsplit('_map', 1)[1].replace('_', '-')}"
+              for k in keys}
+    pruned = [(f"{labels[k]} right after pruning", base[k], kept[f"{k}_pruned"]) for k in keys
+              if kept.get(f"{k}_pruned") is not None]
+    return pruned + [(labels[k], base[k], val[k]) for k in keys]
 
 
 def _ratio(a: Any, b: Any) -> float | None:
