@@ -99,6 +99,20 @@ def test_trainer_for_picks_the_task_trainer_under_the_mixins(pruned):
         trainer_for("segment", "prune")
 
 
+def test_task_yaml_with_pretrained_detector_builds_the_task_model(task_data, tmp_path):
+    """``model=yolo11n-seg.yaml pretrained=detector.pt``: ultralytics' build (the seg model, the detector's matching
+    weights loaded), not the detector itself trained as if it were the checkpoint."""
+    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+
+    detector = random_detection_model("yolo11n.yaml")
+    trainer = FinetuneSegmentTrainer(overrides={"model": "yolo11n-seg.yaml", "data": str(task_data["segment"]),
+                                                "pretrained": str(tmp_path / "det.pt"), "save_dir": str(tmp_path / "r"),
+                                                **FAST})
+    model = trainer.get_model(cfg="yolo11n-seg.yaml", weights=detector, verbose=False)
+    assert isinstance(model, SegmentationModel) and type(detector) is DetectionModel
+    assert torch.equal(model.model[0].conv.weight, detector.model[0].conv.weight)  # the backbone came across
+
+
 @pytest.mark.parametrize("task", ["pose", "obb"])
 def test_finetune_keeps_the_pruned_shapes_and_task_outputs(task, pruned, task_data, tmp_path):
     res = finetune(str(pruned[task]), str(task_data[task]), epochs=1, project=tmp_path, name="ft", **FAST)

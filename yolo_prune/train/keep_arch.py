@@ -70,13 +70,16 @@ class KeepArchitectureMixin:
     def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Return ``weights`` itself (the loaded checkpoint module) instead of a model rebuilt from ``cfg``.
 
-        Without ``weights`` (a ``.yaml`` model, i.e. random init) this is the ultralytics behaviour.
+        Without ``weights`` (a ``.yaml`` model, i.e. random init), or for a ``.yaml`` model with ``pretrained=<.pt>``,
+        this is the ultralytics behaviour.
         If the dataset has a different class count than the checkpoint, the ultralytics rebuild (new
         class head, all other weights copied) is used when it reproduces every other shape, i.e.
         for an unpruned model; a pruned model keeps its architecture and only Detect's final class convs
         are replaced for the new class count (:func:`yolo_prune.models.reset_class_head`).
         """
-        if not isinstance(weights, nn.Module):
+        if not isinstance(weights, nn.Module) or not str(self.args.model or "").lower().endswith(".pt"):
+            # a model yaml, random init or ``pretrained=<.pt>`` (weights of matching shapes loaded into the yaml's
+            # model, e.g. a detector's backbone into a segmentation model): ultralytics' own build
             return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         model = weights.float()
         _check_keypoints(model, self.data)
