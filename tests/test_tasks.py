@@ -292,8 +292,8 @@ def test_unsupported_heads_are_refused_by_name_before_any_work(cfg, head, tmp_pa
 
 
 def test_other_steps_refuse_task_models_in_one_line(tmp_path, capsys):
-    """Stages that do not handle a task yet (sensitivity, sparsify, latency targets...) say so, a yaml too (not trained as a
-    detector); ``validate=True`` too."""
+    """Stages that do not handle a task yet (sensitivity, sparsify, latency targets...) say so, a yaml too;
+    ``validate=True`` too."""
     with pytest.raises(ModelLoadError, match=r"segment model; this step takes detection models only") as e:
         load_model("yolo11n-seg.yaml")
     assert "\n" not in str(e.value)

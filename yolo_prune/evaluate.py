@@ -368,9 +368,10 @@ def exported_names(path: str | Path, fmt: str) -> dict[int, str]:
     return exported_metadata(path, fmt)["names"]
 
 
-def exported_task(path: str | Path, fmt: str) -> str:
-    """The task of an export (``detect`` when its metadata has none); a task yolo-prune does not take is refused."""
-    task = str(exported_metadata(path, fmt).get("task") or "detect")
+def exported_task(path: str | Path, meta: dict[str, Any]) -> str:
+    """The task of an export from its :func:`exported_metadata` (``detect`` when it has none); a task yolo-prune does
+    not take is refused."""
+    task = str(meta.get("task") or "detect")
     if task not in PRUNABLE_TASKS:
         raise UsageError(f"{path} is a {task} export; yolo-prune validates detection, segmentation, pose and OBB "
                          "models")
@@ -462,13 +463,14 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     fmt = exported_format(model)
     if fmt is None:
         net = as_detection_model(model, tasks=PRUNABLE_TASKS)
-        task = model_task(net)
+        task, kpt_shape = model_task(net), getattr(net.model[-1], "kpt_shape", None)
         _check_classes(net.names, spec)
     else:  # ultralytics' AutoBackend runs it; a static export validates at its own input size
         net = str(Path(model).expanduser().absolute())
-        task = exported_task(net, fmt)
-        _check_classes(exported_names(net, fmt), spec)
-    spec = _check_task_data(spec, task)
+        meta = exported_metadata(net, fmt)
+        task, kpt_shape = exported_task(net, meta), meta.get("kpt_shape")
+        _check_classes(meta["names"], spec)
+    spec = _check_task_data(spec, task, kpt_shape)
     args = {"data": str(spec.yaml), "imgsz": imgsz, "batch": batch, "conf": conf, "iou": iou, "task": task,
             "mode": "val", "split": "val", "rect": True, "plots": False, "verbose": False, "save_json": False}
     if device is not None:
@@ -500,9 +502,17 @@ def evaluate(model: Any, data: str | Path | DataSpec, *, imgsz: int = 640, batch
     return result
 
 
-def _check_task_data(spec: DataSpec, task: str) -> DataSpec:
+def _check_task_data(spec: DataSpec, task: str, kpt_shape: Any = None) -> DataSpec:
     """The data resolved for ``task`` (COCO-format data gets outline labels for a segmentation model); a pose model
-    needs a YOLO-format pose dataset (``kpt_shape``)."""
+    needs a YOLO-format pose dataset with its own ``kpt_shape``."""
+    if task == "obb" and spec.format == "coco":
+        raise UsageError(f"{spec.source.name} is COCO-format data, which has no rotated boxes: an OBB model is "
+                         "validated on a YOLO-format OBB dataset (x1 y1 ... x4 y4 labels)")
+    if task in ("segment", "obb") and spec.format == "yolo" and _has_box_labels(spec.val_images):
+        what = "outline (polygon)" if task == "segment" else "rotated-box (x1 y1 ... x4 y4)"
+        article = "an" if task == "obb" else "a"
+        raise UsageError(f"{spec.source.name} has box labels (cls cx cy w h): {article} {task} model is validated "
+                         f"on {what} labels")
     if task == "segment":
         return resolve_data(spec, task="segment")
     if task == "pose":
@@ -510,4 +520,21 @@ def _check_task_data(spec: DataSpec, task: str) -> DataSpec:
         if not isinstance(cfg, dict) or "kpt_shape" not in cfg:
             raise UsageError(f"{spec.source.name} has no kpt_shape: a pose model is validated on a YOLO-format pose "
                              "dataset (kpt_shape and keypoint labels)")
+        if kpt_shape is not None and list(kpt_shape) != list(cfg["kpt_shape"]):
+            raise UsageError(f"the model predicts keypoints of shape {list(kpt_shape)} but {spec.source.name} has "
+                             f"kpt_shape {list(cfg['kpt_shape'])}")
     return spec
+
+
+def _has_box_labels(images: Sequence[Path]) -> bool:
+    """Whether a label file of these images has a box row (5 columns): not data of a segment or OBB model."""
+    from ultralytics.data.utils import img2label_paths
+
+    for label in img2label_paths([str(p) for p in images]):
+        try:
+            rows = Path(label).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(len(row.split()) == 5 for row in rows):
+            return True
+    return False

@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,8 @@ class CocoSplit:
     """A checked COCO split. ``boxes`` are the training boxes per image id: (class index, x1, y1, x2, y2), clipped
     to the image, crowd boxes excluded; ``annotations`` are the kept annotations for evaluation (crowd included).
     ``segments`` (read with ``segments=True``) are the training outlines per image id: (class index, (n, 2) pixel
-    polygon), in the order of ``boxes``; an annotation without a usable segmentation has its box as outline."""
+    polygon), in the order of ``boxes``; an annotation without a usable segmentation has its box as outline (they
+    are counted in ``no_outline``)."""
 
     json_path: Path
     image_dir: Path
@@ -64,6 +66,7 @@ class CocoSplit:
     info: dict[str, Any] = field(default_factory=dict)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     segments: dict[int, list[tuple[int, np.ndarray]]] | None = None
+    no_outline: int = 0
 
     @property
     def category_ids(self) -> list[int]:
@@ -219,6 +222,7 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
         raise DatasetError(f"{json_path}: 'annotations' is not a list")
     boxes: dict[int, list] = {im.id: [] for im in images}
     outlines: dict[int, list] | None = {im.id: [] for im in images} if segments else None
+    no_outline = 0
     kept_anns: list[dict[str, Any]] = []
     for a in anns:
         reason = _annotation_problem(a, declared, class_of)
@@ -242,10 +246,11 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
             boxes[im.id].append((class_of[a["category_id"]], x1, y1, x2, y2))
             if outlines is not None:
                 poly = outline(a.get("segmentation"), im.width, im.height)
+                no_outline += poly is None
                 poly = _corners(x1, y1, x2, y2) if poly is None else poly
                 outlines[im.id].append((class_of[a["category_id"]], poly))
     info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
-    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped, outlines)
+    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped, outlines, no_outline)
 
 
 def _corners(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
@@ -285,7 +290,9 @@ def _rle_outline(rle: dict[str, Any]) -> np.ndarray | None:
         h, w = (int(v) for v in rle["size"])
         if isinstance(rle["counts"], list):  # uncompressed
             rle = mask_utils.frPyObjects(rle, h, w)
-        m = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+        with warnings.catch_warnings():  # pycocotools' decode under numpy 2: a DeprecationWarning about copy=False
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
     except Exception:  # pycocotools raises TypeError / ValueError / its own for malformed counts
         return None
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

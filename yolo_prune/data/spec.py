@@ -109,7 +109,7 @@ def resolve_data(data: str | Path | DataSpec, *, cache_dir: str | Path | None = 
     """
     if isinstance(data, DataSpec):
         if task == "segment" and data.format == "coco" and data.task != "segment":
-            return resolve_data(data.source, task=task)
+            return resolve_data(data.source, cache_dir=data.cache.parent, task=task)
         return data
     if data is None or str(data) == "":
         raise DatasetError("no dataset given (data=...)")
@@ -251,14 +251,30 @@ def _build_coco(tmp: Path, dest: Path, source: Path, train: tuple[Path, Path], v
     names = val_split.names
     write_yaml(tmp / "data.yaml", {"path": str(dest), "train": "images/train", "val": "images/val",
                                    "names": names})
-    messages = [skip_message(s.json_path, s.skipped) for s in {id(train_split): train_split,
-                                                                id(val_split): val_split}.values()]
+    splits = {id(train_split): train_split, id(val_split): val_split}.values()
+    messages = [skip_message(s.json_path, s.skipped) for s in splits]
+    if segment:
+        messages += _outline_messages(splits)
     write_json(tmp / MANIFEST, {
         "version": CACHE_VERSION, "format": "coco", "source": str(source), "names": names,
         "category_ids": val_split.category_ids, "train": files["train"],
         "val_image_ids": [[rel, im.id] for rel, im in zip(files["val"], val_split.images)],
         "warnings": [m for m in messages if m],
     })
+
+
+def _outline_messages(splits: Iterable[Any]) -> list[str]:
+    """For segment labels: none of a split's annotations has a segmentation is an error, some a warning line."""
+    out = []
+    for split in splits:
+        n = sum(len(v) for v in split.segments.values())
+        if n and split.no_outline == n:
+            raise DatasetError(f"{split.json_path}: no annotation has a segmentation (polygons or RLE); a "
+                               "segmentation model needs them")
+        if split.no_outline:
+            out.append(f"{split.json_path}: {split.no_outline} of {n} annotations have no segmentation; their boxes "
+                       "are their outlines")
+    return out
 
 
 def _write_yolo_split(tmp: Path, name: str, split: Any) -> list[str]:
