@@ -47,7 +47,7 @@ from .errors import UsageError
 from .logs import Progress, progress_output
 from .results import Result, markdown_table, table
 from .runtimes import require_openvino
-from .forms import ModelLike, as_detection_model
+from .forms import PRUNABLE_TASKS, ModelLike, as_detection_model
 from .stats import inference_copy, input_channels
 from .deploy import export_model
 from .deploy import export_onnx
@@ -309,7 +309,7 @@ def measure_latency(
     threads = check_threads(threads)
     _check_args(models, backends, runs, warmup, batch)
     names = list(models)
-    modules = {name: as_detection_model(m) for name, m in models.items()}
+    modules = {name: as_detection_model(m, tasks=PRUNABLE_TASKS) for name, m in models.items()}
     channels = input_channels(modules[names[0]])
     x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
     # ultralytics' exporter (inside onnx_runner) resets torch's thread count: remember what to time with,

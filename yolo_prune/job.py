@@ -19,13 +19,14 @@ from .data import resolve_data
 from .errors import UsageError
 from .evaluate import evaluate
 from .logs import LOGGER, listening
+from .forms import PRUNABLE_TASKS, model_task
 from .latency import build_table
 from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
 from .stages.prune import prune
 from .stages.quantize import check_quantize, quantize_stage
-from .stages.report import PipelineResult, pipeline_report, verdict
+from .stages.report import PipelineResult, pipeline_report, val_maps, verdict
 from .stages.teacher import pipeline_teacher
 from .stats import model_stats
 from .train import finetune, sparse_train
@@ -145,6 +146,8 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
     """Check the data and the options, resolve the teacher, record the settings: the run's context."""
     spec = resolve_data(data)  # fail early on a bad dataset, before any training
     check_quantize(s.latency.int8, s.latency.runtime, data)  # (runtime=torch, openvino missing: before training)
+    if s.latency.int8 and (task := model_task(load_model(model, tasks=PRUNABLE_TASKS))) != "detect":
+        raise UsageError(f"int8=True quantizes detection models only; this is a {task} model (run without int8)")
     teacher = pipeline_teacher(s.distill.teacher, model, spec.nc, folder)
     if teacher is None and (s.distill.labels is False or s.distill.unlabeled):
         raise UsageError("labels=False trains against a teacher's outputs, but this pipeline has no teacher")
@@ -173,11 +176,11 @@ def _baseline(ctx: _Run) -> dict[str, Any]:
     base = ctx.state.done("baseline")
     if base is None:
         LOGGER.info("%s baseline: measuring and validating the dense model", ctx.step(1))
-        dense = load_model(ctx.model)
+        dense = load_model(ctx.model, tasks=PRUNABLE_TASKS)
         stats = model_stats(dense.model, imgsz=ctx.s.train.imgsz)
         val = evaluate(dense, ctx.data, save_dir=ctx.save_dir / "baseline", **ctx.val_kw)
         base = ctx.state.finish("baseline", {"params": stats.params, "macs": stats.macs, "size_mb": stats.size_mb,
-                                             "map50_95": val.map50_95, "map50": val.map50, "source": str(ctx.model)})
+                                             **val_maps(val), "source": str(ctx.model)})
     return base
 
 
@@ -316,12 +319,13 @@ def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs:
               "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free, "latency": res.latency,
               "layers": [dataclasses.asdict(x) for x in res.layers]}
     v = evaluate(res.model, ctx.data, save_dir=res.save_dir / "val", **ctx.val_kw)
-    record.update(map50_95_pruned=v.map50_95, map50_pruned=v.map50, map50_95=v.map50_95, map50=v.map50)
+    maps = val_maps(v)
+    record.update({f"{k}_pruned": x for k, x in maps.items()}, **maps)
     if steps > 1 and ctx.s.stage.step_epochs > 0:
         tuned = ctx.training("finetune", f"step{step}", finetune, res.checkpoint, ctx.s.stage.step_epochs)
         ckpt = tuned.get("best") or tuned.get("last")
         v = evaluate(ckpt, ctx.data, save_dir=Path(tuned["save_dir"]) / "val", **ctx.val_kw)
-        record.update(finetuned=str(ckpt), map50_95=v.map50_95, map50=v.map50)
+        record.update(finetuned=str(ckpt), **val_maps(v))
     return record
 
 
@@ -340,7 +344,7 @@ def _val(ctx: _Run, final: Path) -> dict[str, Any]:
         LOGGER.info("%s val: COCO evaluation of %s", ctx.step(5), final)
         v = evaluate(final, ctx.data, save_dir=ctx.save_dir / "val", **ctx.val_kw)
         st = model_stats(final, imgsz=ctx.s.train.imgsz)
-        va = ctx.state.finish("val", {"map50_95": v.map50_95, "map50": v.map50, "params": st.params, "macs": st.macs,
+        va = ctx.state.finish("val", {**val_maps(v), "params": st.params, "macs": st.macs,
                                       "size_mb": st.size_mb, "checkpoint": str(final)})
     return va
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..forms import PRUNABLE_TASKS
 from ..io import write_json, write_text
 from ..models import load_model
 from .prune import LayerChange
@@ -31,7 +32,7 @@ class PipelineResult(Result):
 
     @property
     def model(self) -> Any:
-        return load_model(self.final)
+        return load_model(self.final, tasks=PRUNABLE_TASKS)
 
     def rows(self) -> list[tuple[str, Any]]:
         return [(r[0], r[2]) for r in self.rows_]
@@ -64,6 +65,37 @@ def verdict(base: dict, kept: dict, val: dict, *, target_macs: float | None, ste
     return lines
 
 
+_BOX_MAPS = ("map50_95", "map50")
+
+
+def val_maps(v: Any) -> dict[str, float | None]:
+    """The mAPs of a validation result (``evaluate``'s, or its dict) that the pipeline records: the boxes'
+    ``map50_95`` / ``map50`` and every task metric beside them (a field ending in ``map50_95`` or ``map50`` such as
+    ``mask_map50_95``, or a dict field with those keys such as ``{"mask": {"map50_95": ...}}``: ``mask_map50_95``),
+    whatever the model's task; ultralytics' own (``ul_``) numbers are left out."""
+    values = v if isinstance(v, dict) else v.to_dict() if hasattr(v, "to_dict") else dataclasses.asdict(v)
+    out: dict[str, float | None] = {k: values.get(k) for k in _BOX_MAPS}
+    for key, x in values.items():
+        if key in out or key.startswith("ul_"):
+            continue
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and key.endswith(_BOX_MAPS):
+            out[key] = float(x)
+        elif isinstance(x, dict):
+            out.update({f"{key}_{k}": float(y) for k, y in x.items()
+                        if k in _BOX_MAPS and isinstance(y, (int, float)) and not isinstance(y, bool)})
+    return out
+
+
+def _task_rows(base: dict, kept: dict, val: dict) -> list[tuple[str, Any, Any]]:
+    """Rows of the task metrics (masks, keypoints...) that both the baseline and the final validation recorded."""
+    keys = [k for k in val if k not in _BOX_MAPS and k.endswith(_BOX_MAPS) and k in base]
+    labels = {k: f"{k.rsplit('_map', 1)[0].replace('_', ' ')} mAP{k.rsplit('_map', 1)[1].replace('_', '-')}"
+              for k in keys}
+    pruned = [(f"{labels[k]} right after pruning", base[k], kept[f"{k}_pruned"]) for k in keys
+              if kept.get(f"{k}_pruned") is not None]
+    return pruned + [(labels[k], base[k], val[k]) for k in keys]
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     return (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
 
@@ -78,6 +110,7 @@ def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int,
         ("mAP50 right after pruning", base["map50"], kept.get("map50_pruned")),
         ("mAP50-95", base["map50_95"], val["map50_95"]),
         ("mAP50", base["map50"], val["map50"]),
+        *_task_rows(base, kept, val),
     ]
     for backend in ("torch", "onnx"):
         if latency_of(bench, "dense", backend) is not None:
@@ -197,6 +230,6 @@ def _prune_time_section(steps: list[dict[str, Any]]) -> list[str]:
 
 
 def _abs_gammas(model: Any) -> list[float]:
-    net = load_model(model).model
+    net = load_model(model, tasks=PRUNABLE_TASKS).model
     return torch.cat([m.weight.detach().abs().flatten().float() for m in net.modules()
                       if isinstance(m, torch.nn.BatchNorm2d)]).tolist()
