@@ -23,7 +23,7 @@ PACKAGE = ROOT / "yolo_prune"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "compat", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options",
               "config")),
-    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "quantize", "deploy")),
+    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "quantize", "qat", "deploy")),
     ("pruning", ("pruning",)),
     ("latency", ("latency",)),
     ("train", ("train",)),

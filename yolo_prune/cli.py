@@ -23,6 +23,7 @@ from .io import run_dir, write_json, write_text, write_yaml
 from .job import pipeline_from_cfg
 from .run import backend_list
 from .stages.prune import prune
+from .stages.qat import check_qat, qat_export
 from .stages.sensitivity import sensitivity
 from .stages.sparsify import sparsify
 from .train import finetune, sparse_train
@@ -45,6 +46,7 @@ Modes:
             model= also takes an export: x.onnx, x_int8.onnx, x_openvino_model/, x_int8_openvino_model/
   bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
   export    export with ultralytics         (model= format=onnx; INT8: format=openvino|onnx int8=True data=)
+            int8=True qat_epochs=N: quantization-aware training (NNCF) for N epochs first, then the INT8 export
   cfg       print the default configuration with every key documented
   version   print the version
 
@@ -130,7 +132,11 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    qat_epochs = check_qat(cfg["qat_epochs"], int8=cfg["int8"], fmt=str(cfg["format"]).lower(), data=cfg["data"])
     save_dir = _run_folder(cfg, "export")
+    if qat_epochs:  # quantization-aware training first (ultralytics train keys in extra go to it)
+        return qat_export(cfg["model"], cfg["data"], format=cfg["format"], qat_epochs=qat_epochs, imgsz=cfg["imgsz"],
+                          save_dir=save_dir, seed=cfg["seed"], verbose=cfg["verbose"], train_args=extra)
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, int8=cfg["int8"],
                         data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"], verbose=cfg["verbose"],
                         **extra)

@@ -275,6 +275,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "yolo-prune[openvino]), writes <name>_int8_openvino_model/; format=onnx: onnxruntime QDQ, per-channel "
           "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float", "export",
           modes=frozenset({"export"})),
+        K("qat_epochs", 0, "int", "mode=export with int8=True: quantization-aware training first, for N epochs of "
+          "ultralytics' loop on data's train split with NNCF fake-quantizers (pruned shapes kept; the run folder is "
+          "<export folder>/qat), then the trained model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); "
+          "0: post-training quantization only", "export", lo=0, modes=frozenset({"export"})),
     )),
 )
 
