@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -99,23 +99,26 @@ def decode_tail(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [n.node_name for n in nodes if n.node_id not in needed and n.node_type != "nncf_model_const"]
 
 
-def prepare_qat(model: nn.Module, images: np.ndarray | torch.Tensor, *, verbose: bool = False) -> nn.Module:
+def prepare_qat(model: nn.Module, images: Sequence[Any], *, verbose: bool = False) -> nn.Module:
     """A fake-quantized copy of ``model`` (a :class:`QATDetectionModel` wrapped by NNCF), its ranges calibrated on
-    ``images`` (``(N, 3, H, W)`` in [0, 1]); Detect's decode tail stays float. ``model`` is not modified."""
+    ``images`` (``(3, H, W)`` arrays or tensors in [0, 1], sizes may differ); Detect's decode tail stays float.
+    ``model`` is not modified."""
     nncf = require_nncf()
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # first use compiles NNCF's CPU extension (minutes)
     src = copy.deepcopy(model).float().eval()
     _check_model(src)
     if is_qat(src):
         raise UsageError("the model is already quantization-aware trained (it carries NNCF quantizers)")
-    images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    images = [torch.as_tensor(np.asarray(im), dtype=torch.float32)[None] for im in images]
+    if not images:
+        raise UsageError("quantization-aware training needs at least one calibration image")
     head = src.model[-1]
     dynamic = getattr(head, "dynamic", False)
     head.dynamic = True  # anchors rebuilt at every call: the same operations when tracing and calibrating
     try:
-        ignored = decode_tail(src, images[:1])
+        ignored = decode_tail(src, images[0])
         with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
-            qmodel = nncf.quantize(src, nncf.Dataset([im[None] for im in images]),
+            qmodel = nncf.quantize(src, nncf.Dataset(images),
                                    preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
                                    ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     finally:
@@ -181,16 +184,19 @@ def export_qat(model: nn.Module, fmt: str, dst: str | Path, *, imgsz: int) -> Pa
     x = torch.zeros(1, 3, imgsz, imgsz)
     with torch.no_grad():
         net(x)  # anchors for this size
-    native = nncf.strip(net, do_copy=False, strip_format=nncf.StripFormat.NATIVE, example_input=x)
     dst = Path(dst)
     with torch.no_grad(), quiet_ultralytics(False):
-        if fmt == "openvino":
+        if fmt == "openvino":  # traced, NNCF's quantizers emit FakeQuantize
             ov = require_openvino()
             dst.mkdir(parents=True, exist_ok=True)
             xml = dst / f"{dst.name.replace('_int8_openvino_model', '')}.xml"
-            ov.save_model(ov.convert_model(native, example_input=x), str(xml), compress_to_fp16=False)
-        elif fmt == "onnx":
-            torch.onnx.export(native, x, str(dst), opset_version=17, dynamo=False, input_names=["images"],
+            ov.save_model(ov.convert_model(net, example_input=x), str(xml), compress_to_fp16=False)
+        elif fmt == "onnx":  # traced for ONNX: QuantizeLinear / DequantizeLinear pairs
+            mode = nncf.torch.quantization.layers.QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS
+            for m in net.modules():
+                if isinstance(m, nncf.torch.quantization.layers.BaseQuantizer):
+                    m.set_export_mode(mode)
+            torch.onnx.export(net, x, str(dst), opset_version=17, dynamo=False, input_names=["images"],
                               output_names=["output0"])
         else:
             raise UsageError(f"qat_epochs has no INT8 path for format={fmt}: use format=openvino or format=onnx")
@@ -212,5 +218,6 @@ def copy_metadata(fp32: Path, dst: Path, fmt: str) -> None:
     src, out = onnx.load(str(fp32)), onnx.load(str(dst))
     del out.metadata_props[:]
     for prop in src.metadata_props:
-        out.metadata_props.add(key=prop.key, value=_int8_args(prop.value) if prop.key == "args" else prop.value)
+        value = _int8_args(prop.value) if prop.key == "args" else prop.value
+        out.metadata_props.add(key=prop.key, value=value)
     onnx.save(out, str(dst))

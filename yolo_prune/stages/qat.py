@@ -21,7 +21,7 @@ from ..forms import as_detection_model
 from ..io import atomic_path
 from ..options import RunOptions, TrainOptions
 from ..qat import copy_metadata, export_qat, is_qat
-from ..quantize import check_int8, int8_name
+from ..quantize import check_int8
 from ..train.qat import qat_finetune
 
 __all__ = ["check_qat", "qat_export"]
@@ -58,17 +58,22 @@ def qat_export(model: Any, data: Any, *, format: str = "openvino", qat_epochs: i
     best = result.best or result.last
     if best is None:
         raise OutputError(f"quantization-aware training wrote no checkpoint in {result.save_dir}")
-    return export_trained(best, fmt, save_dir, imgsz=imgsz)
+    stem = Path(str(model)).stem if isinstance(model, (str, Path)) else "model"
+    return export_trained(best, fmt, save_dir, imgsz=imgsz, stem=stem)
 
 
-def export_trained(checkpoint: str | Path, fmt: str, save_dir: Path, *, imgsz: int) -> Path:
-    """The INT8 export of a QAT checkpoint (its float model carries the quantizers as data) into ``save_dir``."""
+def export_trained(checkpoint: str | Path, fmt: str, save_dir: str | Path, *, imgsz: int, stem: str | None = None
+                   ) -> Path:
+    """The INT8 export of a QAT checkpoint (its float model carries the quantizers as data) into ``save_dir``, named
+    after ``stem`` (default: the checkpoint's): ``<stem>_int8_openvino_model/`` or ``<stem>_int8.onnx``."""
     net = as_detection_model(checkpoint)
     if not is_qat(net):
         raise UsageError(f"{checkpoint} carries no quantizers: it is not from a quantization-aware training")
+    save_dir = Path(save_dir)
+    stem = stem or Path(checkpoint).stem
     with tempfile.TemporaryDirectory(prefix=".qat-", dir=save_dir) as tmp:
         fp32 = export_model(net, format=fmt, imgsz=imgsz, save_dir=tmp)  # ultralytics' metadata for the INT8 file
-        out = Path(tmp) / int8_name(fp32)
+        out = Path(tmp) / (f"{stem}_int8_openvino_model" if fmt == "openvino" else f"{stem}_int8.onnx")
         export_qat(net, fmt, out, imgsz=imgsz)
         copy_metadata(fp32, out, fmt)
         dest = save_dir / out.name

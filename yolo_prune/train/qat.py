@@ -15,6 +15,7 @@ with BatchNorm folded into the convs, which the weight quantizers' ranges do not
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ class QATMixin:
             self.model = restore_qat(model)
             LOGGER.info("quantization-aware training: quantizers restored from the checkpoint")
         else:
-            self.model = prepare_qat(model, self._calibration_images(), verbose=bool(self.args.verbose))
+            self.model = prepare_qat(model, self._calibration_images(), verbose=LOGGER.isEnabledFor(logging.INFO))
             LOGGER.info("quantization-aware training: NNCF fake-quantizers inserted (Detect's decode stays float)")
         self.model.args, self.model.nc, self.model.names = model.args, model.nc, model.names
         for p in self.model.parameters():
@@ -54,16 +55,17 @@ class QATMixin:
                 p.requires_grad_(True)
         self._qat_ready = True
 
-    def _calibration_images(self) -> torch.Tensor:
-        """The first :data:`CALIB_IMAGES` images of the train split as the validator sees them (letterboxed, [0, 1])."""
+    def _calibration_images(self) -> list[torch.Tensor]:
+        """The first :data:`CALIB_IMAGES` images of the train split as the validator sees them (letterboxed, [0, 1];
+        one ``(3, H, W)`` tensor each: rectangular batches differ in size)."""
         batch = max(1, min(int(self.batch_size), CALIB_IMAGES)) if int(self.batch_size) >= 1 else 16
         loader = self.get_dataloader(self.data["train"], batch_size=batch, rank=-1, mode="val")
-        images = []
+        images: list[torch.Tensor] = []
         for b in loader:
-            images.append(self.preprocess_batch(b)["img"].float().cpu())
-            if sum(len(i) for i in images) >= CALIB_IMAGES:
+            images.extend(self.preprocess_batch(b)["img"].float().cpu())
+            if len(images) >= CALIB_IMAGES:
                 break
-        return torch.cat(images)[:CALIB_IMAGES]
+        return images[:CALIB_IMAGES]
 
     def save_model(self) -> bool:
         """ultralytics' checkpoints, holding the float EMA with the quantizers as data (they cannot be pickled)."""
