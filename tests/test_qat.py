@@ -1,0 +1,120 @@
+"""Quantization-aware training (``export int8=True qat_epochs=N``): a really pruned random-init yolov8n trains one
+epoch fake-quantized by NNCF on the generated data (imgsz 64) and keeps every pruned shape; its INT8 exports carry
+FakeQuantize (OpenVINO) / QuantizeLinear-DequantizeLinear (ONNX) nodes, keep Detect's decode in float, run in
+openvino and onnxruntime with the detector's output width, and are read by ``val``; the quantizers survive the
+checkpoint round trip; bad requests are one-line errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from yolo_prune.cli import main
+
+from .helpers import FAST, NC, make_pruned_model, shapes
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+pytestmark = pytest.mark.usefixtures("data_cache")
+
+IMGSZ = 64
+TRAIN = {k: v for k, v in FAST.items() if k not in {"imgsz", "batch", "workers", "device"}}  # nbs, warmup_epochs
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A really pruned yolov8n checkpoint (free form, yolo-prune's block classes)."""
+    path = tmp_path_factory.mktemp("qat_in") / "pruned.pt"
+    torch.save({"model": make_pruned_model(), "train_args": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(pruned, synthetic, tmp_path_factory):
+    """One QAT epoch and the OpenVINO INT8 export (the stage), then the ONNX export of the same best.pt."""
+    from yolo_prune.stages.qat import export_trained, qat_export
+
+    out = tmp_path_factory.mktemp("qat_out")
+    before = pruned.read_bytes()
+    ov_dir = qat_export(str(pruned), str(synthetic / "yolo.yaml"), format="openvino", qat_epochs=1, imgsz=IMGSZ,
+                        batch=4, workers=0, device="cpu", save_dir=out, train_args=TRAIN)
+    best = out / "qat" / "weights" / "best.pt"
+    onnx_file = export_trained(best, "onnx", out, imgsz=IMGSZ, stem="pruned")
+    return {"openvino": ov_dir, "onnx": onnx_file, "best": best, "input_unchanged": pruned.read_bytes() == before}
+
+
+def _conv_widths(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_pruned_checkpoint_survives_one_qat_epoch_with_its_shapes(pruned, trained):
+    from yolo_prune.forms import as_detection_model
+    from yolo_prune.qat import is_qat
+
+    assert trained["input_unchanged"] and trained["best"].is_file()
+    before, after = as_detection_model(pruned), as_detection_model(trained["best"])
+    assert is_qat(after) and not is_qat(before)
+    assert _conv_widths(after) == _conv_widths(before)  # every conv keeps its pruned in/out channels
+    assert shapes(after) == shapes(before)
+    from ultralytics.nn.tasks import DetectionModel
+
+    dense = _conv_widths(DetectionModel("yolov8n.yaml", nc=NC, verbose=False))
+    assert sum(w[1] for w in _conv_widths(after).values()) < 0.85 * sum(w[1] for w in dense.values())  # really pruned
+
+
+def test_checkpoint_restores_the_trained_quantizers(trained):
+    from yolo_prune.forms import as_detection_model
+    from yolo_prune.qat import QATDetectionModel, is_qat, plain_copy, restore_qat
+
+    model = restore_qat(as_detection_model(trained["best"])).eval()
+    assert isinstance(model, QATDetectionModel) and is_qat(model)
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    again = restore_qat(plain_copy(model)).eval()
+    with torch.no_grad():
+        y, y2 = model(x)[0], again(x)[0]
+    assert y.shape == (2, 4 + NC, 84) and torch.equal(y, y2)
+
+
+def test_int8_exports_have_quantize_nodes_a_float_decode_and_run(trained):
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+
+    x = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    assert trained["openvino"].name == "pruned_int8_openvino_model" and trained["onnx"].name == "pruned_int8.onnx"
+    ov_model = ov.Core().read_model(next(trained["openvino"].glob("*.xml")))
+    assert [op.get_type_name() for op in ov_model.get_ordered_ops()].count("FakeQuantize") > 50
+    got_ov = ov.Core().compile_model(ov_model, "CPU")(x)[0]
+    graph = onnx.load(str(trained["onnx"])).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 50 and "DequantizeLinear" in ops
+    produced_by = {o: n for n in graph.node for o in n.output}
+    final = produced_by[graph.output[0].name]  # Detect's final concat: float inputs, not dequantized ones
+    assert final.op_type == "Concat" and all(produced_by[i].op_type != "DequantizeLinear" for i in final.input)
+    got_ort = ort.InferenceSession(str(trained["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    for got in (got_ov, got_ort):
+        assert got.shape == (1, 4 + NC, 84) and np.isfinite(got).all()
+    meta = {p.key: p.value for p in onnx.load(str(trained["onnx"])).metadata_props}
+    assert "'quantize': 8" in meta["args"] and meta["imgsz"] == f"[{IMGSZ}, {IMGSZ}]"
+
+
+def test_val_reads_the_qat_export(trained, synthetic):
+    from yolo_prune.evaluate import evaluate
+
+    result = evaluate(trained["openvino"], synthetic / "coco.yaml", imgsz=IMGSZ, batch=4)
+    assert result.imgsz == IMGSZ and result.n_images == 8 and 0 <= result.map50_95 <= 1
+
+
+@pytest.mark.parametrize("args, match", [
+    (["format=onnx", "qat_epochs=1"], "qat_epochs=1 needs int8=True"),
+    (["format=onnx", "int8=True", "qat_epochs=-1"], "qat_epochs=-1 is out of range"),
+    (["format=onnx", "int8=True", "qat_epochs=1"], "int8=True needs data="),
+    (["format=torchscript", "int8=True", "qat_epochs=1", "data=x.yaml"], "no INT8 path for format=torchscript"),
+])
+def test_bad_qat_requests_are_one_line_errors(args, match, tmp_path, capsys):
+    assert main(["export", "model=yolov8n.yaml", f"project={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "export").exists()  # refused before any run folder
