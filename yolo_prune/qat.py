@@ -23,6 +23,7 @@ NNCF compiles a small C++ extension for its CPU quantizers on first use (about t
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 from pathlib import Path
@@ -120,7 +121,9 @@ def prepare_qat(model: nn.Module, images: Sequence[Any], *, verbose: bool = Fals
         with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
             qmodel = nncf.quantize(src, nncf.Dataset(images),
                                    preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
-                                   ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+                                   ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                                   advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                       disable_bias_correction=True))  # training adapts the biases itself
     finally:
         head.dynamic = dynamic
     qmodel.model[-1].dynamic = dynamic
@@ -203,21 +206,29 @@ def export_qat(model: nn.Module, fmt: str, dst: str | Path, *, imgsz: int) -> Pa
     return dst
 
 
-def copy_metadata(fp32: Path, dst: Path, fmt: str) -> None:
-    """Carry ultralytics' metadata of the FP32 export ``fp32`` (names, imgsz, stride...) over to the QAT export
-    ``dst``, its args marked ``quantize: 8``, so that ``AutoBackend`` (and ``yolo-prune val``) run it like any export."""
-    if fmt == "openvino":
-        meta = fp32 / "metadata.yaml"
-        if meta.is_file():
-            data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
-            data["args"] = {**(data.get("args") or {}), "quantize": 8}
-            (dst / "metadata.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        return
+def copy_metadata(fp32_onnx: Path, dst: Path, fmt: str) -> None:
+    """Carry ultralytics' metadata of an FP32 ONNX export of the model (names, imgsz, stride...) over to the QAT
+    export ``dst`` (an ONNX file, or an OpenVINO folder's ``metadata.yaml``), its args marked ``quantize: 8``, so that
+    ``AutoBackend`` (and ``yolo-prune val``) run it like any export."""
     import onnx
 
-    src, out = onnx.load(str(fp32)), onnx.load(str(dst))
+    src = onnx.load(str(fp32_onnx))
+    if fmt == "openvino":  # ultralytics writes the same dict as yaml there; ONNX holds each value as its str()
+        data = {p.key: _literal(p.value) for p in src.metadata_props}
+        data["args"] = {**(data.get("args") if isinstance(data.get("args"), dict) else {}), "quantize": 8}
+        (dst / "metadata.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return
+    out = onnx.load(str(dst))
     del out.metadata_props[:]
     for prop in src.metadata_props:
         value = _int8_args(prop.value) if prop.key == "args" else prop.value
         out.metadata_props.add(key=prop.key, value=value)
     onnx.save(out, str(dst))
+
+
+def _literal(text: str) -> Any:
+    """A metadata value as ultralytics wrote it (``{0: 'a'}``, ``[640, 640]``, ``32``...), or the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text

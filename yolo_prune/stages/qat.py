@@ -72,7 +72,7 @@ def export_trained(checkpoint: str | Path, fmt: str, save_dir: str | Path, *, im
     save_dir = Path(save_dir)
     stem = stem or Path(checkpoint).stem
     with tempfile.TemporaryDirectory(prefix=".qat-", dir=save_dir) as tmp:
-        fp32 = export_model(net, format=fmt, imgsz=imgsz, save_dir=tmp)  # ultralytics' metadata for the INT8 file
+        fp32 = export_model(net, format="onnx", imgsz=imgsz, save_dir=tmp)  # ultralytics' metadata for the export
         out = Path(tmp) / (f"{stem}_int8_openvino_model" if fmt == "openvino" else f"{stem}_int8.onnx")
         export_qat(net, fmt, out, imgsz=imgsz)
         copy_metadata(fp32, out, fmt)
