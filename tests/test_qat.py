@@ -122,9 +122,8 @@ def test_bad_qat_requests_are_one_line_errors(args, match, tmp_path, capsys):
 
 def test_interrupted_qat_run_resumes_with_its_quantizers(pruned, synthetic, tmp_path):
     from yolo_prune.forms import as_detection_model
-    from yolo_prune.options import RunOptions, TrainOptions
     from yolo_prune.qat import is_qat
-    from yolo_prune.train.qat import QATTrainer, qat_finetune
+    from yolo_prune.train.finetune import QATTrainer, finetune
 
     save_dir = tmp_path / "qat"
     trainer = QATTrainer(overrides=dict(model=str(pruned), data=str(synthetic / "yolo.yaml"), epochs=2, imgsz=IMGSZ,
@@ -139,8 +138,7 @@ def test_interrupted_qat_run_resumes_with_its_quantizers(pruned, synthetic, tmp_
     last = save_dir / "weights" / "last.pt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["epoch"] == 0 and is_qat(saved["ema"])  # the float EMA with the quantizers as data
-    result = qat_finetune(str(last), None, TrainOptions(epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu"),
-                          RunOptions(resume=True))
+    result = finetune(str(last), None, resume=True, workers=0, device="cpu")  # `yolo-prune finetune ... resume=True`
     rows = (save_dir / "results.csv").read_text().strip().splitlines()[1:]
     assert result.epochs == 2 and [r.split(",")[0].strip() for r in rows] == ["1", "2"]
     assert is_qat(as_detection_model(result.best)) and shapes(as_detection_model(result.best)) == shapes(

@@ -22,7 +22,7 @@ from ..io import atomic_path
 from ..options import RunOptions, TrainOptions
 from ..qat import copy_metadata, export_qat, is_qat
 from ..quantize import check_int8
-from ..train.qat import qat_finetune
+from ..train.finetune import qat_finetune
 
 __all__ = ["check_qat", "qat_export"]
 
