@@ -136,7 +136,8 @@ def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
     save_dir = _run_folder(cfg, "export")
     if qat_epochs:  # quantization-aware training first (ultralytics train keys in extra go to it)
         return qat_export(cfg["model"], cfg["data"], format=cfg["format"], qat_epochs=qat_epochs, imgsz=cfg["imgsz"],
-                          save_dir=save_dir, seed=cfg["seed"], verbose=cfg["verbose"], train_args=extra)
+                          save_dir=save_dir, batch=cfg["batch"], workers=cfg["workers"], device=cfg["device"],
+                          seed=cfg["seed"], verbose=cfg["verbose"], train_args=extra)
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, int8=cfg["int8"],
                         data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"], verbose=cfg["verbose"],
                         **extra)

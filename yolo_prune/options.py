@@ -277,8 +277,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           modes=frozenset({"export"})),
         K("qat_epochs", 0, "int", "mode=export with int8=True: quantization-aware training first, for N epochs of "
           "ultralytics' loop on data's train split with NNCF fake-quantizers (pruned shapes kept; the run folder is "
-          "<export folder>/qat), then the trained model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); "
-          "0: post-training quantization only", "export", lo=0, modes=frozenset({"export"})),
+          "<export folder>/qat; batch, workers, device and ultralytics train keys such as lr0 apply), then the trained "
+          "model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); 0: post-training quantization only", "export", lo=0, modes=frozenset({"export"})),
     )),
 )
 
