@@ -33,13 +33,16 @@ def pruned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(pruned, synthetic, tmp_path_factory):
-    """One QAT epoch and the OpenVINO INT8 export (the stage), then the ONNX export of the same best.pt."""
-    from yolo_prune.stages.qat import export_trained, qat_export
+    """One QAT epoch and the OpenVINO INT8 export (``yolo-prune export``), then the ONNX export of the same best.pt."""
+    from yolo_prune.stages.qat import export_trained
 
-    out = tmp_path_factory.mktemp("qat_out")
+    project = tmp_path_factory.mktemp("qat_out")
     before = pruned.read_bytes()
-    ov_dir = qat_export(str(pruned), str(synthetic / "yolo.yaml"), format="openvino", qat_epochs=1, imgsz=IMGSZ,
-                        batch=4, workers=0, device="cpu", save_dir=out, train_args=TRAIN)
+    assert main(["export", f"model={pruned}", "format=openvino", "int8=True", "qat_epochs=1",
+                 f"data={synthetic / 'yolo.yaml'}", f"imgsz={IMGSZ}", "batch=4", "workers=0", "device=cpu",
+                 f"project={project}", *(f"{k}={v}" for k, v in TRAIN.items())]) == 0
+    out = project / "export"
+    ov_dir = out / "pruned_int8_openvino_model"
     best = out / "qat" / "weights" / "best.pt"
     onnx_file = export_trained(best, "onnx", out, imgsz=IMGSZ, stem="pruned")
     return {"openvino": ov_dir, "onnx": onnx_file, "best": best, "input_unchanged": pruned.read_bytes() == before}
@@ -77,10 +80,13 @@ def test_checkpoint_restores_the_trained_quantizers(trained):
     assert y.shape == (2, 4 + NC, 84) and torch.equal(y, y2)
 
 
-def test_int8_exports_have_quantize_nodes_a_float_decode_and_run(trained):
+def test_int8_exports_have_quantize_nodes_a_float_decode_and_compute_the_trained_model(trained):
     import onnx
     import onnxruntime as ort
     import openvino as ov
+
+    from yolo_prune.forms import as_detection_model
+    from yolo_prune.qat import restore_qat
 
     x = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
     assert trained["openvino"].name == "pruned_int8_openvino_model" and trained["onnx"].name == "pruned_int8.onnx"
@@ -94,8 +100,14 @@ def test_int8_exports_have_quantize_nodes_a_float_decode_and_run(trained):
     final = produced_by[graph.output[0].name]  # Detect's final concat: float inputs, not dequantized ones
     assert final.op_type == "Concat" and all(produced_by[i].op_type != "DequantizeLinear" for i in final.input)
     got_ort = ort.InferenceSession(str(trained["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    model = restore_qat(as_detection_model(trained["best"])).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))[0].numpy()  # what training saw: the fake-quantized torch model
     for got in (got_ov, got_ort):
-        assert got.shape == (1, 4 + NC, 84) and np.isfinite(got).all()
+        assert got.shape == want.shape == (1, 4 + NC, 84) and np.isfinite(got).all()
+        # measured: boxes 1e-3 (openvino) / 2e-5 (onnxruntime) relative; scores 1.5% / 0.04% of the largest
+        assert np.linalg.norm(got[:, :4] - want[:, :4]) / np.linalg.norm(want[:, :4]) < 0.01
+        assert np.abs(got[:, 4:] - want[:, 4:]).max() < 0.1 * np.abs(want[:, 4:]).max()
     meta = {p.key: p.value for p in onnx.load(str(trained["onnx"])).metadata_props}
     assert "'quantize': 8" in meta["args"] and meta["imgsz"] == f"[{IMGSZ}, {IMGSZ}]"
 
