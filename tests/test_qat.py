@@ -155,3 +155,23 @@ def test_interrupted_qat_run_resumes_with_its_quantizers(pruned, synthetic, tmp_
     assert result.epochs == 2 and [r.split(",")[0].strip() for r in rows] == ["1", "2"]
     assert is_qat(as_detection_model(result.best)) and shapes(as_detection_model(result.best)) == shapes(
         as_detection_model(pruned))
+
+
+def test_yolo11_attention_exports_what_it_trains(tmp_path):
+    """Traced for export, C2PSA's size arithmetic becomes tensor operations; the fake-quantizers must still sit where
+    they sat in training (a quantizer on ``N = H * W`` fails the trace), and the export compute the torch model."""
+    import openvino as ov
+
+    from yolo_prune.qat import export_qat, prepare_qat
+
+    from .helpers import random_detection_model
+
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    model = prepare_qat(random_detection_model("yolo11n.yaml"), list(x)).eval()
+    out = export_qat(model, "openvino", tmp_path / "m_int8_openvino_model", imgsz=IMGSZ)
+    got = ov.Core().compile_model(next(out.glob("*.xml")), "CPU")(x[:1].numpy())[0]
+    model.model[-1].export, model.model[-1].format = True, "openvino"
+    with torch.no_grad():
+        want = model(x[:1]).numpy()
+    assert got.shape == want.shape == (1, 4 + NC, 84)
+    assert np.linalg.norm(got[:, :4] - want[:, :4]) / np.linalg.norm(want[:, :4]) < 0.01  # measured 1e-3

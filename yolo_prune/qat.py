@@ -46,6 +46,12 @@ QAT_ATTR = "qat"  # attribute of a saved float model: {"config": NNCF config, "s
 _HOOKS = "__nncf_hooks"  # the submodule NNCF's wrap_model adds (nncf.torch.function_hook.wrapper.ATR_HOOK_STORAGE)
 
 
+# The operations of an attention module itself (not of its convs): traced for export, its size arithmetic
+# (``N = H * W``) becomes tensor operations that shift NNCF's per-name operation counters, so a quantizer keyed to
+# ``attn/mul/0`` would land on that product. They stay float (quantizing them changed nothing measurable in PTQ).
+ATTENTION_OPS = r"(^|.*/)attn/[^/]+/\d+$"
+
+
 class QATDetectionModel(DetectionModel):
     """A ``DetectionModel`` whose training loss runs the network through :meth:`predict`.
 
@@ -121,7 +127,8 @@ def prepare_qat(model: nn.Module, images: Sequence[Any], *, verbose: bool = Fals
         with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
             qmodel = nncf.quantize(src, nncf.Dataset(images),
                                    preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
-                                   ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                                   ignored_scope=nncf.IgnoredScope(names=ignored, patterns=[ATTENTION_OPS],
+                                                                   validate=False),
                                    advanced_parameters=nncf.AdvancedQuantizationParameters(
                                        disable_bias_correction=True))  # training adapts the biases itself
     finally:
