@@ -160,7 +160,7 @@ def test_interrupted_qat_run_resumes_with_its_quantizers(pruned, synthetic, tmp_
 def test_yolo11_attention_exports_what_it_trains(tmp_path):
     """Traced for export, C2PSA's size arithmetic becomes tensor operations; the fake-quantizers must still sit where
     they sat in training (a quantizer on ``N = H * W`` fails the trace), and the export compute the torch model."""
-    import openvino as ov
+    import onnxruntime as ort
 
     from yolo_prune.qat import export_qat, prepare_qat
 
@@ -168,10 +168,10 @@ def test_yolo11_attention_exports_what_it_trains(tmp_path):
 
     x = torch.rand(2, 3, IMGSZ, IMGSZ)
     model = prepare_qat(random_detection_model("yolo11n.yaml"), list(x)).eval()
-    out = export_qat(model, "openvino", tmp_path / "m_int8_openvino_model", imgsz=IMGSZ)
-    got = ov.Core().compile_model(next(out.glob("*.xml")), "CPU")(x[:1].numpy())[0]
-    model.model[-1].export, model.model[-1].format = True, "openvino"
+    out = export_qat(model, "onnx", tmp_path / "m_int8.onnx", imgsz=IMGSZ)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x[:1].numpy()})[0]
+    model.model[-1].export, model.model[-1].format = True, "onnx"
     with torch.no_grad():
         want = model(x[:1]).numpy()
     assert got.shape == want.shape == (1, 4 + NC, 84)
-    assert np.linalg.norm(got[:, :4] - want[:, :4]) / np.linalg.norm(want[:, :4]) < 0.01  # measured 1e-3
+    assert np.linalg.norm(got[:, :4] - want[:, :4]) / np.linalg.norm(want[:, :4]) < 0.01
