@@ -112,18 +112,18 @@ def quantize_onnx(src: str | Path, dst: str | Path, images: np.ndarray, *, head:
     model = onnx.load(str(src))
     exclude = onnx_decode_tail(model, head) if exclude is None else list(exclude)
     reader = _Reader(images, model.graph.input[0].name)
-    with _quiet_logging("root"):  # onnxruntime's advice to pre-process, on the root logger
+    with quiet_logging("root"):  # onnxruntime's advice to pre-process, on the root logger
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
     out = onnx.load(str(dst))
     del out.metadata_props[:]
     for prop in model.metadata_props:
-        out.metadata_props.add(key=prop.key, value=_int8_args(prop.value) if prop.key == "args" else prop.value)
+        out.metadata_props.add(key=prop.key, value=int8_args(prop.value) if prop.key == "args" else prop.value)
     onnx.save(out, str(dst))
     return dst
 
 
-def _int8_args(text: str) -> str:
+def int8_args(text: str) -> str:
     """ultralytics' export args (a dict literal in the ONNX metadata) with ``quantize: 8``."""
     try:
         args = ast.literal_eval(text)
@@ -158,7 +158,7 @@ def quantize_openvino(src: str | Path, dst: str | Path, images: np.ndarray, *, h
         raise OutputError(f"no OpenVINO model (.xml) in {src}")
     model = ov.Core().read_model(str(xml))
     ignored = openvino_decode_tail(model, head) if ignored is None else list(ignored)
-    with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
+    with quiet_logging("nncf", verbose), quiet_streams(verbose):
         quantized = nncf.quantize(model, nncf.Dataset(list(images[:, None])), preset=nncf.QuantizationPreset.MIXED,
                                   subset_size=len(images), ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     dst.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def quantize_export(fp32: Path, fmt: str, images: np.ndarray, *, head: int, verb
 
 
 @contextlib.contextmanager
-def _quiet_logging(name: str, verbose: bool = False) -> Iterator[None]:
+def quiet_logging(name: str, verbose: bool = False) -> Iterator[None]:
     """Raise logger ``name`` (``"root"``: the root logger) to ERROR for the block, unless ``verbose``."""
     logger = logging.getLogger(None if name == "root" else name)
     level = logger.level
@@ -204,7 +204,7 @@ def _quiet_logging(name: str, verbose: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_streams(verbose: bool) -> Iterator[None]:
+def quiet_streams(verbose: bool) -> Iterator[None]:
     """NNCF's progress bars (rich) go to stdout/stderr: swallow them unless ``verbose``."""
     if verbose:
         yield
