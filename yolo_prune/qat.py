@@ -140,10 +140,10 @@ def prepare_qat(model: nn.Module, images: Sequence[Any], *, verbose: bool = Fals
 def plain_copy(model: nn.Module) -> nn.Module:
     """A picklable float copy of the NNCF-wrapped ``model`` (plain ``DetectionModel``), its quantizers' configuration
     and ranges in ``copy.qat``; :func:`restore_qat` turns it back. A model without quantizers is copied as it is."""
-    nncf = require_nncf()
     out = copy.deepcopy(model)
     if _HOOKS not in out._modules:
         return out
+    nncf = require_nncf()
     state = {k[len(_HOOKS) + 1:]: v.detach().float().clone() for k, v in model.state_dict().items()
              if k.startswith(_HOOKS + ".")}
     config = nncf.torch.get_config(model)
@@ -168,8 +168,9 @@ def restore_qat(model: nn.Module) -> nn.Module:
     hooks = model._modules[_HOOKS]
     device = next(model.parameters()).device
     missing, unexpected = hooks.load_state_dict({k: v.to(device) for k, v in saved["state"].items()}, strict=False)
-    if unexpected:
-        raise OutputError(f"the saved quantizer state does not fit the model ({len(unexpected)} unknown tensors)")
+    if missing or unexpected:
+        raise OutputError(f"the saved quantizer state does not fit the model ({len(missing)} quantizer tensors "
+                          f"missing, {len(unexpected)} unknown)")
     return _as_qat_class(model)
 
 
@@ -189,7 +190,7 @@ def export_qat(model: nn.Module, fmt: str, dst: str | Path, *, imgsz: int) -> Pa
     """Write the fake-quantized ``model`` (NNCF-wrapped, or a float copy with its ``qat`` state) to ``dst``:
     ``format=openvino``: the IR (``dst`` a folder; the ``.xml`` named after it) with FakeQuantize nodes;
     ``format=onnx``: a QDQ ONNX file. Metadata is the caller's (see :mod:`yolo_prune.stages.qat`)."""
-    nncf = require_nncf()
+    require_nncf()
     net = _export_ready(model, fmt)
     x = torch.zeros(1, 3, imgsz, imgsz)
     with torch.no_grad():
@@ -202,10 +203,11 @@ def export_qat(model: nn.Module, fmt: str, dst: str | Path, *, imgsz: int) -> Pa
             xml = dst / f"{dst.name.replace('_int8_openvino_model', '')}.xml"
             ov.save_model(ov.convert_model(net, example_input=x), str(xml), compress_to_fp16=False)
         elif fmt == "onnx":  # traced for ONNX: QuantizeLinear / DequantizeLinear pairs
-            mode = nncf.torch.quantization.layers.QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS
+            from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+
             for m in net.modules():
-                if isinstance(m, nncf.torch.quantization.layers.BaseQuantizer):
-                    m.set_export_mode(mode)
+                if isinstance(m, BaseQuantizer):
+                    m.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
             torch.onnx.export(net, x, str(dst), opset_version=17, dynamo=False, input_names=["images"],
                               output_names=["output0"])
         else:
