@@ -44,6 +44,23 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synthetic_task(tmp_path_factory):
+    """``synthetic_task(task)``: the generated dataset of ``task`` (detect, segment, pose, obb: ``root/yolo.yaml``;
+    segment also ``root/coco.yaml``), 12 train and 6 val images of 128 px, made once per session and task."""
+    from yolo_prune.data.synthetic import make_synthetic
+
+    made: dict[str, Path] = {}
+
+    def make(task: str) -> Path:
+        if task not in made:
+            made[task] = make_synthetic(tmp_path_factory.mktemp(f"synthetic_{task}"), n_train=12, n_val=6, imgsz=128,
+                                        seed=0, task=task)
+        return made[task]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
     """``../shared/fixtures`` (real COCO weights and images), or skip when it is absent."""
     if not (SHARED / "weights" / "yolov8n_coco_int8rebuild.pt").is_file():

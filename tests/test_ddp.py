@@ -96,7 +96,13 @@ def test_trainer_classes_import_by_module_path():
         import importlib
         from ultralytics.models.yolo.detect import DetectionTrainer
         for mod, name in (("yolo_prune.train.sparse", "SparseTrainer"),
-                          ("yolo_prune.train.finetune", "FinetuneTrainer")):
+                          ("yolo_prune.train.finetune", "FinetuneTrainer"),
+                          ("yolo_prune.train.sparse", "SparseSegmentTrainer"),
+                          ("yolo_prune.train.sparse", "SparsePoseTrainer"),
+                          ("yolo_prune.train.sparse", "SparseOBBTrainer"),
+                          ("yolo_prune.train.finetune", "FinetuneSegmentTrainer"),
+                          ("yolo_prune.train.finetune", "FinetunePoseTrainer"),
+                          ("yolo_prune.train.finetune", "FinetuneOBBTrainer")):
             cls = getattr(importlib.import_module(mod), name)
             assert issubclass(cls, DetectionTrainer) and cls.__module__ == mod, cls
         print("ok")
@@ -123,3 +129,24 @@ def test_ddp_worker_script_rebuilds_sparse_trainer(pruned_pt, synthetic, tmp_pat
     assert "gamma_threshold: 0.05" in (save_dir / "args.yaml").read_text()
     assert shapes(save_dir / "weights" / "last.pt") == shapes(pruned_pt)
     assert (save_dir / "gamma_hist_start.png").is_file() and (save_dir / "gamma_hist_end.png").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_worker_script_rebuilds_a_task_trainer(synthetic_task, tmp_path):
+    """The same for a pruned segmentation model: the worker rebuilds FinetuneSegmentTrainer (ultralytics'
+    SegmentationTrainer under the mixins) from the args alone, and the pruned shapes survive."""
+    from yolo_prune.models import save_checkpoint
+    from yolo_prune.stages.prune import prune
+    from yolo_prune.train import trainer_for
+
+    from .helpers import random_detection_model
+
+    pruned = prune(random_detection_model("yolo11n-seg.yaml"), method="l1", target_macs=0.5, imgsz=64, save=False)
+    pt = save_checkpoint(pruned.model.model, tmp_path / "pruned_seg.pt")
+    save_dir = tmp_path / "ddp"
+    trainer = trainer_for(str(pt), "finetune")(overrides={
+        "model": str(pt), "data": str(synthetic_task("segment") / "yolo.yaml"), "save_dir": str(save_dir),
+        "plots": False, "epochs": 1, **FAST})
+    run_ddp_file(trainer, tmp_path)
+    assert shapes(save_dir / "weights" / "last.pt") == shapes(pt)
+    assert "metrics/mAP50-95(M)" in (save_dir / "results.csv").read_text().splitlines()[0]

@@ -130,7 +130,7 @@ def test_backend_choice():
 @pytest.mark.parametrize("fmt", ["coco", "yolo"])
 def test_oracle_predictions_give_perfect_scores(syn, net, tmp_path, monkeypatch, fmt):
     """GT fed through the validator: rescaling and id mapping must give COCO mAP 1 (ultralytics agrees)."""
-    monkeypatch.setattr(ev, "CocoValidator", OracleValidator)
+    monkeypatch.setitem(ev.VALIDATORS, "detect", OracleValidator)
     r = evaluate(net, syn / f"{fmt}.yaml", imgsz=160, batch=4, save_dir=tmp_path / "val")
     assert r.map50_95 == pytest.approx(1.0, abs=1e-6) and r.map50 == pytest.approx(1.0)
     assert r.ul_map50_95 > 0.99 and r.recall == pytest.approx(1.0)
@@ -145,7 +145,7 @@ def test_oracle_predictions_give_perfect_scores(syn, net, tmp_path, monkeypatch,
 
 def test_oracle_predictions_on_a_read_only_yolo_dataset(syn, net, tmp_path, monkeypatch):
     """A read-only YOLO dataset is evaluated through its cache mirror, and nothing is written into it."""
-    monkeypatch.setattr(ev, "CocoValidator", OracleValidator)
+    monkeypatch.setitem(ev.VALIDATORS, "detect", OracleValidator)
     root = tmp_path / "ro"
     shutil.copytree(syn, root)
     cfg = yaml.safe_load((root / "yolo.yaml").read_text())

@@ -124,6 +124,7 @@ def test_val_reads_the_qat_export(trained, synthetic):
     (["format=onnx", "int8=True", "qat_epochs=-1"], "qat_epochs=-1 is out of range"),
     (["format=onnx", "int8=True", "qat_epochs=1"], "int8=True needs data="),
     (["format=torchscript", "int8=True", "qat_epochs=1", "data=x.yaml"], "no INT8 path for format=torchscript"),
+    (["format=openvino", "int8=True", "qat_epochs=1", "max_map_drop=0.01"], "give qat_epochs or max_map_drop"),
 ])
 def test_bad_qat_requests_are_one_line_errors(args, match, tmp_path, capsys):
     assert main(["export", "model=yolov8n.yaml", f"project={tmp_path}", *args]) == 2

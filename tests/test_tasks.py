@@ -292,14 +292,15 @@ def test_unsupported_heads_are_refused_by_name_before_any_work(cfg, head, tmp_pa
 
 
 def test_other_steps_refuse_task_models_in_one_line(tmp_path, capsys):
-    """Stages that do not handle a task yet (val, finetune, sparse...) say so, a yaml too (not trained as a
-    detector); ``validate=True`` too."""
+    """Stages that do not handle a task yet (sensitivity, sparsify, latency targets...) say so, a yaml too;
+    ``validate=True`` too."""
     with pytest.raises(ModelLoadError, match=r"segment model; this step takes detection models only") as e:
         load_model("yolo11n-seg.yaml")
     assert "\n" not in str(e.value)
-    assert cli.main(["finetune", "model=yolo11n-obb.yaml", "data=unused.yaml", f"project={tmp_path}", "name=f"]) == 1
+    assert cli.main(["sensitivity", "model=yolo11n-obb.yaml", "data=unused.yaml", f"project={tmp_path}",
+                     "name=f"]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "obb task; this step takes detection models only" in err, err
+    assert len(err.splitlines()) == 1 and "obb model; this step takes detection models only" in err, err
     assert not (tmp_path / "f").exists()
     with pytest.raises(UsageError, match="validate=True measures detection mAP"):
         yp.prune(base("yolo11n-pose.yaml"), data="unused.yaml", validate=True, project=tmp_path, name="v")

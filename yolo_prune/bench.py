@@ -47,7 +47,7 @@ from .errors import UsageError
 from .logs import Progress, progress_output
 from .results import Result, markdown_table, table
 from .runtimes import require_openvino
-from .forms import ModelLike, as_detection_model
+from .forms import PRUNABLE_TASKS, ModelLike, as_detection_model
 from .stats import inference_copy, input_channels
 from .deploy import export_model
 from .deploy import export_onnx
@@ -182,10 +182,24 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None):
 
 def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
     """Export ``model`` to ONNX under ``folder`` and return a callable running one onnxruntime pass on ``x``."""
-    path = export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0])
-    session = onnx_session(path, threads)
-    feed = {session.get_inputs()[0].name: x}
-    return lambda: session.run(None, feed)
+    return export_runner(export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), x, threads)
+
+
+def export_runner(path: str | Path, x: np.ndarray, threads: int | None) -> Runner:
+    """A callable running one pass of an existing export on ``x``: a ``.onnx`` file in onnxruntime, an OpenVINO
+    folder (or its ``.xml``) in OpenVINO (FP32 or INT8 alike)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        session = onnx_session(path, threads)
+        feed = {session.get_inputs()[0].name: x}
+        return lambda: session.run(None, feed)
+    xml = path if path.suffix == ".xml" else next(path.glob("*.xml"), None)
+    if xml is None:
+        raise UsageError(f"{path} is neither an .onnx file nor an OpenVINO folder")
+    ov = require_openvino()
+    request = openvino_compiled(xml, threads).create_infer_request()
+    request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+    return request.infer
 
 
 def openvino_compiled(model: Any, threads: int | None = None, *, precision: str | None = None,
@@ -216,11 +230,7 @@ def export_openvino(model: ModelLike, save_dir: str | Path, *, imgsz: int = 640,
 
 def openvino_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
     """Export ``model`` to OpenVINO under ``folder`` and return a callable running one inference on ``x``."""
-    ov = require_openvino()
-    compiled = openvino_compiled(export_openvino(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), threads)
-    request = compiled.create_infer_request()
-    request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
-    return request.infer
+    return export_runner(export_openvino(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), x, threads)
 
 
 def make_runner(backend: str, model: ModelLike, x: torch.Tensor, folder: Path, threads: int | None) -> Runner:
@@ -299,7 +309,7 @@ def measure_latency(
     threads = check_threads(threads)
     _check_args(models, backends, runs, warmup, batch)
     names = list(models)
-    modules = {name: as_detection_model(m) for name, m in models.items()}
+    modules = {name: as_detection_model(m, tasks=PRUNABLE_TASKS) for name, m in models.items()}
     channels = input_channels(modules[names[0]])
     x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
     # ultralytics' exporter (inside onnx_runner) resets torch's thread count: remember what to time with,

@@ -37,7 +37,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from .errors import OutputError, UsageError
 from .logs import quiet_ultralytics
-from .quantize import int8_args, quiet_logging, quiet_streams
+from .quantize import int8_args, quiet_nncf
 from .runtimes import require_nncf, require_openvino
 
 __all__ = ["QATDetectionModel", "copy_metadata", "export_qat", "is_qat", "plain_copy", "prepare_qat", "restore_qat"]
@@ -124,7 +124,7 @@ def prepare_qat(model: nn.Module, images: Sequence[Any], *, verbose: bool = Fals
     head.dynamic = True  # anchors rebuilt at every call: the same operations when tracing and calibrating
     try:
         ignored = decode_tail(src, images[0])
-        with quiet_logging("nncf", verbose), quiet_streams(verbose):
+        with quiet_nncf(verbose):
             qmodel = nncf.quantize(src, nncf.Dataset(images),
                                    preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
                                    ignored_scope=nncf.IgnoredScope(names=ignored, patterns=[ATTENTION_OPS],

@@ -1,7 +1,8 @@
 """COCO instances json <-> YOLO labels.
 
 - :func:`load_coco_split` reads and checks one COCO json against its image folder;
-- :func:`yolo_lines` turns its boxes into YOLO label lines for training;
+- :func:`yolo_lines` turns its boxes into YOLO label lines for training, :func:`segment_lines` its outlines (polygons,
+  or RLE masks by their largest contour: :func:`outline`) into YOLO segment lines for segmentation models;
 - :func:`eval_json` gives the ground truth COCO evaluation should use (only the images and annotations kept);
 - :func:`yolo_split_to_coco` goes the other way: YOLO labels of a split to a COCO instances dict, so that every
   dataset can be evaluated with the COCO protocol.
@@ -16,6 +17,7 @@ import collections
 import json
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,10 @@ class ImageRecord:
 @dataclass
 class CocoSplit:
     """A checked COCO split. ``boxes`` are the training boxes per image id: (class index, x1, y1, x2, y2), clipped
-    to the image, crowd boxes excluded; ``annotations`` are the kept annotations for evaluation (crowd included)."""
+    to the image, crowd boxes excluded; ``annotations`` are the kept annotations for evaluation (crowd included).
+    ``segments`` (read with ``segments=True``) are the training outlines per image id: (class index, (n, 2) pixel
+    polygon), in the order of ``boxes``; an annotation without a usable segmentation has its box as outline (they
+    are counted in ``no_outline``)."""
 
     json_path: Path
     image_dir: Path
@@ -60,6 +65,8 @@ class CocoSplit:
     annotations: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    segments: dict[int, list[tuple[int, np.ndarray]]] | None = None
+    no_outline: int = 0
 
     @property
     def category_ids(self) -> list[int]:
@@ -192,11 +199,12 @@ def _check_box(bbox: Any) -> tuple[float, float, float, float] | str:
     return x, y, w, h
 
 
-def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: frozenset[str] | None = None
-                    ) -> CocoSplit:
+def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: frozenset[str] | None = None,
+                    segments: bool = False) -> CocoSplit:
     """Read a COCO instances json, check it against ``image_dir`` and return the usable part.
 
     ``formats``: accepted image file suffixes (lower case, no dot); others are skipped. None accepts all.
+    ``segments``: also read the outlines (``CocoSplit.segments``), for segmentation models.
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
     coco = read_json(json_path)
@@ -213,6 +221,8 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
     if not isinstance(anns, list):
         raise DatasetError(f"{json_path}: 'annotations' is not a list")
     boxes: dict[int, list] = {im.id: [] for im in images}
+    outlines: dict[int, list] | None = {im.id: [] for im in images} if segments else None
+    no_outline = 0
     kept_anns: list[dict[str, Any]] = []
     for a in anns:
         reason = _annotation_problem(a, declared, class_of)
@@ -234,8 +244,62 @@ def load_coco_split(json_path: str | Path, image_dir: str | Path, *, formats: fr
         kept_anns.append(a)
         if not a.get("iscrowd", 0):
             boxes[im.id].append((class_of[a["category_id"]], x1, y1, x2, y2))
+            if outlines is not None:
+                poly = outline(a.get("segmentation"), im.width, im.height)
+                no_outline += poly is None
+                poly = _corners(x1, y1, x2, y2) if poly is None else poly
+                outlines[im.id].append((class_of[a["category_id"]], poly))
     info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
-    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped)
+    return CocoSplit(json_path, image_dir, categories, images, boxes, kept_anns, info, skipped, outlines, no_outline)
+
+
+def _corners(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
+    return np.array([(x1, y1), (x2, y1), (x2, y2), (x1, y2)], np.float64)
+
+
+def outline(segmentation: Any, width: int, height: int) -> np.ndarray | None:
+    """One (n, 2) pixel polygon for a COCO ``segmentation``, or None when it has none usable.
+
+    Polygons: a single one as it is, several joined into one by ultralytics' ``merge_multi_segment`` (as its COCO
+    converter does). RLE (compressed or not): the mask decoded with pycocotools and its largest outer contour
+    (cv2.findContours).
+    """
+    if isinstance(segmentation, list):
+        parts = [p for p in segmentation if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
+        try:
+            polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in parts]
+        except (TypeError, ValueError):
+            return None
+        polys = [p for p in polys if np.isfinite(p).all()]
+        if len(polys) <= 1:
+            return polys[0] if polys else None
+        from ultralytics.data.converter import merge_multi_segment
+
+        return np.concatenate(merge_multi_segment([p.ravel().tolist() for p in polys]), 0).astype(np.float64)
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        return _rle_outline(segmentation)
+    return None
+
+
+def _rle_outline(rle: dict[str, Any]) -> np.ndarray | None:
+    """The largest outer contour of an RLE mask as an (n, 2) pixel polygon (None for an empty or broken RLE)."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    try:
+        h, w = (int(v) for v in rle["size"])
+        if isinstance(rle["counts"], list):  # uncompressed
+            rle = mask_utils.frPyObjects(rle, h, w)
+        with warnings.catch_warnings():  # pycocotools' decode under numpy 2: a DeprecationWarning about copy=False
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    except Exception:  # pycocotools raises TypeError / ValueError / its own for malformed counts
+        return None
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64)
+    return c + 0.5 if len(c) >= 3 else None  # pixel centres (a pixel spans [i, i + 1])
 
 
 def _annotation_problem(a: Any, declared: set[Any], class_of: dict[int, int]) -> str | None:
@@ -260,11 +324,21 @@ def yolo_lines(boxes: Iterable[tuple[int, float, float, float, float]], width: i
     return "".join(out)
 
 
-def eval_json(split: CocoSplit) -> dict[str, Any]:
-    """Ground truth for COCO evaluation: the kept images and annotations, original ids and boxes.
+def segment_lines(segments: Iterable[tuple[int, np.ndarray]], width: int, height: int) -> str:
+    """YOLO segment label text (``cls x1 y1 x2 y2 ...``, normalised, clipped to [0, 1]) for pixel polygons."""
+    out = []
+    for c, poly in segments:
+        xy = np.clip(np.asarray(poly, np.float64) / (width, height), 0.0, 1.0)
+        out.append(f"{c} " + " ".join(f"{v:.6f}" for v in xy.ravel()) + "\n")
+    return "".join(out)
+
+
+def eval_json(split: CocoSplit, *, segmentation: bool = False) -> dict[str, Any]:
+    """Ground truth for COCO evaluation: the kept images and annotations, original ids and boxes (and with
+    ``segmentation``, each annotation's own ``segmentation``, for ``segm`` evaluation).
 
     Fields pycocotools needs but the source may lack are filled in (``area`` = box area, ``iscrowd`` = 0,
-    ``id`` = a fresh unique id).
+    ``id`` = a fresh unique id; a missing segmentation = the box as a polygon).
     """
     images = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height}
               for im in split.images]
@@ -283,17 +357,23 @@ def eval_json(split: CocoSplit) -> dict[str, Any]:
             "area": float(area) if isinstance(area, (int, float)) and area > 0 else w * h,
             "iscrowd": int(bool(a.get("iscrowd", 0))),
         })
+        if segmentation:
+            seg = a.get("segmentation")
+            usable = isinstance(seg, dict) or (isinstance(seg, list) and any(isinstance(p, list) for p in seg))
+            annotations[-1]["segmentation"] = seg if usable else [_corners(x, y, x + w, y + h).ravel().tolist()]
     return {"info": split.info, "images": images, "annotations": annotations, "categories": split.categories}
 
 
 # YOLO labels -> COCO ---------------------------------------------------------------------------------------------
 
 
-def read_yolo_label(path: Path, nc: int) -> np.ndarray | str:
+def read_yolo_label(path: Path, nc: int, keypoints: int = 0) -> np.ndarray | str:
     """Boxes of a YOLO label file as an (n, 5) array of class, cx, cy, w, h (normalised, duplicates removed).
 
     A missing file means no objects. Returns the reason instead when ultralytics would reject the file as corrupt
-    (it then drops the whole image, so evaluation must too).
+    (it then drops the whole image, so evaluation must too). ``keypoints``: the keypoint columns after the box in
+    the rows of a pose dataset (``kpt_shape`` product); they are dropped. Segment and OBB rows (polygons) give
+    their extent.
     """
     if not path.is_file():
         return np.zeros((0, 5), np.float64)
@@ -301,6 +381,10 @@ def read_yolo_label(path: Path, nc: int) -> np.ndarray | str:
         rows = [line.split() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not rows:
             return np.zeros((0, 5), np.float64)
+        if keypoints:
+            if any(len(r) != 5 + keypoints for r in rows):
+                return "invalid label file"
+            rows = [r[:5] for r in rows]
         if any(len(r) > 6 for r in rows):  # polygons: the box is their extent
             if any(len(r) == 5 for r in rows):
                 return "invalid label file"
@@ -322,8 +406,10 @@ def read_yolo_label(path: Path, nc: int) -> np.ndarray | str:
 
 
 def yolo_split_to_coco(image_files: Sequence[Path], label_files: Sequence[Path], names: Sequence[str], *,
-                       root: Path | None = None) -> tuple[dict[str, Any], list[Path], collections.Counter]:
+                       root: Path | None = None, keypoints: int = 0
+                       ) -> tuple[dict[str, Any], list[Path], collections.Counter]:
     """COCO instances dict of a YOLO-format split; image ids are 1..n in the given order, category ids 1..nc.
+    ``keypoints``: as for :func:`read_yolo_label`.
 
     Returns the dict, the image files kept (in id order) and a counter of what was skipped.
     """
@@ -333,7 +419,7 @@ def yolo_split_to_coco(image_files: Sequence[Path], label_files: Sequence[Path],
         if size is None:
             skipped["unreadable image"] += 1
             continue
-        lb = read_yolo_label(Path(label), len(names))
+        lb = read_yolo_label(Path(label), len(names), keypoints)
         if isinstance(lb, str):
             skipped[lb] += 1
             continue

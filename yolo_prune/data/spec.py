@@ -9,6 +9,8 @@ as root, would ignore the read-only bits.
 COCO format (a yaml with ``train_json``/``val_json``, see ``datasets/README.md``): the json files are checked and
 converted into an ultralytics-ready folder in the cache: images linked (copied when links fail), YOLO label files,
 a ``data.yaml`` and the cleaned val ground truth ``val.json``. Nothing is ever written into the user's dataset.
+For a segmentation model (``task="segment"``) the labels are the annotations' outlines (YOLO segment lines, in a
+cache folder of their own) and ``val.json`` keeps their ``segmentation`` for COCO ``segm`` evaluation.
 
 Cache: ``$YOLO_PRUNE_CACHE/data`` if the variable is set, else ``~/.cache/yolo_prune/data``, or ``cache_dir=``.
 Each dataset gets a sub-folder named by a hash of its yaml/json paths and contents (and, for YOLO format, of the
@@ -32,7 +34,8 @@ import yaml as pyyaml
 
 from ..errors import DatasetError, OutputError
 from ..io import sha256_file, write_json, write_yaml
-from .coco import DataWarning, eval_json, load_coco_split, skip_message, yolo_lines, yolo_split_to_coco
+from .coco import (DataWarning, eval_json, load_coco_split, segment_lines, skip_message, yolo_lines,
+                   yolo_split_to_coco)
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,6 +59,8 @@ class DataSpec:
         cache: the cache folder of this dataset.
         val_image_ids: :func:`image_key` of each val image -> its COCO image id in ``val_json``.
         warnings: one line per file whose bad images/annotations were skipped.
+        task: the task the labels were written for: ``"segment"`` for a COCO-format dataset resolved for a
+            segmentation model (outlines as labels, ``segmentation`` in ``val_json``), else ``"detect"``.
     """
 
     source: Path
@@ -70,6 +75,7 @@ class DataSpec:
     cache: Path
     val_image_ids: dict[str, Any] = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list, repr=False)
+    task: str = "detect"
 
     def image_id(self, path: str | Path) -> Any:
         """COCO image id of a val image file, or None if it is not part of the val split."""
@@ -90,13 +96,20 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "yolo_prune") / "data"
 
 
-def resolve_data(data: str | Path | DataSpec, *, cache_dir: str | Path | None = None) -> DataSpec:
+def resolve_data(data: str | Path | DataSpec, *, cache_dir: str | Path | None = None,
+                 task: str = "detect") -> DataSpec:
     """Resolve a YOLO-format or COCO-format data yaml into a :class:`DataSpec` (converting into the cache if needed).
+
+    ``task``: the task of the model that will use it. Only ``"segment"`` changes anything, and only for COCO-format
+    data: the labels are the annotations' outlines (polygons; RLE masks by their largest contour). YOLO-format data
+    is used as it is (its labels are those of its task; pose labels are read by the yaml's ``kpt_shape``).
 
     Raises :class:`DatasetError` for problems with the whole dataset; single bad images or annotations are skipped
     with one :class:`DataWarning` per file counting them.
     """
     if isinstance(data, DataSpec):
+        if task == "segment" and data.format == "coco" and data.task != "segment":
+            return resolve_data(data.source, cache_dir=data.cache.parent, task=task)
         return data
     if data is None or str(data) == "":
         raise DatasetError("no dataset given (data=...)")
@@ -106,7 +119,7 @@ def resolve_data(data: str | Path | DataSpec, *, cache_dir: str | Path | None = 
     cfg = _load_yaml(source)
     root = cache_root(cache_dir)
     if any(str(k).endswith("_json") for k in cfg):
-        return _resolve_coco(source, cfg, root)
+        return _resolve_coco(source, cfg, root, segment=task == "segment")
     return _resolve_yolo(source, cfg, root)
 
 
@@ -191,7 +204,7 @@ def _coco_split_paths(cfg: dict[str, Any], split: str, root: Path, source: Path)
     return (root / images).expanduser().absolute(), (root / js).expanduser().absolute()
 
 
-def _resolve_coco(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
+def _resolve_coco(source: Path, cfg: dict[str, Any], cache: Path, segment: bool = False) -> DataSpec:
     root = Path(str(cfg["path"])).expanduser() if cfg.get("path") else source.parent
     root = root if root.is_absolute() else source.parent / root
     val = _coco_split_paths(cfg, "val", root, source)
@@ -203,11 +216,11 @@ def _resolve_coco(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
             raise DatasetError(f"{js}: COCO json not found (from {source.name})")
         if not folder.is_dir():
             raise DatasetError(f"{folder}: image folder not found (from {source.name})")
-    parts = [CACHE_VERSION, "coco"]
+    parts = [CACHE_VERSION, "coco"] + (["segment"] if segment else [])
     for folder, js in (train, val):
         parts += [str(folder.resolve()), str(js.resolve()), sha256_file(js)]
     dest = cache.expanduser().absolute().resolve() / f"coco-{_digest(parts)}"
-    manifest = _cached(dest, lambda tmp: _build_coco(tmp, dest, source, train, val))
+    manifest = _cached(dest, lambda tmp: _build_coco(tmp, dest, source, train, val, segment))
     _emit(manifest["warnings"])
     val_images = [dest / rel for rel, _ in manifest["val_image_ids"]]
     return DataSpec(
@@ -215,34 +228,53 @@ def _resolve_coco(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
         val_json=dest / "val.json", category_ids=manifest["category_ids"],
         train_images=[dest / rel for rel in manifest["train"]], val_images=val_images, format="coco", cache=dest,
         val_image_ids={image_key(p): iid for p, (_, iid) in zip(val_images, manifest["val_image_ids"])},
-        warnings=list(manifest["warnings"]),
+        warnings=list(manifest["warnings"]), task="segment" if segment else "detect",
     )
 
 
-def _build_coco(tmp: Path, dest: Path, source: Path, train: tuple[Path, Path], val: tuple[Path, Path]) -> None:
-    """Convert a COCO-format dataset into ``tmp`` (which will be renamed to ``dest``)."""
+def _build_coco(tmp: Path, dest: Path, source: Path, train: tuple[Path, Path], val: tuple[Path, Path],
+                segment: bool = False) -> None:
+    """Convert a COCO-format dataset into ``tmp`` (which will be renamed to ``dest``); with ``segment``, the labels
+    are outlines."""
     from ultralytics.data.utils import IMG_FORMATS
 
     formats = frozenset(IMG_FORMATS)
-    val_split = load_coco_split(val[1], val[0], formats=formats)
-    train_split = val_split if train == val else load_coco_split(train[1], train[0], formats=formats)
+    val_split = load_coco_split(val[1], val[0], formats=formats, segments=segment)
+    train_split = val_split if train == val else load_coco_split(train[1], train[0], formats=formats,
+                                                                 segments=segment)
     if [(c["id"], c["name"]) for c in train_split.categories] != [(c["id"], c["name"]) for c in val_split.categories]:
         raise DatasetError(f"{train[1]}: categories differ from those of {val[1].name}")
     if not any(not a.get("iscrowd", 0) for a in val_split.annotations):
         raise DatasetError(f"{val[1]}: no usable annotations in the val split")
     files = {name: _write_yolo_split(tmp, name, split) for name, split in (("train", train_split), ("val", val_split))}
-    write_json(tmp / "val.json", eval_json(val_split))
+    write_json(tmp / "val.json", eval_json(val_split, segmentation=segment))
     names = val_split.names
     write_yaml(tmp / "data.yaml", {"path": str(dest), "train": "images/train", "val": "images/val",
                                    "names": names})
-    messages = [skip_message(s.json_path, s.skipped) for s in {id(train_split): train_split,
-                                                                id(val_split): val_split}.values()]
+    splits = {id(train_split): train_split, id(val_split): val_split}.values()
+    messages = [skip_message(s.json_path, s.skipped) for s in splits]
+    if segment:
+        messages += _outline_messages(splits)
     write_json(tmp / MANIFEST, {
         "version": CACHE_VERSION, "format": "coco", "source": str(source), "names": names,
         "category_ids": val_split.category_ids, "train": files["train"],
         "val_image_ids": [[rel, im.id] for rel, im in zip(files["val"], val_split.images)],
         "warnings": [m for m in messages if m],
     })
+
+
+def _outline_messages(splits: Iterable[Any]) -> list[str]:
+    """For segment labels: none of a split's annotations has a segmentation is an error, some a warning line."""
+    out = []
+    for split in splits:
+        n = sum(len(v) for v in split.segments.values())
+        if n and split.no_outline == n:
+            raise DatasetError(f"{split.json_path}: no annotation has a segmentation (polygons or RLE); a "
+                               "segmentation model needs them")
+        if split.no_outline:
+            out.append(f"{split.json_path}: {split.no_outline} of {n} annotations have no segmentation; their boxes "
+                       "are their outlines")
+    return out
 
 
 def _write_yolo_split(tmp: Path, name: str, split: Any) -> list[str]:
@@ -257,7 +289,9 @@ def _write_yolo_split(tmp: Path, name: str, split: Any) -> list[str]:
         _link_or_copy(im.path, dst)
         label = Path(img2label_paths([str(dst)])[0])
         label.parent.mkdir(parents=True, exist_ok=True)
-        label.write_text(yolo_lines(split.boxes[im.id], im.width, im.height), encoding="utf-8")
+        text = (yolo_lines(split.boxes[im.id], im.width, im.height) if split.segments is None
+                else segment_lines(split.segments[im.id], im.width, im.height))
+        label.write_text(text, encoding="utf-8")
         rels.append(rel)
     return rels
 
@@ -372,6 +406,17 @@ def _mirror_split(tmp: Path, split: str, images: list[Path], labels: list[Path])
     return out
 
 
+def _keypoint_columns(cfg: dict[str, Any], source: Path) -> int:
+    """How many keypoint columns follow the box in a label row of a pose dataset (``kpt_shape``), 0 without."""
+    shape = cfg.get("kpt_shape")
+    if shape is None:
+        return 0
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(isinstance(v, int) for v in shape)
+            or shape[0] < 1 or shape[1] not in (2, 3)):
+        raise DatasetError(f"{source}: kpt_shape must be [number of keypoints, 2 or 3], got {shape!r}")
+    return shape[0] * shape[1]
+
+
 def _resolve_yolo(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
     names = _yolo_names(cfg, source)
     root = _yolo_root(cfg, source)
@@ -389,7 +434,8 @@ def _resolve_yolo(source: Path, cfg: dict[str, Any], cache: Path) -> DataSpec:
     dest = cache.expanduser().absolute().resolve() / f"yolo-{_digest(parts)}"
 
     def build(tmp: Path) -> None:
-        coco, kept, skipped = yolo_split_to_coco(val_images, val_labels, names, root=root)
+        coco, kept, skipped = yolo_split_to_coco(val_images, val_labels, names, root=root,
+                                                 keypoints=_keypoint_columns(cfg, source))
         if not coco["annotations"]:
             raise DatasetError(f"{source}: no usable labels in the val split")
         write_json(tmp / "val.json", coco)

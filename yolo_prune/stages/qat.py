@@ -27,13 +27,17 @@ from ..train.finetune import qat_finetune
 __all__ = ["check_qat", "qat_export"]
 
 
-def check_qat(qat_epochs: Any, *, int8: bool, fmt: str, data: Any) -> int:
+def check_qat(qat_epochs: Any, *, int8: Any, fmt: str, data: Any, max_map_drop: float | None = None) -> int:
     """``qat_epochs`` as an int, refused in one line when it cannot run: negative, not an integer, without
-    ``int8=True``, for a format without an INT8 path, or without ``data``."""
+    ``int8=True``, with ``max_map_drop`` (accuracy control keeps layers FP32, QAT trains all of them INT8), for a
+    format without an INT8 path, or without ``data``."""
     if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
         raise UsageError(f"qat_epochs={qat_epochs!r} is out of range: it must be an integer >= 0")
-    if qat_epochs and not int8:
+    if qat_epochs and int8 is not True:
         raise UsageError(f"qat_epochs={qat_epochs} needs int8=True (it trains for an INT8 export)")
+    if qat_epochs and max_map_drop is not None:
+        raise UsageError("give qat_epochs or max_map_drop, not both (QAT trains every layer for INT8; accuracy "
+                         "control keeps some in FP32)")
     if qat_epochs:
         check_int8(fmt, data)
     return qat_epochs

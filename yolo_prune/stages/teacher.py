@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..forms import as_detection_model
+from ..forms import PRUNABLE_TASKS, as_detection_model
 from ..models import load_model, save_input_checkpoint
 
 LOGGER = logging.getLogger("yolo_prune")
@@ -23,9 +23,9 @@ def pipeline_teacher(teacher: Any, model: Any, nc: int, save_dir: Path) -> str |
         if Path(model).suffix.lower() != ".pt":
             return None  # a yaml: random init, nothing to learn from
         path = Path(model).expanduser().absolute()
-        head_nc = int(load_model(path).model.model[-1].nc)
+        head_nc = int(load_model(path, tasks=PRUNABLE_TASKS).model.model[-1].nc)
     else:
-        net = as_detection_model(model)
+        net = as_detection_model(model, tasks=PRUNABLE_TASKS)
         head_nc = int(net.model[-1].nc)
         path = save_dir / "teacher.pt"
         if not path.is_file():

@@ -12,16 +12,23 @@
   (:mod:`yolo_prune.train.keep_zeros`); one run goes through :func:`yolo_prune.train.run.run_training` and returns
   a :class:`TrainResult` (:class:`SparseResult` for sparsity training, :mod:`yolo_prune.train.results`).
 
-Both trainers are importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
+Segmentation, pose and OBB models train through the same mixins over ultralytics' task trainers
+(``FinetuneSegmentTrainer``, ``SparsePoseTrainer``, ...; :func:`trainer_for` picks by the model's task).
+Every trainer is importable by module path (``yolo_prune.train.sparse.SparseTrainer``,
 ``yolo_prune.train.finetune.FinetuneTrainer``), as ultralytics' DDP worker script needs.
 """
 
 from ..options import DistillOptions
-from .finetune import FinetuneTrainer, QATTrainer, finetune, qat_finetune
+from .finetune import (FinetuneOBBTrainer, FinetunePoseTrainer, FinetuneSegmentTrainer, FinetuneTrainer, QATTrainer,
+                       finetune, qat_finetune)
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin
 from .results import SparseResult, TrainResult
+from .tasks import trainer_for
 from .sparse import (
+    SparseOBBTrainer,
+    SparsePoseTrainer,
+    SparseSegmentTrainer,
     SparseTrainer,
     add_l1_subgradient,
     bn_layers,
@@ -34,11 +41,17 @@ from .sparse import (
 
 __all__ = [
     "DistillOptions",
+    "FinetuneOBBTrainer",
+    "FinetunePoseTrainer",
+    "FinetuneSegmentTrainer",
     "FinetuneTrainer",
     "KeepArchitectureMixin",
     "KeepZerosMixin",
     "QATTrainer",
     "SparseResult",
+    "SparseOBBTrainer",
+    "SparsePoseTrainer",
+    "SparseSegmentTrainer",
     "SparseTrainer",
     "TrainResult",
     "add_l1_subgradient",
@@ -50,4 +63,5 @@ __all__ = [
     "save_gamma_histogram",
     "sparse_train",
     "sr_at",
+    "trainer_for",
 ]

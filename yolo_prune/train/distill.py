@@ -24,6 +24,11 @@ Two kinds, chosen with ``distill``:
   ``last.pt``/``best.pt``; a checkpoint of an *unfinished* run holds the wrapper with the projectors (never the
   teacher). ``both`` combines the two.
 
+Segmentation, pose and OBB models (and a teacher of any of those tasks, or a detector, with the same classes and
+strides) distil the same way: their heads are Detect plus a branch, so the ``boxes`` / ``scores`` of the raw outputs
+are distilled and the student's task loss (masks, keypoints, angle; ``v8SegmentationLoss``, ``PoseLoss26``...)
+passes through :class:`DistillLoss` unchanged, ``kd_loss`` appended after its terms.
+
 ``labels=False`` trains without ground truth: the detection loss terms are zero and only the teacher teaches.
 The training images are the data's train split (its labels ignored) or ``unlabeled=`` (a folder of images, an
 image-list file, or a list of them; linked into yolo-prune's cache, never written to). Validation still uses
@@ -54,7 +59,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..errors import ModelLoadError, UsageError
-from ..forms import as_detection_model
+from ..forms import PRUNABLE_TASKS, as_detection_model
 from ..data.spec import image_folder
 from ..options import DistillOptions, choices
 
@@ -193,7 +198,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
     """Load a teacher checkpoint: fp32, eval mode, Conv+BN fused (it only runs inference), no gradients."""
     if Path(str(path)).suffix.lower() in (".yaml", ".yml"):
         raise ModelLoadError(f"teacher {path} is a model yaml: the teacher must be a trained .pt checkpoint")
-    model = as_detection_model(Path(str(path)), what="teacher")
+    model = as_detection_model(Path(str(path)), what="teacher", tasks=PRUNABLE_TASKS)
     model = model.float().fuse(verbose=False).eval().to(device)
     for q in model.parameters():
         q.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Fine-tuning of a pruned detector through the ultralytics trainer, keeping the pruned architecture.
+"""Fine-tuning of a pruned detector (or segmentation, pose, oriented-box model) through the ultralytics trainer, keeping the pruned architecture.
 
 ``YOLO(pruned.pt).train()`` would rebuild the *unpruned* network from the checkpoint's yaml and drop every
 weight whose shape changed; :class:`FinetuneTrainer` trains the checkpoint's own module instead (see
@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG
 
 from ..options import DistillOptions, Options, RunOptions, TrainOptions, settings_and_rest
@@ -22,7 +25,8 @@ from .qat import QATMixin
 from .results import TrainResult
 from .run import run_training
 
-__all__ = ["FinetuneTrainer", "QATTrainer", "finetune", "qat_finetune"]
+__all__ = ["FINETUNE_TRAINERS", "FinetuneOBBTrainer", "FinetunePoseTrainer", "FinetuneSegmentTrainer", "FinetuneTrainer",
+           "QATTrainer", "finetune", "qat_finetune"]
 
 
 class FinetuneTrainer(QATMixin, KeepZerosMixin, DistillMixin, KeepArchitectureMixin, DetectionTrainer):
@@ -38,6 +42,25 @@ class FinetuneTrainer(QATMixin, KeepZerosMixin, DistillMixin, KeepArchitectureMi
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):
         super().__init__(cfg, overrides, _callbacks)
 
+
+# The other tasks: the same mixin stack over ultralytics' task trainer, which comes after the mixins and before
+# DetectionTrainer in the MRO (its task validator, loss names, plots, dataset checks such as pose's kpt_shape).
+# Module-level classes: ultralytics' DDP worker script imports the trainer class by module path.
+class FinetuneSegmentTrainer(FinetuneTrainer, SegmentationTrainer):
+    """:class:`FinetuneTrainer` for segmentation models (ultralytics ``SegmentationTrainer``)."""
+
+
+class FinetunePoseTrainer(FinetuneTrainer, PoseTrainer):
+    """:class:`FinetuneTrainer` for pose models (ultralytics ``PoseTrainer``)."""
+
+
+class FinetuneOBBTrainer(FinetuneTrainer, OBBTrainer):
+    """:class:`FinetuneTrainer` for oriented-box models (ultralytics ``OBBTrainer``)."""
+
+
+#: The fine-tuning trainer of each task (the task is read from the checkpoint, see :func:`run_training`).
+FINETUNE_TRAINERS: dict[str, type] = {"detect": FinetuneTrainer, "segment": FinetuneSegmentTrainer,
+                                      "pose": FinetunePoseTrainer, "obb": FinetuneOBBTrainer}
 
 GROUPS = (TrainOptions, RunOptions, DistillOptions)
 
@@ -67,7 +90,7 @@ def finetune(model: Any, data: Any, *options: Options, **overrides: Any) -> Trai
     """
     s, train_args = settings_and_rest(GROUPS, options, overrides, where="finetune")
     extra = distill_options(**s.distill.to_dict())
-    _, result = run_training(FinetuneTrainer, "finetune", model, data, s.train, s.run, extra=extra,
+    _, result = run_training(FINETUNE_TRAINERS, "finetune", model, data, s.train, s.run, extra=extra,
                              train_args=train_args)
     return result
 

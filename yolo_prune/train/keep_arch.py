@@ -70,15 +70,19 @@ class KeepArchitectureMixin:
     def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Return ``weights`` itself (the loaded checkpoint module) instead of a model rebuilt from ``cfg``.
 
-        Without ``weights`` (a ``.yaml`` model, i.e. random init) this is the ultralytics behaviour.
+        Without ``weights`` (a ``.yaml`` model, i.e. random init), or for a ``.yaml`` model with ``pretrained=<.pt>``,
+        this is the ultralytics behaviour.
         If the dataset has a different class count than the checkpoint, the ultralytics rebuild (new
         class head, all other weights copied) is used when it reproduces every other shape, i.e.
         for an unpruned model; a pruned model keeps its architecture and only Detect's final class convs
         are replaced for the new class count (:func:`yolo_prune.models.reset_class_head`).
         """
-        if not isinstance(weights, nn.Module):
+        if not isinstance(weights, nn.Module) or not str(self.args.model or "").lower().endswith(".pt"):
+            # a model yaml, random init or ``pretrained=<.pt>`` (weights of matching shapes loaded into the yaml's
+            # model, e.g. a detector's backbone into a segmentation model): ultralytics' own build
             return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         model = weights.float()
+        _check_keypoints(model, self.data)
         nc, model_nc = int(self.data["nc"]), _model_nc(model)
         if model_nc is not None and model_nc != nc:
             if _rebuild_keeps_shapes(model, model_nc):
@@ -179,6 +183,17 @@ def _trim_results_csv(path: Path, last_epoch: int) -> None:
         write_text(path, "\n".join(keep) + "\n")
 
 
+def _check_keypoints(model: nn.Module, data: dict) -> None:
+    """A pose model trains on data with its own keypoints: :class:`UsageError` naming both shapes otherwise (its
+    pruned keypoint head cannot be rebuilt for other keypoints)."""
+    model_kpt = getattr(model.model[-1], "kpt_shape", None) if isinstance(getattr(model, "model", None),
+                                                                          nn.Sequential) else None
+    data_kpt = data.get("kpt_shape")
+    if model_kpt is not None and data_kpt is not None and list(model_kpt) != list(data_kpt):
+        raise UsageError(f"the model predicts keypoints of shape {list(model_kpt)} but the data has kpt_shape "
+                         f"{list(data_kpt)}: train a pose model on data with its own keypoints")
+
+
 def _model_nc(model: nn.Module) -> int | None:
     """Class count of a detection model: its head's ``nc`` (``DetectionModel`` has no ``nc`` until trained)."""
     head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
@@ -187,9 +202,11 @@ def _model_nc(model: nn.Module) -> int | None:
 
 
 def _rebuild_keeps_shapes(model: nn.Module, nc: int) -> bool:
-    """True if ``DetectionModel(model.yaml)`` has exactly the parameter names and shapes of ``model``."""
+    """True if the model class of ``model`` (``DetectionModel``, ``SegmentationModel``...) rebuilt from its yaml has
+    exactly the parameter names and shapes of ``model``."""
+    cls = type(model) if isinstance(model, DetectionModel) else DetectionModel
     try:
-        rebuilt = DetectionModel(model.yaml, nc=nc, verbose=False)
+        rebuilt = cls(model.yaml, nc=nc, verbose=False)
     except Exception:
         return False
     a = {k: v.shape for k, v in model.state_dict().items()}

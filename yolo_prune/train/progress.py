@@ -69,6 +69,14 @@ class EpochProgress:
                          format_seconds(elapsed), format_seconds(eta))
 
 
+#: The second metric of a task's validator beside the boxes': masks (M), keypoints (P).
+_TASK_METRICS = (("M", "mask"), ("P", "pose"))
+
+
 def _maps(metrics: dict[str, Any]) -> str:
     get = metrics.get
-    return f"mAP50-95 {float(get('metrics/mAP50-95(B)', 0.0)):.3f}  mAP50 {float(get('metrics/mAP50(B)', 0.0)):.3f}"
+    out = f"mAP50-95 {float(get('metrics/mAP50-95(B)', 0.0)):.3f}  mAP50 {float(get('metrics/mAP50(B)', 0.0)):.3f}"
+    for suffix, name in _TASK_METRICS:
+        if f"metrics/mAP50-95({suffix})" in metrics:
+            out += f"  {name} mAP50-95 {float(get(f'metrics/mAP50-95({suffix})')):.3f}"
+    return out

@@ -13,10 +13,10 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import DatasetError, ModelLoadError, UsageError
-from ..forms import as_detection_model
+from ..forms import DETECT, PRUNABLE_TASKS, as_detection_model, model_task
 from ..io import run_dir, run_path
 from ..logs import quiet_ultralytics
 from ..options import RunOptions, TrainOptions
@@ -31,12 +31,13 @@ MAP50_95_KEY = "metrics/mAP50-95(B)"
 MAP50_KEY = "metrics/mAP50(B)"
 
 
-def resolve_data_yaml(data: Any) -> str:
-    """Return a YOLO-format data yaml ultralytics can train on.
+def resolve_data_yaml(data: Any, task: str = "detect") -> str:
+    """Return a YOLO-format data yaml ultralytics can train a model of ``task`` on.
 
-    The single call site of ``yolo_prune.data.resolve_data`` in training (which also converts COCO-format input).
+    The single call site of ``yolo_prune.data.resolve_data`` in training (which also converts COCO-format input,
+    with the outlines of the objects as labels for a segmentation model).
     """
-    return str(resolve_data(data).yaml)
+    return str(resolve_data(data, task=task).yaml)
 
 
 # Keys the API sets itself from its own arguments.
@@ -63,18 +64,36 @@ def _check_train_args(train_args: dict[str, Any], model: Any) -> None:
         )
 
 
-def _check_model_path(model: str | Path) -> str:
-    """A model yaml or a ``.pt`` path, once it builds or loads as a detection model (before any run folder exists):
-    a segmentation, pose or OBB yaml is refused here, not trained as a detector."""
+def _check_model_path(model: str | Path, tasks: tuple[str, ...]) -> tuple[str, str]:
+    """A model yaml or a ``.pt`` path and its task, once it builds or loads as a model of one of ``tasks`` (before
+    any run folder exists): a model of another task or with an unsupported head is refused here in one line."""
     path = Path(model)
     suffix = path.suffix.lower()
-    if suffix in {".yaml", ".yml"}:
-        as_detection_model(path)  # an unsupported head or another task: one-line error
-        return str(model)  # a model yaml (random init); ultralytics resolves its own names such as yolov8n.yaml
-    if suffix != ".pt":
+    if suffix not in {".yaml", ".yml", ".pt"}:
         raise ModelLoadError(f"model must be a .pt checkpoint or a model yaml, got {model}")
-    as_detection_model(path)  # missing, unreadable or not a detection model: ModelLoadError
-    return str(path)
+    net = as_detection_model(path, tasks=tasks)  # missing, unreadable, unsupported head, other task: one line
+    # a model yaml (random init): ultralytics resolves its own names such as yolov8n.yaml
+    return (str(model) if suffix != ".pt" else str(path)), model_task(net)
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """The task of the model in a checkpoint (a resumed run's ``last.pt``): its head's, else its recorded task."""
+    try:
+        return model_task(as_detection_model(Path(path), tasks=PRUNABLE_TASKS))
+    except ModelLoadError:  # e.g. an unfinished distill=feature run holds ultralytics' DistillationModel wrapper
+        from ultralytics.utils.patches import torch_load
+
+        ckpt = torch_load(path, map_location="cpu", weights_only=False)
+        return str((ckpt.get("train_args") or {}).get("task") or "detect")
+
+
+def _pick_trainer(trainers: type | Mapping[str, type], task: str) -> type:
+    """The trainer class of ``task``: ``trainers`` itself, or its entry for the task."""
+    if isinstance(trainers, type):
+        return trainers
+    if task not in trainers:
+        raise ModelLoadError(f"the model is a {task} model; training takes {', '.join(trainers)} models")
+    return trainers[task]
 
 
 def _find_resume_checkpoint(model: Any, resume: Any, project: str | Path | None, mode: str, name: str | None) -> Path:
@@ -133,7 +152,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
+def _final_metrics(trainer: Any) -> dict[str, Any]:
+    """The trainer's final validation metrics (ultralytics' keys), from ``best.pt`` / ``last.pt`` when the trainer
+    has none (e.g. a DDP parent: the workers validated)."""
     metrics = getattr(trainer, "metrics", None)
     if not metrics or MAP50_95_KEY not in metrics:  # e.g. DDP parent: the workers validated
         metrics = {}
@@ -143,28 +164,36 @@ def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
 
                 metrics = torch_load(ckpt_path, map_location="cpu", weights_only=False).get("train_metrics") or {}
                 break
-    m95, m50 = metrics.get(MAP50_95_KEY), metrics.get(MAP50_KEY)
-    return (None if m95 is None else float(m95)), (None if m50 is None else float(m50))
+    return metrics
 
 
-def run_training(trainer_cls: type, mode: str, model: Any, data: Any, train: TrainOptions, run: RunOptions, *,
-                 extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, data: Any, train: TrainOptions,
+                 run: RunOptions, *, extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
                  ) -> tuple[Any, TrainResult]:
     """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
 
     ``train`` gives epochs, imgsz, batch, workers, device and seed; ``run`` the run folder, ``resume`` and ``verbose``.
 
+    ``trainer_cls`` is one trainer class, or one per task (``{"detect": ..., "segment": ...}``): the class of the
+    model's task is used, read from the checkpoint (its head), so a task needs no option.
     ``extra`` are trainer-specific options (e.g. ``sr``) that the trainer itself pops from its overrides.
     Returns the trainer and a :class:`TrainResult` (the caller adds what is specific to its trainer).
     """
     train_args = dict(train_args or {})
     _check_train_args(train_args, model)
+    tasks = DETECT if isinstance(trainer_cls, type) else tuple(trainer_cls)  # one class: a detection trainer
     if run.resume:
-        overrides = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
+        overrides, task = _resume_overrides(model, data, run.resume, run.project, mode, run.name)
     else:
-        overrides = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz, batch=train.batch,
-                                       seed=train.seed, project=run.project, name=run.name, exist_ok=run.exist_ok,
-                                       extra=extra)
+        overrides, task = _new_run_overrides(model, data, mode, epochs=train.epochs, imgsz=train.imgsz,
+                                             batch=train.batch, seed=train.seed, project=run.project, name=run.name,
+                                             exist_ok=run.exist_ok, extra=extra, tasks=tasks)
+    trainer_cls = _pick_trainer(trainer_cls, task)
     if train.device is not None:
         overrides["device"] = str(train.device)
     overrides["workers"] = train.workers
@@ -182,23 +211,30 @@ def run_training(trainer_cls: type, mode: str, model: Any, data: Any, train: Tra
 
 
 def _resume_overrides(model: Any, data: Any, resume: Any, project: str | Path | None, mode: str,
-                      name: str | None) -> dict[str, Any]:
-    """Overrides that continue the interrupted run whose ``last.pt`` :func:`_find_resume_checkpoint` finds."""
+                      name: str | None) -> tuple[dict[str, Any], str]:
+    """Overrides that continue the interrupted run whose ``last.pt`` :func:`_find_resume_checkpoint` finds, and the
+    task of its model."""
     last = _find_resume_checkpoint(model, resume, project, mode, name)
     save_dir = last.resolve().parent.parent  # where last.pt is now, even if the run folder was moved
+    task = checkpoint_task(last)
     return {"model": str(last), "resume": str(last), "save_dir": str(save_dir), "plots": False,
-            "data": _resume_data(last) if data is None else resolve_data_yaml(data)}
+            "data": _resume_data(last) if data is None else resolve_data_yaml(data, task)}, task
 
 
 def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: int, batch: int, seed: int,
                        project: str | Path | None, name: str | None, exist_ok: bool,
-                       extra: dict[str, Any] | None) -> dict[str, Any]:
-    """Overrides of a new run; checks the model and data first, then creates the run folder (and ``input.pt``)."""
+                       extra: dict[str, Any] | None, tasks: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """Overrides of a new run and the model's task; checks the model and data first, then creates the run folder
+    (and ``input.pt``)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise UsageError(f"epochs must be a positive integer, got {epochs!r}")
-    model_path = _check_model_path(model) if isinstance(model, (str, Path)) else None
-    module = as_detection_model(model) if model_path is None else None
-    data_yaml = resolve_data_yaml(data)
+    model_path, module = None, None
+    if isinstance(model, (str, Path)):
+        model_path, task = _check_model_path(model, tasks)
+    else:
+        module = as_detection_model(model, tasks=tasks)
+        task = model_task(module)
+    data_yaml = resolve_data_yaml(data, task)
     save_dir = run_dir(project, mode, name, exist_ok=exist_ok).resolve()
     if module is not None:
         model_path = str(save_input_checkpoint(module, save_dir / "weights" / "input.pt"))
@@ -221,12 +257,12 @@ def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: 
         # on a 200-image dataset, too few for a pruned model to recover (BENCHMARKS.md section 7); nbs=64 in
         # train_args restores it. (batch -1 / a fraction means autobatch: ultralytics' own nbs then.)
         overrides["nbs"] = batch
-    return overrides
+    return overrides, task
 
 
 def _train_result(trainer: Any, mode: str) -> TrainResult:
     """The common outcome of a finished run: checkpoints, epochs, final mAP of ``best.pt``, the teacher if any."""
-    map50_95, map50 = _final_metrics(trainer)
+    metrics = _final_metrics(trainer)
     teacher = getattr(trainer.args, "teacher", None)
     return TrainResult(
         mode=mode,
@@ -234,8 +270,10 @@ def _train_result(trainer: Any, mode: str) -> TrainResult:
         best=Path(trainer.best) if Path(trainer.best).is_file() else None,
         last=Path(trainer.last) if Path(trainer.last).is_file() else None,
         epochs=int(trainer.epochs),
-        map50_95=map50_95,
-        map50=map50,
+        map50_95=_metric(metrics, MAP50_95_KEY),
+        map50=_metric(metrics, MAP50_KEY),
+        mask_map50_95=_metric(metrics, "metrics/mAP50-95(M)"),
+        pose_map50_95=_metric(metrics, "metrics/mAP50-95(P)"),
         teacher=teacher,
         distill=getattr(trainer.args, "distill", None) if teacher else None,
     )

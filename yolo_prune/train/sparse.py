@@ -38,6 +38,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -56,6 +59,10 @@ from ..pruning.importance import METHODS
 from ..options import SCHEMA, choices
 
 __all__ = [
+    "SPARSE_TRAINERS",
+    "SparseOBBTrainer",
+    "SparsePoseTrainer",
+    "SparseSegmentTrainer",
     "SparseTrainer",
     "sparse_train",
     "SPARSE_DEFAULTS",
@@ -401,6 +408,24 @@ class SparseTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, Detecti
         write_json(path, data)
 
 
+# The other tasks over ultralytics' task trainers (see yolo_prune.train.finetune); module-level for DDP.
+class SparseSegmentTrainer(SparseTrainer, SegmentationTrainer):
+    """:class:`SparseTrainer` for segmentation models (ultralytics ``SegmentationTrainer``)."""
+
+
+class SparsePoseTrainer(SparseTrainer, PoseTrainer):
+    """:class:`SparseTrainer` for pose models (ultralytics ``PoseTrainer``)."""
+
+
+class SparseOBBTrainer(SparseTrainer, OBBTrainer):
+    """:class:`SparseTrainer` for oriented-box models (ultralytics ``OBBTrainer``)."""
+
+
+#: The sparsity trainer of each task (the task is read from the checkpoint, see :func:`run_training`).
+SPARSE_TRAINERS: dict[str, type] = {"detect": SparseTrainer, "segment": SparseSegmentTrainer,
+                                    "pose": SparsePoseTrainer, "obb": SparseOBBTrainer}
+
+
 def check_sparse_options(options: dict[str, Any]) -> dict[str, Any]:
     """Validate (and normalise) the sparsity options; :class:`UsageError` on a bad value. Returns them."""
     o = dict(options)
@@ -509,7 +534,7 @@ def sparse_train(model: Any, data: Any, *options: Options, **overrides: Any) -> 
              "max_layer_ratio": p.max_layer_ratio, "round_to": p.round_to, "portable": p.portable}
     check_sparse_options(extra)
     extra.update(distill_options(**s.distill.to_dict()))
-    trainer, result = run_training(SparseTrainer, "sparse", model, data, s.train, s.run, extra=extra,
+    trainer, result = run_training(SPARSE_TRAINERS, "sparse", model, data, s.train, s.run, extra=extra,
                                    train_args=train_args)
     return _sparse_result(result, trainer.args)
 
