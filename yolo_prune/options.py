@@ -285,6 +285,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "table is measured on INT8 kernels of `runtime` and the pruned model is verified as an INT8 export; auto (the "
           "demo's setting, demo only): True with runtime=openvino when openvino and nncf are installed, else False",
           "latency", choices=(True, False, "auto"), modes=_PRUNE | {"export"}),
+        K("qat_epochs", 0, "int", "mode=export with int8=True: quantization-aware training first, for N epochs of "
+          "ultralytics' loop on data's train split with NNCF fake-quantizers (pruned shapes kept; the run folder is "
+          "<export folder>/qat; batch, workers, device and ultralytics train keys such as lr0 apply), then the trained "
+          "model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); 0: post-training quantization only",
+          "export", lo=0, modes=frozenset({"export"})),
     )),
 )
 

@@ -118,12 +118,12 @@ def quantize_onnx(src: str | Path, dst: str | Path, images: np.ndarray, *, head:
     out = onnx.load(str(dst))
     del out.metadata_props[:]
     for prop in model.metadata_props:
-        out.metadata_props.add(key=prop.key, value=_int8_args(prop.value) if prop.key == "args" else prop.value)
+        out.metadata_props.add(key=prop.key, value=int8_args(prop.value) if prop.key == "args" else prop.value)
     onnx.save(out, str(dst))
     return dst
 
 
-def _int8_args(text: str) -> str:
+def int8_args(text: str) -> str:
     """ultralytics' export args (a dict literal in the ONNX metadata) with ``quantize: 8``."""
     try:
         args = ast.literal_eval(text)
