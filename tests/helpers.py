@@ -200,3 +200,37 @@ jobs = json.loads(sys.argv[1])
 x = torch.load(jobs["x"])
 image = np.load(jobs["image"])
 '''
+
+
+def task_widths(model: nn.Module | str | Path) -> dict[str, int]:
+    """Output width of every conv that leaves the head (of a model or a checkpoint): each branch's last conv (box,
+    class, the task's), Proto's prototypes and Proto26's semantic classes."""
+    if isinstance(model, (str, Path)):
+        from ultralytics.nn.tasks import load_checkpoint
+
+        model = load_checkpoint(model)[0]
+    head = model.model[-1]
+    widths = {}
+    for name in HEAD_OUTPUTS:
+        for k, branch in enumerate(getattr(head, name, None) or []):
+            last = branch[-1] if isinstance(branch, nn.Sequential) else branch
+            if type(last) is nn.Conv2d:
+                widths[f"{name}.{k}"] = last.out_channels
+    proto = getattr(head, "proto", None)
+    if proto is not None:
+        widths["proto.cv3"] = proto.cv3.conv.out_channels
+        if getattr(proto, "semseg", None) is not None:
+            widths["proto.semseg"] = proto.semseg[-1].out_channels
+    return widths
+
+
+def bn_from_images(model: torch.nn.Module, images: "np.ndarray") -> torch.nn.Module:
+    """BatchNorm statistics measured on ``images`` (cumulative average), so every layer passes its input on."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+    return model.eval()

@@ -25,7 +25,7 @@ from yolo_prune.errors import UsageError
 from yolo_prune.evaluate import evaluate
 from yolo_prune.quantize import calibration_images, quantize_onnx
 
-from .helpers import NC, randomize_bn
+from .helpers import NC, bn_from_images, randomize_bn
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -46,18 +46,6 @@ def _pruned(yaml: str) -> torch.nn.Module:
     return prune(model, method="l1", ratio=0.3, imgsz=64, save=False).model.model
 
 
-def _bn_from_images(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
-    """BatchNorm statistics measured on ``images`` (cumulative average), so every layer passes its input on."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def images(synthetic) -> np.ndarray:
     """The calibration images the exports use (same data, count, size and seed)."""
@@ -67,7 +55,7 @@ def images(synthetic) -> np.ndarray:
 @pytest.fixture(scope="module", params=["yolov8n.yaml", "yolo11n.yaml"])
 def exports(request, synthetic, images, tmp_path_factory):
     """FP32 ONNX and INT8 ONNX and OpenVINO exports of one pruned random-init family."""
-    model = _bn_from_images(_pruned(request.param), images)
+    model = bn_from_images(_pruned(request.param), images)
     out = tmp_path_factory.mktemp("int8")
     found = {"family": request.param, "onnx": export_model(model, format="onnx", imgsz=IMGSZ, save_dir=out)}
     for fmt in ("onnx", "openvino"):

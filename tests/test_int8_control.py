@@ -20,6 +20,8 @@ from yolo_prune.deploy import export_model
 from yolo_prune.evaluate import ValSample, evaluate
 from yolo_prune.quantize import calibration_images, quantize_openvino
 
+from .helpers import bn_from_images
+
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytestmark = pytest.mark.usefixtures("data_cache")
@@ -38,19 +40,7 @@ def _tiny_pruned(images: np.ndarray) -> torch.nn.Module:
 
     torch.manual_seed(0)
     model = DetectionModel(TINY, nc=3, verbose=False)
-    return _bn_from_images(prune(model, method="l1", ratio=0.3, imgsz=IMGSZ, save=False).model.model, images)
-
-
-def _bn_from_images(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
-    """BatchNorm statistics measured on ``images``, so every layer passes its input on."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    return model.eval()
+    return bn_from_images(prune(model, method="l1", ratio=0.3, imgsz=IMGSZ, save=False).model.model, images)
 
 
 def _openvino_run(folder, config: dict | None = None):

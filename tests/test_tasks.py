@@ -29,7 +29,7 @@ from yolo_prune.models import load_model, pickled_modules
 from yolo_prune.pruning import build_graph, prepare, prune_model
 from yolo_prune.stats import count_macs
 
-from .helpers import BLOCKED_JOBS, HEAD_OUTPUTS, random_detection_model, read_csv, subprocess_env, zero_channels
+from .helpers import BLOCKED_JOBS, random_detection_model, read_csv, subprocess_env, task_widths, zero_channels
 
 NC = 3
 IMGSZ = 128
@@ -63,24 +63,6 @@ def outputs(model: nn.Module, x: torch.Tensor = X) -> list[torch.Tensor]:
     model.eval()
     with torch.no_grad():
         return tensors(model(x))
-
-
-def task_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv that leaves the head: each branch's last conv (box, class, the task's), Proto's
-    prototypes and Proto26's semantic classes."""
-    head = model.model[-1]
-    widths = {}
-    for name in HEAD_OUTPUTS:
-        for k, branch in enumerate(getattr(head, name, None) or []):
-            last = branch[-1] if isinstance(branch, nn.Sequential) else branch
-            if type(last) is nn.Conv2d:
-                widths[f"{name}.{k}"] = last.out_channels
-    proto = getattr(head, "proto", None)
-    if proto is not None:
-        widths["proto.cv3"] = proto.cv3.conv.out_channels
-        if getattr(proto, "semseg", None) is not None:
-            widths["proto.semseg"] = proto.semseg[-1].out_channels
-    return widths
 
 
 def hidden_widths(model: nn.Module) -> dict[str, int]:

@@ -34,28 +34,10 @@ from yolo_prune.train import (FinetuneSegmentTrainer, FinetuneTrainer, KeepArchi
                               SparseTrainer, finetune, sparse_train, trainer_for)
 from yolo_prune.train.distill import DistillMixin
 
-from .helpers import FAST, HEAD_OUTPUTS, random_detection_model, read_csv, shapes
+from .helpers import FAST, random_detection_model, read_csv, shapes, task_widths
 
 CFGS = {"segment": "yolo11n-seg.yaml", "pose": "yolo11n-pose.yaml", "obb": "yolo11n-obb.yaml"}
 ULTRALYTICS = {"detect": DetectionTrainer, "segment": SegmentationTrainer, "pose": PoseTrainer, "obb": OBBTrainer}
-
-
-def head_widths(model_or_path) -> dict[str, int]:
-    """Output width of the head's last conv of every branch (box, class, the task's) and of the prototypes."""
-    if isinstance(model_or_path, (str, Path)):
-        from ultralytics.nn.tasks import load_checkpoint
-
-        model_or_path = load_checkpoint(model_or_path)[0]
-    head = model_or_path.model[-1]
-    widths = {}
-    for name in HEAD_OUTPUTS:
-        for k, branch in enumerate(getattr(head, name, None) or []):
-            last = branch[-1] if isinstance(branch, nn.Sequential) else branch
-            if type(last) is nn.Conv2d:
-                widths[f"{name}.{k}"] = last.out_channels
-    if getattr(head, "proto", None) is not None:
-        widths["proto"] = head.proto.cv3.conv.out_channels
-    return widths
 
 
 def pose_model(cfg: str) -> nn.Module:
@@ -117,8 +99,8 @@ def test_task_yaml_with_pretrained_detector_builds_the_task_model(task_data, tmp
 def test_finetune_keeps_the_pruned_shapes_and_task_outputs(task, pruned, task_data, tmp_path):
     res = finetune(str(pruned[task]), str(task_data[task]), epochs=1, project=tmp_path, name="ft", **FAST)
     assert shapes(res.last) == shapes(pruned[task]) == shapes(res.best)
-    widths = head_widths(pruned[task])
-    assert widths == head_widths(res.last) and any(k.startswith("cv4.") for k in widths)  # keypoints / angle
+    widths = task_widths(pruned[task])
+    assert widths == task_widths(res.last) and any(k.startswith("cv4.") for k in widths)  # keypoints / angle
     rows = read_csv(res.save_dir / "results.csv")
     assert len(rows) == 1 and float(rows[0]["metrics/mAP50-95(B)"]) >= 0
     key = "metrics/mAP50-95(P)" if task == "pose" else "train/box_loss"
@@ -157,8 +139,8 @@ def seg_run(pruned, task_data, tmp_path_factory) -> Path:
 def test_distilled_seg_finetune_resumes_with_its_shapes(seg_run, pruned):
     weights = seg_run / "weights"
     assert shapes(weights / "last.pt") == shapes(pruned["segment"]) == shapes(weights / "best.pt")
-    widths = head_widths(pruned["segment"])
-    assert widths == head_widths(weights / "best.pt") and widths["proto"] == 32 and widths["cv4.0"] == 32
+    widths = task_widths(pruned["segment"])
+    assert widths == task_widths(weights / "best.pt") and widths["proto.cv3"] == 32 and widths["cv4.0"] == 32
     rows = read_csv(seg_run / "results.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # continued after the saved epoch
     assert all(float(r["train/kd_loss"]) > 0 and float(r["train/seg_loss"]) > 0 for r in rows)  # KD beside the task
@@ -169,7 +151,7 @@ def test_sparse_training_of_a_seg_model(pruned, task_data, tmp_path):
     res = sparse_train(str(pruned["segment"]), str(task_data["segment"]), epochs=1, sr=0.05, project=tmp_path,
                        name="sp", **FAST)
     assert shapes(res.last) == shapes(pruned["segment"])
-    assert head_widths(res.last) == head_widths(pruned["segment"])
+    assert task_widths(res.last) == task_widths(pruned["segment"])
     assert res.gamma_mean_after < res.gamma_mean_before and res.gamma_zero_after > 0
     assert res.mask_map50_95 is not None and "mask_map50_95" in str(res)  # the task's mAP beside the boxes'
     assert "sparsity/free_macs" in read_csv(res.save_dir / "results.csv")[0]
