@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -193,6 +194,7 @@ sys.meta_path.insert(0, NoYoloPrune())
 BLOCKED_JOBS = BLOCKED + r'''
 import json
 import numpy as np
+import numpy as np
 import torch
 from ultralytics import YOLO
 
@@ -224,7 +226,7 @@ def task_widths(model: nn.Module | str | Path) -> dict[str, int]:
     return widths
 
 
-def bn_from_images(model: torch.nn.Module, images: "np.ndarray") -> torch.nn.Module:
+def bn_from_images(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
     """BatchNorm statistics measured on ``images`` (cumulative average), so every layer passes its input on."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
