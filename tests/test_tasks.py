@@ -24,7 +24,7 @@ from torch import nn
 
 import yolo_prune as yp
 from yolo_prune import cli
-from yolo_prune.errors import ModelLoadError, UsageError
+from yolo_prune.errors import ModelLoadError
 from yolo_prune.models import load_model, pickled_modules
 from yolo_prune.pruning import build_graph, prepare, prune_model
 from yolo_prune.stats import count_macs
@@ -292,8 +292,7 @@ def test_unsupported_heads_are_refused_by_name_before_any_work(cfg, head, tmp_pa
 
 
 def test_other_steps_refuse_task_models_in_one_line(tmp_path, capsys):
-    """Stages that do not handle a task yet (sensitivity, sparsify, latency targets...) say so, a yaml too;
-    ``validate=True`` too."""
+    """Stages that do not handle a task yet (sparsify, qat...) say so, a yaml too."""
     with pytest.raises(ModelLoadError, match=r"segment model; this step takes detection models only") as e:
         load_model("yolo11n-seg.yaml")
     assert "\n" not in str(e.value)
@@ -302,6 +301,3 @@ def test_other_steps_refuse_task_models_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "obb model; this step takes detection models only" in err, err
     assert not (tmp_path / "f").exists()
-    with pytest.raises(UsageError, match="validate=True measures detection mAP"):
-        yp.prune(base("yolo11n-pose.yaml"), data="unused.yaml", validate=True, project=tmp_path, name="v")
-    assert not (tmp_path / "v").exists()

@@ -11,6 +11,7 @@ group of a task model, head branches included.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -74,3 +75,19 @@ def test_latency_target_prunes_task_models(task, tmp_path):
     assert head_output_widths(pruned) == head_output_widths(dense)
     assert all(w == task_width(dense) for w in head_output_widths(pruned)[:3])
     assert output_shapes(pruned) == output_shapes(dense)
+
+
+def test_prune_validate_reports_box_and_task_metrics(synthetic_task, tmp_path):
+    """``validate=True`` on a segmentation model: box and mask mAP before and after, in the result, report.json
+    and report.md."""
+    data = synthetic_task("segment") / "yolo.yaml"
+    res = prune(random_detection_model(CFGS["segment"], 3), data=str(data), validate=True, target_macs=0.6,
+                imgsz=IMGSZ, batch=4, project=tmp_path, name="v")
+    assert res.task_metric == "mask" and res.map50_95_before is not None and res.map50_95_after is not None
+    for v in (res.task_map50_95_before, res.task_map50_95_after, res.task_map50_before, res.task_map50_after):
+        assert isinstance(v, float) and 0.0 <= v <= 1.0
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert report["task_metric"] == "mask" and report["task_map50_95_after"] == res.task_map50_95_after
+    md = (tmp_path / "v" / "report.md").read_text()
+    assert "mask mAP50-95" in md and "mAP50-95" in md
+    assert res.macs_ratio < 0.7
