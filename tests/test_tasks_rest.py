@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
 from yolo_prune.latency import build_table
+from yolo_prune.pruning.sensitivity import detection_distance
 from yolo_prune.stages.prune import prune
+from yolo_prune.stages.sensitivity import sensitivity
 
-from .helpers import random_detection_model
+from .helpers import random_detection_model, read_csv
 
 CFGS = {"segment": "yolo11n-seg.yaml", "pose": "yolo11n-pose.yaml", "obb": "yolo11n-obb.yaml"}
 FAST = dict(points=2, runs=1, warmup=0, dense_runs=2, calibrate=0)
@@ -91,3 +94,32 @@ def test_prune_validate_reports_box_and_task_metrics(synthetic_task, tmp_path):
     md = (tmp_path / "v" / "report.md").read_text()
     assert "mask mAP50-95" in md and "mAP50-95" in md
     assert res.macs_ratio < 0.7
+
+
+def test_sensitivity_measures_task_models(synthetic_task, tmp_path):
+    """``sensitivity`` on a segmentation model: every group is measured, the head's mask branches (cv4) and
+    Proto included, and their removal counts in the proxy (mask coefficients and prototypes are scored beside
+    boxes and classes); the csv lists them."""
+    data = synthetic_task("segment") / "yolo.yaml"
+    res = sensitivity(random_detection_model(CFGS["segment"], 3), str(data), imgsz=IMGSZ, calib_images=4,
+                      ratios=(0.5,), project=tmp_path, name="s")
+    losses = {g.name: g.losses[0] for g in res.groups}
+    assert all(v >= 0 and math.isfinite(v) for v in losses.values())
+    task_groups = [n for n in losses if ".cv4." in n or ".proto." in n]
+    assert task_groups and all(losses[n] > 0 for n in task_groups)
+    assert {row["group"] for row in read_csv(res.csv)} == set(losses)
+
+
+def test_distance_scores_task_channels_and_prototypes():
+    """The proxy: box and class channels as before; mask coefficients / keypoints / angles and prototypes add
+    their relative error."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.cat([torch.rand(2, 4, 50, generator=g) * 64, torch.rand(2, 3, 50, generator=g),
+                     torch.randn(2, 5, 50, generator=g)], 1)
+    moved = ref.clone()
+    moved[:, 7:] += 1.0
+    assert detection_distance([ref], [ref.clone()], extras=5) == 0.0
+    assert detection_distance([ref], [moved], extras=5) > 0.5
+    assert detection_distance([ref[:, :7]], [moved[:, :7]]) == 0.0
+    proto = torch.randn(2, 5, 8, 8, generator=g)
+    assert detection_distance([[ref, proto]], [[ref, proto * 0.5]], extras=5) == pytest.approx(0.5)

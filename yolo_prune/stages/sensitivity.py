@@ -21,6 +21,7 @@ import torch
 from ..data import resolve_data
 from ..errors import UsageError
 from ..evaluate import evaluate
+from ..forms import PRUNABLE_TASKS
 from ..io import run_dir, write_json, write_text
 from ..logs import Progress, progress_output
 from ..models import load_model, wrap_model
@@ -162,7 +163,7 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
 
     t0, c0 = time.perf_counter(), time.process_time()
     with progress_output(progress):
-        yolo = load_model(model)
+        yolo = load_model(model, tasks=PRUNABLE_TASKS)
         net = copy.deepcopy(yolo.model).float().cpu().eval()
         for p in net.parameters():
             p.requires_grad_(True)  # torch-pruning traces the graph through autograd
