@@ -9,7 +9,9 @@ then scored on calibration images, restarting the forward pass at the first laye
 
 The score (:func:`detection_distance`) is an output-distortion proxy of detection quality, measured against
 the dense model's decoded head output: the class-probability difference at every anchor, weighted by how
-confident either model is there, plus ``1 - IoU`` of the boxes weighted by the dense model's confidence.
+confident either model is there, plus ``1 - IoU`` of the boxes weighted by the dense model's confidence; for a
+segmentation, pose or OBB model, plus the relative L1 error of its task channels (mask coefficients, keypoints,
+angle; confidence-weighted) and of Segment's prototypes.
 ``bench/accuracy.py`` checks it against real mAP (rank correlation).
 
 :func:`sensitivity_curves` gives the per-group curves used by ``allocation=sensitivity`` (:mod:`.schedule`);

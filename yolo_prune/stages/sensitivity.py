@@ -6,6 +6,10 @@ For every prunable channel group, the degradation when that group alone loses 25
 group; ``prune allocation=sensitivity sensitivity=.../sensitivity.csv`` reuses it) and ``sensitivity.png``
 (heatmap). With ``validate=k``, k groups spread over the loss range are also pruned for real at ratio 0.5 and
 validated (COCO mAP on the val split), and the rank correlation between proxy and mAP drop is reported.
+
+Segmentation, pose and OBB models are measured alike: the proxy adds the relative error of the task's channels
+(mask coefficients, keypoints, angle) and of Segment's prototypes, so their head branches (``cv4``, ``Proto``) are
+scored too; ``validate=k`` compares it with the drop of box mAP50-95 (the detection part every task has).
 """
 
 from __future__ import annotations
