@@ -85,7 +85,7 @@ def test_prune_validate_reports_box_and_task_metrics(synthetic_task, tmp_path):
     and report.md."""
     data = synthetic_task("segment") / "yolo.yaml"
     res = prune(random_detection_model(CFGS["segment"], 3), data=str(data), validate=True, target_macs=0.6,
-                imgsz=IMGSZ, batch=4, project=tmp_path, name="v")
+                method="l1", calib_images=0, imgsz=IMGSZ, batch=4, project=tmp_path, name="v")
     assert res.task_metric == "mask" and res.map50_95_before is not None and res.map50_95_after is not None
     for v in (res.task_map50_95_before, res.task_map50_95_after, res.task_map50_before, res.task_map50_after):
         assert isinstance(v, float) and 0.0 <= v <= 1.0
