@@ -225,8 +225,9 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     The input is never modified. With ``save`` the run folder ``project/name`` (default ``runs/prune/prune``) receives
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured before and after
-    (COCO evaluation: box mAP; a segment, pose or obb model's mask, pose or obb mAP beside it). With ``data``, ``calib_images`` train images are used by ``method=activation|recon``, by
-    ``compensate`` (``lstsq_seq``, ``lstsq``, ``mean``, ``none``) and by ``recalibrate`` (BN statistics re-estimated
+    (COCO evaluation: box mAP; a segment, pose or obb model's mask, pose or obb mAP beside it). With ``data``,
+    ``calib_images`` train images are used by ``method=activation|recon``, by ``compensate`` (``lstsq_seq``,
+    ``lstsq``, ``mean``, ``none``) and by ``recalibrate`` (BN statistics re-estimated
     afterwards; with ``validate`` the report also gives the mAP before it). ``allocation`` spreads the removal over
     the channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring.
 
