@@ -178,8 +178,8 @@ def _check_detection(net: Any, given: Any, what: str, tasks: tuple[str, ...]) ->
 def task_scope(tasks: tuple[str, ...]) -> str:
     """What a step that takes models of ``tasks`` says to a model of another task."""
     if tuple(tasks) == DETECT:
-        return ("this step takes detection models only (prune, sparse, finetune, val, pipeline, bench and export also "
-                "take segmentation, pose and OBB models)")
+        return ("this step takes detection models only (prune with validate or latency targets, sensitivity, sparse, "
+                "finetune, val, pipeline, bench and export also take segmentation, pose and OBB models)")
     return "yolo-prune prunes detection, segmentation, pose and OBB models"
 
 

@@ -1,4 +1,5 @@
-"""A latency model of a detection model on a CPU runtime, measured on this machine (HALP-style lookup tables).
+"""A latency model of a detection (or segmentation, pose, OBB) model on a CPU runtime, measured on this machine
+(HALP-style lookup tables).
 
 ``T_conv`` is a lookup table per prunable convolution (HALP-style): the conv alone, as the exporters emit it
 (BatchNorm folded into the conv, bias, SiLU), as a tiny model on the runtime at its real input resolution,
@@ -20,9 +21,12 @@ runtime's per-node profile are counted (:class:`ConvBench`). What remains (cache
 
 ``scale`` and ``fixed`` are fitted on the dense model and a few randomly pruned variants, measured whole
 (:func:`calibrate_table`); ``fixed`` is everything pruning cannot change (the Detect head's DFL softmax and box
-decoding, its fixed output convs, concatenations, upsampling, per-call overhead), set so that the dense model is
-predicted exactly. :func:`validate_table` checks the model on other random variants (predicted against measured
-latency, with and without the calibration).
+decoding, its fixed output convs, concatenations, upsampling, per-call overhead; a Segment head's mask assembly
+and a Pose or OBB head's keypoint / angle decoding), set so that the dense model is predicted exactly. The task
+branches a head adds (``cv4`` on every scale, Segment's ``Proto``) are prunable convs of the table like the
+others; Proto's upsampling (a 2x2 stride-2 transposed conv) is timed as the 2x2 stride-2 conv of equal MACs.
+:func:`validate_table` checks the model on other random variants (predicted against measured latency, with and
+without the calibration).
 
 Timing: interleaved rounds, medians. ``clock="auto"`` uses the process CPU time with one thread (equal to the
 latency of a quiet machine, and stable while other processes share the cores) and the wall clock with more.

@@ -23,7 +23,7 @@ from ..errors import UsageError
 from ..logs import LOGGER, Progress
 from ..pruning.graph import build_graph, prepare
 from ..quantize import quantize_export
-from ..forms import as_detection_model
+from ..forms import PRUNABLE_TASKS, as_detection_model
 from ..stats import input_channels
 from .convs import ConvSpec, architecture_hash, conv_specs
 from .measure import NOISY, measure_conv, pool_quanta, probe_quanta
@@ -34,8 +34,9 @@ _BACKEND = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}  # 
 
 
 def dense_model(model: Any) -> nn.Module:
-    """An FP32 eval copy of ``model`` as given (the reference users deploy)."""
-    return copy.deepcopy(as_detection_model(model)).float().cpu().eval()
+    """An FP32 eval copy of ``model`` as given (the reference users deploy): a detection, segmentation, pose or
+    OBB model."""
+    return copy.deepcopy(as_detection_model(model, tasks=PRUNABLE_TASKS)).float().cpu().eval()
 
 
 def prepared_model(model: Any) -> nn.Module:

@@ -60,9 +60,12 @@ def top_level_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def head_output(y: Any) -> torch.Tensor:
-    """The decoded predictions ``(batch, 4 + nc, anchors)`` of a Detect output in eval mode."""
+def head_output(y: Any) -> torch.Tensor | list[torch.Tensor]:
+    """The decoded predictions ``(batch, 4 + nc [+ task channels], anchors)`` of a Detect-like output in eval mode;
+    a Segment head's as ``[predictions, prototypes (batch, nm, h, w)]``."""
     while isinstance(y, (tuple, list)):
+        if len(y) == 2 and all(isinstance(t, torch.Tensor) for t in y) and y[0].ndim == 3 and y[1].ndim == 4:
+            return list(y)  # Segment: ((predictions, prototypes), raw)
         y = y[0]
     if isinstance(y, dict):
         y = next(iter(y.values()))
@@ -114,7 +117,7 @@ class ForwardCache:
             head = layers[-1]
             handles = [branch.register_forward_hook(self._keep(attr, k)) for attr, k, branch in head_branches(head)]
             try:
-                self.head = [head_output(head(to_float(x))).float()
+                self.head = [to_float(head_output(head(to_float(x))))
                              for x in layer_input(head, len(layers) - 1, self.outputs)]
             finally:
                 for h in handles:
@@ -147,7 +150,7 @@ class ForwardCache:
                     out = []
                     for b, xb in enumerate(x):
                         current[0] = b
-                        out.append(head_output(layers[i](to_float(xb))).float())
+                        out.append(to_float(head_output(layers[i](to_float(xb)))))
                     return out
             if uses.get(i, -1) > i:
                 outputs[i] = [layers[i](to_float(b)) for b in x]

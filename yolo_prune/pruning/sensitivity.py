@@ -9,7 +9,9 @@ then scored on calibration images, restarting the forward pass at the first laye
 
 The score (:func:`detection_distance`) is an output-distortion proxy of detection quality, measured against
 the dense model's decoded head output: the class-probability difference at every anchor, weighted by how
-confident either model is there, plus ``1 - IoU`` of the boxes weighted by the dense model's confidence.
+confident either model is there, plus ``1 - IoU`` of the boxes weighted by the dense model's confidence; for a
+segmentation, pose or OBB model, plus the relative L1 error of its task channels (mask coefficients, keypoints,
+angle; confidence-weighted) and of Segment's prototypes.
 ``bench/accuracy.py`` checks it against real mAP (rank correlation).
 
 :func:`sensitivity_curves` gives the per-group curves used by ``allocation=sensitivity`` (:mod:`.schedule`);
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,24 +52,46 @@ def _box_iou_xywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (union - inter).clamp(min=1e-9)
 
 
-def detection_distance(reference: Sequence[torch.Tensor], output: Sequence[torch.Tensor]) -> float:
-    """Distortion of decoded detections ``(batch, 4 + nc, anchors)`` against the reference (0: identical).
+def detection_distance(reference: Sequence[Any], output: Sequence[Any], *, extras: int = 0) -> float:
+    """Distortion of decoded detections ``(batch, 4 + nc + extras, anchors)`` against the reference (0: identical).
 
     Class term: sum over classes of |p - q| per anchor, averaged with weights max(conf_ref, conf_out) (so both
     lost and spurious detections count, background anchors do not). Box term: 1 - IoU per anchor, averaged with
-    weights conf_ref.
+    weights conf_ref. A task model's ``extras`` channels (mask coefficients, keypoints, angle) add their relative
+    L1 error, weighted by conf_ref; a Segment head's prototypes (an item ``[predictions, prototypes]``) their
+    relative L1 error.
     """
-    num_c = den_c = num_b = den_b = 0.0
+    num = {"c": 0.0, "b": 0.0, "t": 0.0, "m": 0.0}
+    den = dict.fromkeys(num, 0.0)
     for ref, out in zip(reference, output):
-        p, q = ref[:, 4:].float(), out[:, 4:].float()
+        if isinstance(ref, (list, tuple)):  # Segment: the prototypes
+            (ref, proto_r), (out, proto_o) = ref, out
+            num["m"] += float((proto_r.float() - proto_o.float()).abs().sum())
+            den["m"] += float(proto_r.float().abs().sum())
+        nc = ref.shape[1] - 4 - extras if ref.shape[1] - 4 - extras > 0 else ref.shape[1] - 4
+        p, q = ref[:, 4:4 + nc].float(), out[:, 4:4 + nc].float()
         conf_p, conf_q = p.amax(1), q.amax(1)
         w = torch.maximum(conf_p, conf_q)
-        num_c += float((w * (p - q).abs().sum(1)).sum())
-        den_c += float(w.sum())
+        num["c"] += float((w * (p - q).abs().sum(1)).sum())
+        den["c"] += float(w.sum())
         iou = _box_iou_xywh(ref[:, :4].float(), out[:, :4].float())
-        num_b += float((conf_p * (1 - iou)).sum())
-        den_b += float(conf_p.sum())
-    return num_c / max(den_c, 1e-12) + num_b / max(den_b, 1e-12)
+        num["b"] += float((conf_p * (1 - iou)).sum())
+        den["b"] += float(conf_p.sum())
+        if ref.shape[1] > 4 + nc:
+            t_r, t_o = ref[:, 4 + nc:].float(), out[:, 4 + nc:].float()
+            num["t"] += float((conf_p * (t_r - t_o).abs().mean(1)).sum())
+            den["t"] += float((conf_p * t_r.abs().mean(1)).sum())
+    return sum(num[k] / max(den[k], 1e-12) for k in num)
+
+
+def task_channels(model: nn.Module) -> int:
+    """Channels a task head adds to the decoded predictions after box and classes: mask coefficients (Segment),
+    keypoint values (Pose), angles (OBB); 0 for Detect."""
+    head = model.model[-1]
+    for attr in ("nm", "nk", "ne"):
+        if isinstance(getattr(head, attr, None), int):
+            return int(getattr(head, attr))
+    return 0
 
 
 class ConvGrams:
@@ -171,6 +195,7 @@ class Probe:
         self.grams = (grams or ConvGrams(model, images, seed=seed, progress=progress)) if compensate else None
         self.bns = bn_after(model)
         self.names = graph.names
+        self.extras = task_channels(model)
 
     @torch.no_grad()
     def apply(self, plans: Sequence[tuple[ChannelGroup, list[int]]]) -> tuple[list, int]:
@@ -226,7 +251,7 @@ class Probe:
             out = self.cache.run_from(self.model, start, changed=changed)
         finally:
             self.undo(record)
-        return detection_distance(self.cache.head, out)
+        return detection_distance(self.cache.head, out, extras=self.extras)
 
 
 def measure_sensitivity(probe: Probe, scored: Sequence[tuple[ChannelGroup, torch.Tensor]], *,

@@ -63,6 +63,12 @@ class PruneResult(Result):
     map50_95_after: float | None = None
     map50_before: float | None = None
     map50_after: float | None = None
+    # with validate, a segment / pose / obb model's own metric (mask, pose or obb mAP) beside the box mAP above
+    task_metric: str | None = None
+    task_map50_95_before: float | None = None
+    task_map50_95_after: float | None = None
+    task_map50_before: float | None = None
+    task_map50_after: float | None = None
     threshold: float | None = None  # channels whose coupled gammas were all below it went first, for free
     macs_ratio_free: float | None = None  # conv MACs fraction right after that free removal
     channels_free: int | None = None  # channels it removed
@@ -103,6 +109,9 @@ class PruneResult(Result):
         if self.map50_95_before is not None:
             rows.append(row("mAP50-95", self.map50_95_before, self.map50_95_after))
             rows.append(row("mAP50", self.map50_before, self.map50_after))
+        if self.task_metric is not None:
+            rows.append(row(f"{self.task_metric} mAP50-95", self.task_map50_95_before, self.task_map50_95_after))
+            rows.append(row(f"{self.task_metric} mAP50", self.task_map50_before, self.task_map50_after))
         if self.map50_95_no_recalibration is not None:
             rows.append(row("mAP50-95 without BN re-estimation", self.map50_95_before, self.map50_95_no_recalibration))
             rows.append(row("mAP50 without BN re-estimation", self.map50_before, self.map50_no_recalibration))
@@ -162,6 +171,11 @@ class PruneResult(Result):
             "map50_95_after": self.map50_95_after,
             "map50_before": self.map50_before,
             "map50_after": self.map50_after,
+            "task_metric": self.task_metric,
+            "task_map50_95_before": self.task_map50_95_before,
+            "task_map50_95_after": self.task_map50_95_after,
+            "task_map50_before": self.task_map50_before,
+            "task_map50_after": self.task_map50_after,
             "map50_95_no_recalibration": self.map50_95_no_recalibration,
             "map50_no_recalibration": self.map50_no_recalibration,
             "compensate": self.compensate,
@@ -211,8 +225,9 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     The input is never modified. With ``save`` the run folder ``project/name`` (default ``runs/prune/prune``) receives
     ``weights/pruned.pt`` (a normal ultralytics checkpoint), ``report.json`` and ``layers.csv``, and
     ``result.model`` is ``YOLO(".../pruned.pt")``. With ``validate`` and ``data``, mAP is measured before and after
-    (COCO evaluation). With ``data``, ``calib_images`` train images are used by ``method=activation|recon``, by
-    ``compensate`` (``lstsq_seq``, ``lstsq``, ``mean``, ``none``) and by ``recalibrate`` (BN statistics re-estimated
+    (COCO evaluation: box mAP; a segment, pose or obb model's mask, pose or obb mAP beside it). With ``data``,
+    ``calib_images`` train images are used by ``method=activation|recon``, by ``compensate`` (``lstsq_seq``,
+    ``lstsq``, ``mean``, ``none``) and by ``recalibrate`` (BN statistics re-estimated
     afterwards; with ``validate`` the report also gives the mAP before it). ``allocation`` spreads the removal over
     the channel groups; ``sensitivity`` is a ``sensitivity.csv`` to use instead of measuring.
 
@@ -254,7 +269,6 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
     with progress_output(progress):
         with timings("load"):
             yolo = load_model(model, tasks=PRUNABLE_TASKS)
-            _check_task(yolo.task, validate=validate and data is not None)
             if p.portable:
                 _check_portable(yolo.model, model)
             module = copy.deepcopy(yolo.model).float().cpu().eval()
@@ -329,13 +343,6 @@ def _save(result: PruneResult, yolo: Any, module: torch.nn.Module, data: Any, se
                            provenance={**result.provenance, "report": report})
     result.save_dir, result.checkpoint = save_dir, ckpt
     result.model = load_model(ckpt, tasks=PRUNABLE_TASKS)
-
-
-def _check_task(task: str, *, validate: bool) -> None:
-    """Validation measures COCO box mAP of detection models only, so far."""
-    if validate and task != "detect":
-        raise UsageError(f"validate=True measures detection mAP; it does not handle {task} models yet: prune without "
-                         "validate and validate the checkpoint with ultralytics (YOLO(path).val(data=...))")
 
 
 def _check_threshold(p: PruneOptions) -> None:
@@ -428,12 +435,19 @@ def _result(source: Any, module: torch.nn.Module, outcome: PruneOutcome, free: A
 
 def _validate(result: PruneResult, yolo: Any, module: torch.nn.Module, snapshot: dict, data: Any, t: Any,
               save_dir: Path | None, *, progress: bool = False) -> None:
-    """mAP before and after pruning (and before the BN re-estimation, when there was one)."""
+    """mAP before and after pruning (and before the BN re-estimation, when there was one): box mAP, and a task
+    model's own mAP (mask, pose or obb) beside it."""
     kw = dict(imgsz=t.imgsz, batch=t.batch, device=t.device, progress=progress)
     vb = evaluate(yolo, data, save_dir=save_dir / "val_before" if save_dir else None, **kw)
     va = evaluate(result.model, data, save_dir=save_dir / "val_after" if save_dir else None, **kw)
     result.map50_95_before, result.map50_before = vb.map50_95, vb.map50
     result.map50_95_after, result.map50_after = va.map50_95, va.map50
+    for name in ("mask", "pose", "obb"):
+        if getattr(vb, f"{name}_map50_95") is not None:
+            result.task_metric = name
+            before, after = (tuple(getattr(v, f"{name}_{k}") for k in ("map50_95", "map50")) for v in (vb, va))
+            result.task_map50_95_before, result.task_map50_before = before
+            result.task_map50_95_after, result.task_map50_after = after
     if snapshot:  # the same pruned model with the BN statistics it had before re-estimation
         plain = snapshot["model"]
         vn = evaluate(wrap_model(plain), data, save_dir=save_dir / "val_no_recalibration" if save_dir else None, **kw)

@@ -6,6 +6,10 @@ For every prunable channel group, the degradation when that group alone loses 25
 group; ``prune allocation=sensitivity sensitivity=.../sensitivity.csv`` reuses it) and ``sensitivity.png``
 (heatmap). With ``validate=k``, k groups spread over the loss range are also pruned for real at ratio 0.5 and
 validated (COCO mAP on the val split), and the rank correlation between proxy and mAP drop is reported.
+
+Segmentation, pose and OBB models are measured alike: the proxy adds the relative error of the task's channels
+(mask coefficients, keypoints, angle) and of Segment's prototypes, so their head branches (``cv4``, ``Proto``) are
+scored too; ``validate=k`` compares it with the drop of box mAP50-95 (the detection part every task has).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from ..data import resolve_data
 from ..errors import UsageError
 from ..evaluate import evaluate
+from ..forms import PRUNABLE_TASKS
 from ..io import run_dir, write_json, write_text
 from ..logs import Progress, progress_output
 from ..models import load_model, wrap_model
@@ -162,7 +167,7 @@ def sensitivity(model: Any, data: str | Path, *options: Options, ratios: Sequenc
 
     t0, c0 = time.perf_counter(), time.process_time()
     with progress_output(progress):
-        yolo = load_model(model)
+        yolo = load_model(model, tasks=PRUNABLE_TASKS)
         net = copy.deepcopy(yolo.model).float().cpu().eval()
         for p in net.parameters():
             p.requires_grad_(True)  # torch-pruning traces the graph through autograd

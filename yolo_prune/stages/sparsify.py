@@ -169,9 +169,10 @@ def sparsify(model: Any, *options: Options, data: str | Path | None = None, trai
     if not any(isinstance(o, PruneOptions) for o in options):
         overrides = {"calib_images": 32, **overrides}
     t_start = time.perf_counter()
-    ctx = _start(model, data, settings(GROUPS, options, overrides, where="sparsify"), train_args or {})
+    opts = settings(GROUPS, options, overrides, where="sparsify")
+    dense = copy.deepcopy(load_model(model).model).float().cpu().eval()  # another task: refused before any work
+    ctx = _start(model, data, opts, train_args or {})
     s = ctx.s
-    dense = copy.deepcopy(load_model(model).model).float().cpu().eval()
     base = _baseline(ctx, dense)
 
     def one_step(step: int, current: Any, records: list) -> dict[str, Any]:
