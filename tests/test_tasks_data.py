@@ -138,6 +138,30 @@ def test_coco_polygons_and_rle_become_segment_labels(tmp_path):
     assert poly.shape[1] == 2 and abs(poly[:, 0].min() - x) < 2 and abs(poly[:, 0].max() - (x + w)) < 2
 
 
+def test_outline_of_rle_and_of_several_polygons():
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros((40, 50), np.uint8)
+    m[5:20, 10:30] = 1  # the larger part
+    m[30:34, 40:44] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    for seg in ({"size": [40, 50], "counts": rle["counts"].decode()},  # compressed
+                {"size": [40, 50], "counts": [int(v) for v in _runs(m)]}):  # uncompressed
+        poly = outline(seg, 50, 40)
+        assert poly.min(0).tolist() == [10.5, 5.5] and poly.max(0).tolist() == [29.5, 19.5]
+    two = [[0, 0, 10, 0, 10, 10, 0, 10], [20, 20, 30, 20, 30, 30]]
+    joined = outline(two, 50, 40)
+    assert joined.min(0).tolist() == [0, 0] and joined.max(0).tolist() == [30, 30] and len(joined) > 7
+    assert outline([], 50, 40) is None and outline({"size": [4, 4], "counts": "garbage!"}, 4, 4) is None
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    flat = mask.ravel(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return ([0] + runs) if flat[0] else runs
+
+
 def test_coco128_polygons_become_segment_labels(shared_fixtures):
     root = shared_fixtures / "coco128"
     split = load_coco_split(root / "annotations" / "instances_train2017.json", root / "images" / "train2017",
