@@ -866,7 +866,12 @@ def block_tasks(name: str = "tasks") -> str:
            f"{c.get('data_imgsz')} px, trained and validated at imgsz {c.get('imgsz')}. Dense: {c.get('dense_epochs')} "
            f"epochs from the yaml; pipeline: target_macs 0.5, 0 sparse + {c.get('finetune_epochs')} fine-tune epochs "
            f"(its defaults: distilled from the dense model); reference: dense + {c.get('finetune_epochs')} epochs, same "
-           f"recipe `{res.get('recipe')}`. mAP50-95 of `last.pt` on the val split.\n"]
+           f"recipe `{res.get('recipe')}`. mAP50-95 of `last.pt` on the val split."]
+    for r in res.get("runs", [])[:-1] if len(res.get("runs", [])) > 1 else []:
+        la0 = r.get("loadavg_start")
+        out.append(f"\nEarlier run: `{r['command']}` ({', '.join(r.get('models') or [])}; started {r.get('started')}, "
+                   f"{minutes(r.get('seconds'))}{f', load average at start {la0[0]:.2f}' if la0 else ''}).")
+    out.append("")
     F = c.get("finetune_epochs")
     maps, sizes = [], []
     for key, r in res["models"].items():

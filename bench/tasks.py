@@ -205,6 +205,12 @@ def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     old = common.read_result(name) if args.resume else None
     res = old or {"models": {}}
     before = (old or {}).get("total_seconds", 0)  # the time of the earlier runs this one resumes
+    if old and "runs" not in old:  # a result written before runs were recorded one by one
+        old["runs"] = [{"command": old.get("command"), "started": old.get("started"), "models": list(old["models"]),
+                        "loadavg_start": old.get("machine", {}).get("loadavg_start"), "seconds": before}]
+    this_run = {"command": common.command_line(), "started": time.strftime("%Y-%m-%d %H:%M"), "models": args.models,
+                "loadavg_start": list(os.getloadavg())}
+    res.setdefault("runs", []).append(this_run)
     res.update(name=name, command=common.command_line(), machine=common.machine(),
                busy_processes_at_start=common.busy_processes(), started=time.strftime("%Y-%m-%d %H:%M"),
                quick=args.quick, complete=False, recipe={**COMMON_TRAIN, **RECIPE}, config=cfg,
@@ -219,6 +225,7 @@ def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     for key in args.models:
         run_model(key, res, cfg, args, save)
     res["complete"] = True
+    this_run["seconds"] = round(time.perf_counter() - t_all, 1)
     save()
     log(f"done: bench/results/{name}.json ({res['total_seconds'] / 60:.1f} min); render with python -m bench.render")
     return 0
