@@ -123,7 +123,7 @@ def test_finetune_keeps_the_pruned_shapes_and_task_outputs(task, pruned, task_da
     assert len(rows) == 1 and float(rows[0]["metrics/mAP50-95(B)"]) >= 0
     key = "metrics/mAP50-95(P)" if task == "pose" else "train/box_loss"
     assert key in rows[0]  # ultralytics' task validator and loss ran
-    assert res.map50_95 is not None
+    assert res.map50_95 is not None and (res.pose_map50_95 is not None) == (task == "pose")
 
 
 def test_pose_model_with_other_keypoints_is_refused_in_one_line(task_data, tmp_path):
@@ -171,6 +171,7 @@ def test_sparse_training_of_a_seg_model(pruned, task_data, tmp_path):
     assert shapes(res.last) == shapes(pruned["segment"])
     assert head_widths(res.last) == head_widths(pruned["segment"])
     assert res.gamma_mean_after < res.gamma_mean_before and res.gamma_zero_after > 0
+    assert res.mask_map50_95 is not None and "mask_map50_95" in str(res)  # the task's mAP beside the boxes'
     assert "sparsity/free_macs" in read_csv(res.save_dir / "results.csv")[0]
 
 

@@ -27,7 +27,8 @@ def optional() -> Any:
 class TrainResult(Result):
     """Outcome of :func:`~yolo_prune.train.finetune` (and the common part of :class:`SparseResult`).
 
-    ``map50_95`` / ``map50`` are the trainer's final validation (of ``best.pt``). ``teacher`` / ``distill`` are
+    ``map50_95`` / ``map50`` are the trainer's final validation (of ``best.pt``), box mAP; a segmentation or pose
+    model adds its mask / keypoint mAP50-95. ``teacher`` / ``distill`` are
     the checkpoint distilled from and the kind of distillation, None without a teacher.
     """
 
@@ -40,6 +41,8 @@ class TrainResult(Result):
     map50: float | None = None
     teacher: str | None = optional()
     distill: str | None = optional()
+    mask_map50_95: float | None = optional()  # a segmentation model's (ultralytics' mask mAP of best.pt)
+    pose_map50_95: float | None = optional()  # a pose model's (ultralytics' keypoint mAP of best.pt)
 
     def rows(self) -> list[tuple[str, Any]]:
         out = []

@@ -152,7 +152,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
+def _final_metrics(trainer: Any) -> dict[str, Any]:
+    """The trainer's final validation metrics (ultralytics' keys), from ``best.pt`` / ``last.pt`` when the trainer
+    has none (e.g. a DDP parent: the workers validated)."""
     metrics = getattr(trainer, "metrics", None)
     if not metrics or MAP50_95_KEY not in metrics:  # e.g. DDP parent: the workers validated
         metrics = {}
@@ -162,12 +164,16 @@ def _final_metrics(trainer: Any) -> tuple[float | None, float | None]:
 
                 metrics = torch_load(ckpt_path, map_location="cpu", weights_only=False).get("train_metrics") or {}
                 break
-    m95, m50 = metrics.get(MAP50_95_KEY), metrics.get(MAP50_KEY)
-    return (None if m95 is None else float(m95)), (None if m50 is None else float(m50))
+    return metrics
 
 
-def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, data: Any, train: TrainOptions, run: RunOptions, *,
-                 extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def run_training(trainer_cls: type | Mapping[str, type], mode: str, model: Any, data: Any, train: TrainOptions,
+                 run: RunOptions, *, extra: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None
                  ) -> tuple[Any, TrainResult]:
     """Build ``trainer_cls`` for the run folder ``<project>/<name>`` (default ``runs/<mode>/<mode>``), train, summarise.
 
@@ -256,7 +262,7 @@ def _new_run_overrides(model: Any, data: Any, mode: str, *, epochs: int, imgsz: 
 
 def _train_result(trainer: Any, mode: str) -> TrainResult:
     """The common outcome of a finished run: checkpoints, epochs, final mAP of ``best.pt``, the teacher if any."""
-    map50_95, map50 = _final_metrics(trainer)
+    metrics = _final_metrics(trainer)
     teacher = getattr(trainer.args, "teacher", None)
     return TrainResult(
         mode=mode,
@@ -264,8 +270,10 @@ def _train_result(trainer: Any, mode: str) -> TrainResult:
         best=Path(trainer.best) if Path(trainer.best).is_file() else None,
         last=Path(trainer.last) if Path(trainer.last).is_file() else None,
         epochs=int(trainer.epochs),
-        map50_95=map50_95,
-        map50=map50,
+        map50_95=_metric(metrics, MAP50_95_KEY),
+        map50=_metric(metrics, MAP50_KEY),
+        mask_map50_95=_metric(metrics, "metrics/mAP50-95(M)"),
+        pose_map50_95=_metric(metrics, "metrics/mAP50-95(P)"),
         teacher=teacher,
         distill=getattr(trainer.args, "distill", None) if teacher else None,
     )
