@@ -11,11 +11,17 @@ the sessions built as ``yolo_prune.bench`` builds them), on one seeded uniform-r
 INT8 exports use ``yolo_prune.export(..., int8=True, data=--data, calib_images=--calib)``: calibration on the train
 split, Detect's decode in float.
 
+``--max-map-drop D`` adds a ninth export, the pruned model's accuracy-controlled OpenVINO INT8 (row key
+``pruned_int8ac_openvino``: ``yolo_prune.export(..., int8=True, max_map_drop=D)``, NNCF keeping layers in FP32 until
+the mAP50-95 on ``--calib`` val images is at most D below FP32's), timed with the other OpenVINO exports; its
+``int8_report.json`` (FP32 / PTQ / final mAP on that sample, the layers kept in FP32) goes into the row.
+
 Defaults: ``--dense`` = ``common.bccd_dense()`` (the COCO fixture fine-tuned 12 epochs on bccd @416; trained if
 absent), ``--data`` = bccd (COCO json form), ``--pruned`` a pipeline's fine-tuned ``best.pt`` (or its run folder).
 
     python -m bench.int8 --pruned bench/work/bccd_pipeline/portable_f16_nbs16
     python -m bench.int8 --pruned P --smoke      # imgsz 128, 8 calibration images, 5 runs: checks the script only
+    python -m bench.int8 --pruned bench/work/bccd_pipeline/portable_f16_nbs16 --max-map-drop 0.01
 
 Results: ``bench/results/int8.json`` (``int8_smoke.json`` with ``--smoke``; ``--name`` for another); exports in
 ``bench/work/<name>/`` are reused unless ``--fresh``. Run it on a quiet machine: latency with 2 threads on 2 shared
@@ -39,6 +45,7 @@ MODELS = ("dense", "pruned")
 PRECISIONS = ("fp32", "int8")
 FORMATS = ("onnx", "openvino")
 RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
+AC = "pruned_int8ac_openvino"  # the accuracy-controlled arm (--max-map-drop)
 
 
 def log(msg: str) -> None:
@@ -82,6 +89,18 @@ def export_all(checkpoints: dict[str, Path], data: Path, work: Path, imgsz: int,
     return out
 
 
+def export_controlled(ckpt: Path, data: Path, work: Path, imgsz: int, calib: int, max_map_drop: float) -> Path:
+    """The accuracy-controlled OpenVINO INT8 export of ``ckpt`` under ``work/pruned_ac/``, an existing one reused."""
+    import yolo_prune as yp
+
+    path = work / "pruned_ac" / export_name(ckpt.stem, "int8", "openvino")
+    if not path.exists():
+        log(f"export pruned int8 openvino, accuracy control max_map_drop={max_map_drop} ...")
+        path = yp.export(str(ckpt), format="openvino", imgsz=imgsz, batch=1, save_dir=work / "pruned_ac", int8=True,
+                         data=str(data), calib_images=calib, max_map_drop=max_map_drop)
+    return Path(path)
+
+
 def size_mb(path: Path) -> float:
     """Size of an export on disk (an OpenVINO folder: its .xml and .bin)."""
     files = [f for f in path.iterdir() if f.suffix in (".xml", ".bin")] if path.is_dir() else [path]
@@ -99,6 +118,9 @@ def accuracy(exports: dict[str, Path], data: Path, imgsz: int) -> dict[str, dict
             v = yp.validate(str(path), str(data), imgsz=imgsz, batch=1)
         rows[k] = {"path": str(path), "size_mb": round(size_mb(path), 3), "map50_95": round(v.map50_95, 5),
                    "map50": round(v.map50, 5), "imgsz": v.imgsz, "val_seconds": round(t.seconds, 1)}
+        report = path / "int8_report.json" if path.is_dir() else None
+        if report is not None and report.is_file():
+            rows[k]["accuracy_control"] = json.loads(report.read_text(encoding="utf-8"))
     return rows
 
 
@@ -127,6 +149,7 @@ def latency(exports: dict[str, Path], imgsz: int, threads: list[int], runs: int,
     rows = []
     for fmt in FORMATS:
         names = [key(m, p, fmt) for m in MODELS for p in PRECISIONS]  # dense FP32 first: the reference
+        names += [AC] if fmt == "openvino" and AC in exports else []
         for n in threads:
             log(f"latency {RUNTIME[fmt]} threads={n} ...")
             runners = {(name, fmt): _runner(fmt, exports[name], x, n) for name in names}
@@ -153,6 +176,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="imgsz 128, 8 calibration images, 5 runs (result int8_smoke)")
     ap.add_argument("--name", default=None, help="result name (default int8, int8_smoke with --smoke)")
+    ap.add_argument("--max-map-drop", type=float, default=None,
+                    help="add the pruned accuracy-controlled OpenVINO INT8 arm with this max_map_drop (e.g. 0.01)")
     ap.add_argument("--fresh", action="store_true", help="export again instead of reusing bench/work/<name>/")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -173,10 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                                "busy_processes_at_start": common.busy_processes(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "imgsz": args.imgsz, "batch": 1,
                                "calib_images": args.calib, "runs": args.runs, "warmup": args.warmup,
-                               "dense": str(dense), "pruned": str(pruned), "data": str(data)}
+                               "dense": str(dense), "pruned": str(pruned), "data": str(data),
+                               "max_map_drop": args.max_map_drop}
     with common.Timer() as t:
         exports = export_all({"dense": dense, "pruned": pruned}, data, work, args.imgsz, args.calib)
     payload["export_seconds"] = round(t.seconds, 1)
+    if args.max_map_drop is not None:
+        with common.Timer() as t:
+            exports[AC] = export_controlled(pruned, data, work, args.imgsz, args.calib, args.max_map_drop)
+        payload["export_ac_seconds"] = round(t.seconds, 1)
     payload["exports"] = accuracy(exports, data, args.imgsz)
     common.write_result(args.name, payload)
     payload["latency"] = latency(exports, args.imgsz, args.threads, args.runs, args.warmup)

@@ -709,17 +709,34 @@ def block_int8(name: str = "int8") -> str:
         ref = res["exports"][f"dense_fp32_{fmt}"]["map50_95"]
         cells = [f"{lat[(k, runtime, n)]['ratio_vs_dense_fp32']:.3f} ({lat[(k, runtime, n)]['median_ms']:.1f} ms)"
                  if (k, runtime, n) in lat else "n/a" for n in threads]
-        rows.append((model, precision.upper(), "ONNX" if fmt == "onnx" else "OpenVINO", f(e["map50_95"]),
+        label = "INT8 acc. control" if precision == "int8ac" else precision.upper()
+        rows.append((model, label, "ONNX" if fmt == "onnx" else "OpenVINO", f(e["map50_95"]),
                      f"{100 * (e['map50_95'] - ref):+.1f}", f(e["map50"]), f(e["size_mb"], 2), *cells))
     head = ("model", "precision", "format", "mAP50-95", "vs dense FP32 (points)", "mAP50", "size MB",
             *(f"latency vs dense FP32, {n} thread{'s' if n > 1 else ''}" for n in threads))
     verdicts = _int8_verdicts(res, lat) if lat and all(f"{m}_{p}_{x}" in res["exports"] for m in ("dense", "pruned")
                                                        for p in ("fp32", "int8") for x in ("onnx", "openvino")) else []
+    verdicts += _int8_control_notes(res)
     return (f"Command: `{res['command']}` (started {res['started']}); dense `{res['dense']}`, pruned "
             f"`{res['pruned']}`, data {res['data']} (mAP on its val split); static imgsz {res['imgsz']}, batch 1, "
             f"{res['calib_images']} calibration images from the train split; latency: medians of {res['runs']} "
             f"interleaved rounds per runtime and thread count, OpenVINO at its default inference precision. "
             f"{load_note(res)}.{' Note: ' + res['note'] + '.' if res.get('note') else ''}\n\n" + md_table(rows, head) + ("\n\n" + "\n".join(verdicts) if verdicts else ""))
+
+
+def _int8_control_notes(res: dict) -> list[str]:
+    """The accuracy-controlled arm (``--max-map-drop``): its mAPs on the control's val sample and the layers it kept
+    in FP32."""
+    notes = []
+    for k, e in res["exports"].items():
+        ac = e.get("accuracy_control")
+        if ac:
+            kept = ", ".join(f"`{op['layer']}`" for op in ac["kept_fp32"]) or "none"
+            notes.append(f"- {k}: max_map_drop={ac['max_map_drop']}; on the control's {ac['val_images']} val images "
+                         f"(f32 inference) mAP50-95 FP32 {f(ac['fp32_map'])}, PTQ {f(ac['ptq_map'])}, final "
+                         f"{f(ac['final_map'])}{'' if ac['reached'] else ' (drop not reached)'}; "
+                         f"{len(ac['kept_fp32'])} op(s) kept in FP32: {kept}; {minutes(ac['seconds'])}.")
+    return notes
 
 
 def block_collapse(name: str = "collapse") -> str:

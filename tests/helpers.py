@@ -78,9 +78,14 @@ def random_detection_model(cfg: str, nc: int = NC) -> torch.nn.Module:
     and random head output biases (so that no output is trivially equal across widths), eval mode; seeded."""
     import logging
 
-    logging.getLogger("ultralytics").setLevel(logging.ERROR)  # "no model scale passed" for the variants
-    torch.manual_seed(0)
-    model = randomize_bn(model_class(cfg)(cfg, nc=nc, verbose=False))
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "no model scale passed" for the variants; restored (later tests read the logs)
+    try:
+        torch.manual_seed(0)
+        model = randomize_bn(model_class(cfg)(cfg, nc=nc, verbose=False))
+    finally:
+        logger.setLevel(level)
     g = torch.Generator().manual_seed(1)
     head = model.model[-1]
     for name in HEAD_OUTPUTS:

@@ -7,6 +7,7 @@ the code does with them (shapes, cache hits, the solver respecting the table's o
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 
@@ -202,7 +203,7 @@ def test_prune_with_target_latency_reports_predicted_and_measured(torch_table, v
         (["prune", "threads=two"], "threads='two' must be an integer"),
         (["prune", "round_to=fast"], "round_to='fast' must be an integer"),
         (["bench", "backends=torch,tensorrt"], "unknown backend(s) tensorrt"),
-        (["pipeline", "data=x.yaml", "target_latency=0.5"], "MACs targets only"),
+        (["pipeline", "data=x.yaml", "round_to=auto"], "does not take round_to=auto"),
     ],
 )
 def test_latency_options_fail_in_one_line(argv, text, capsys, tmp_path):
@@ -266,3 +267,65 @@ def test_openvino_backend_and_table(v8n):
     bench = latency.ConvBench("openvino", 16, 16, 3, 1, 16, 1, 1, profile_dir=".")
     bench()
     assert 0 < bench.share() <= 1
+
+
+# --------------------------------------------------------------------------------------------------- INT8
+
+
+@pytest.fixture
+def few_convs(monkeypatch):
+    """Tables of the first 3 prunable convs only: an INT8 table of the whole model takes minutes."""
+    from yolo_prune.latency import build
+
+    real = build.conv_specs
+    monkeypatch.setattr(build, "conv_specs", lambda *a, **k: real(*a, **k)[:3])
+
+
+def test_int8_conv_probe_is_quantized_as_the_export():
+    import onnx
+
+    from yolo_prune.latency.convs import conv_onnx, int8_onnx
+
+    ops = {n.op_type for n in onnx.load_from_string(int8_onnx(conv_onnx(16, 32, 3, 1, 16), 16, 16)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ around the conv, per-channel int8 weights
+    bench = latency.ConvBench("onnxruntime", 16, 32, 3, 1, 16, 1, 1, int8=True)
+    from yolo_prune.bench import interleaved_times
+
+    times = interleaved_times({"int8": bench}, runs=2, warmup=1, progress=False)["int8"]
+    assert len(times) == 2 and min(times) > 0
+    with pytest.raises(UsageError, match="torch has no INT8 path"):
+        latency.ConvBench("torch", 16, 32, 3, 1, 16, 1, 1, int8=True)
+    if importlib.util.find_spec("openvino") is not None:  # OpenVINO runs the QDQ probe as its INT8 convolution
+        ov_bench = latency.ConvBench("openvino", 16, 32, 3, 1, 16, 1, 1, int8=True, profile_dir=".")
+        ov_bench()
+        assert 0 < ov_bench.share() <= 1
+        kinds = {p.exec_type for p in ov_bench._request.profiling_info}
+        assert any("I8" in k.upper() or "U8" in k.upper() for k in kinds), kinds
+
+
+def test_int8_table_differs_from_fp32_and_is_cached_apart(_v8n_base, few_convs, monkeypatch, tmp_path):
+    monkeypatch.setenv("YOLO_PRUNE_CACHE", str(tmp_path))
+    kw = dict(imgsz=64, runtime="onnxruntime", threads=1, **FAST)
+    fp32 = build_table(copy.deepcopy(_v8n_base), **kw)
+    int8 = build_table(copy.deepcopy(_v8n_base), int8=True, **kw)
+    assert set(int8.convs) == set(fp32.convs) and len(int8.convs) == 3
+    assert int8.int8 and not fp32.int8 and int8.key != fp32.key
+    assert int8.path != fp32.path and "-int8-" in int8.path.name and int8.path.is_file() and fp32.path.is_file()
+    grids = lambda t: [np.asarray(c.ms) for c in t.convs.values()]  # noqa: E731
+    assert any(a.shape != b.shape or not np.allclose(a, b) for a, b in zip(grids(fp32), grids(int8)))
+    assert int8.dense_ms != fp32.dense_ms  # the whole model measured as its INT8 export
+    again = build_table(copy.deepcopy(_v8n_base), int8=True, **kw)  # from the INT8 cache, not the FP32 one
+    assert again.path == int8.path and again.int8 and again.dense_ms == int8.dense_ms
+    assert LatencyTable.load(int8.path).int8
+    with pytest.raises(UsageError, match="torch has no INT8 path"):
+        build_table(copy.deepcopy(_v8n_base), imgsz=64, runtime="torch", int8=True)
+    with pytest.raises(UsageError, match="measured in FP32"):
+        prune(copy.deepcopy(_v8n_base), target_latency=0.9, runtime="onnxruntime", int8=True, imgsz=64,
+              latency_table=fp32, save=False)
+    res = prune(copy.deepcopy(_v8n_base), target_latency=1.0, runtime="onnxruntime", threads=1, int8=True,
+                imgsz=64, latency_table=int8, project=tmp_path, name="p")
+    lat = res.latency  # predicted from the INT8 table, measured on the INT8 exports
+    assert lat["int8"] and lat["predicted_ms"] > 0 and lat["measured_ms"] > 0 and lat["measured_dense_ms"] > 0
+    assert "latency onnxruntime INT8 1 thr measured (ms)" in str(res)
+    md = (tmp_path / "p" / "report.md").read_text()
+    assert "predicted (INT8 latency table)" in md and "measured (INT8 exported models, interleaved)" in md

@@ -128,6 +128,10 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "PipelineResult" in out and "mAP50-95" in out
     assert (tmp_path / "demo" / "report.md").is_file()
+    from yolo_prune.demo import int8_available
+
+    if int8_available():  # the demo ends deployable: the INT8 rows of its OpenVINO export
+        assert "INT8 openvino mAP50-95" in out and "INT8 openvino latency (ms)" in out
 
 
 def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt, monkeypatch):

@@ -23,7 +23,8 @@ PACKAGE = ROOT / "yolo_prune"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "compat", "results", "io", "logs", "forms", "modules", "stats", "provenance", "report", "options",
               "config")),
-    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "quantize", "deploy")),
+    ("data, models, evaluate, runtimes", ("data", "models", "evaluate", "runtimes", "bench", "quantize", "quantize_control",
+                                          "qat", "deploy")),
     ("pruning", ("pruning",)),
     ("latency", ("latency",)),
     ("train", ("train",)),

@@ -40,6 +40,7 @@ _API = {
     "validate": ("yolo_prune.evaluate", "evaluate"),
     "benchmark": ("yolo_prune.bench", "measure_latency"),
     "export": ("yolo_prune.deploy", "export_model"),
+    "qat_export": ("yolo_prune.stages.qat", "qat_export"),
     "pipeline": ("yolo_prune.job", "pipeline"),
     "model_stats": ("yolo_prune.stats", "model_stats"),
     "make_synthetic": ("yolo_prune.data.synthetic", "make_synthetic"),

@@ -182,10 +182,24 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None):
 
 def onnx_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
     """Export ``model`` to ONNX under ``folder`` and return a callable running one onnxruntime pass on ``x``."""
-    path = export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0])
-    session = onnx_session(path, threads)
-    feed = {session.get_inputs()[0].name: x}
-    return lambda: session.run(None, feed)
+    return export_runner(export_onnx(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), x, threads)
+
+
+def export_runner(path: str | Path, x: np.ndarray, threads: int | None) -> Runner:
+    """A callable running one pass of an existing export on ``x``: a ``.onnx`` file in onnxruntime, an OpenVINO
+    folder (or its ``.xml``) in OpenVINO (FP32 or INT8 alike)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        session = onnx_session(path, threads)
+        feed = {session.get_inputs()[0].name: x}
+        return lambda: session.run(None, feed)
+    xml = path if path.suffix == ".xml" else next(path.glob("*.xml"), None)
+    if xml is None:
+        raise UsageError(f"{path} is neither an .onnx file nor an OpenVINO folder")
+    ov = require_openvino()
+    request = openvino_compiled(xml, threads).create_infer_request()
+    request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+    return request.infer
 
 
 def openvino_compiled(model: Any, threads: int | None = None, *, precision: str | None = None,
@@ -216,11 +230,7 @@ def export_openvino(model: ModelLike, save_dir: str | Path, *, imgsz: int = 640,
 
 def openvino_runner(model: ModelLike, x: np.ndarray, folder: Path, threads: int | None) -> Runner:
     """Export ``model`` to OpenVINO under ``folder`` and return a callable running one inference on ``x``."""
-    ov = require_openvino()
-    compiled = openvino_compiled(export_openvino(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), threads)
-    request = compiled.create_infer_request()
-    request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
-    return request.infer
+    return export_runner(export_openvino(model, folder, imgsz=x.shape[-1], batch=x.shape[0]), x, threads)
 
 
 def make_runner(backend: str, model: ModelLike, x: torch.Tensor, folder: Path, threads: int | None) -> Runner:

@@ -23,6 +23,7 @@ from .io import run_dir, write_json, write_text, write_yaml
 from .job import pipeline_from_cfg
 from .run import backend_list
 from .stages.prune import prune
+from .stages.qat import check_qat, qat_export
 from .stages.sensitivity import sensitivity
 from .stages.sparsify import sparsify
 from .train import finetune, sparse_train
@@ -35,7 +36,7 @@ Usage: yolo-prune MODE key=value ...
 
 Modes:
   demo      the whole pipeline on a generated dataset with a tiny model (no download, a few minutes on CPU)
-  pipeline  sparse -> prune -> finetune -> val -> bench in one run folder      (model= data=)
+  pipeline  sparse -> prune -> finetune -> val [-> int8] -> bench in one run folder (model= data= [int8=True runtime=])
   sparse    sparsity training: drive BatchNorm gammas to 0    (model= data= sr_mode= sr= epochs=)
   prune     rank channels and remove them       (model= method= target_macs= | target_latency= runtime= | ratio=)
   sparsify  zero single weights (unstructured; smaller gzip, not faster)   (model= amount= scope= method=)
@@ -45,6 +46,8 @@ Modes:
             model= also takes an export: x.onnx, x_int8.onnx, x_openvino_model/, x_int8_openvino_model/
   bench     CPU latency in torch, onnxruntime, openvino               (model=a.pt,b.pt; first is reference)
   export    export with ultralytics         (model= format=onnx; INT8: format=openvino|onnx int8=True data=)
+            format=openvino int8=True max_map_drop=0.01: layers kept in FP32 until mAP50-95 drops <= 0.01
+            int8=True qat_epochs=N: quantization-aware training (NNCF) for N epochs first, then the INT8 export
   cfg       print the default configuration with every key documented
   version   print the version
 
@@ -130,10 +133,16 @@ def run_bench(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
 
 
 def run_export(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:
+    qat_epochs = check_qat(cfg["qat_epochs"], int8=cfg["int8"], fmt=str(cfg["format"]).lower(), data=cfg["data"],
+                           max_map_drop=cfg["max_map_drop"])
     save_dir = _run_folder(cfg, "export")
+    if qat_epochs:  # quantization-aware training first (ultralytics train keys in extra go to it)
+        return qat_export(cfg["model"], cfg["data"], format=cfg["format"], qat_epochs=qat_epochs, imgsz=cfg["imgsz"],
+                          save_dir=save_dir, batch=cfg["batch"], workers=cfg["workers"], device=cfg["device"],
+                          seed=cfg["seed"], verbose=cfg["verbose"], train_args=extra)
     return export_model(cfg["model"], format=cfg["format"], imgsz=cfg["imgsz"], save_dir=save_dir, int8=cfg["int8"],
-                        data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"], verbose=cfg["verbose"],
-                        **extra)
+                        data=cfg["data"], calib_images=cfg["calib_images"], seed=cfg["seed"],
+                        max_map_drop=cfg["max_map_drop"], verbose=cfg["verbose"], **extra)
 
 
 def run_pipeline(cfg: dict[str, Any], extra: dict[str, Any]) -> Any:

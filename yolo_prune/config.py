@@ -120,6 +120,8 @@ def build(mode: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str,
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Read and check yolo-prune's own keys by the schema (in place), and the device; return ``cfg``."""
     options.check(cfg)
+    if cfg.get("int8") == "auto" and cfg.get("mode") not in (None, "demo"):
+        raise UsageError("int8=auto is the demo's setting: give int8=True or int8=False")
     check_device(cfg.get("device"))
     return cfg
 

@@ -30,6 +30,7 @@ from .forms import PRUNABLE_TASKS, ModelLike, as_detection_model, model_task
 from .io import atomic_path
 from .logs import quiet_ultralytics
 from .quantize import calibration_images, check_int8, quantize_export
+from .quantize_control import check_control, quantize_export_controlled
 from .runtimes import require_openvino
 
 
@@ -127,6 +128,7 @@ def export_model(
     data: Any = None,
     calib_images: int = 64,
     seed: int = 0,
+    max_map_drop: float | None = None,
     verbose: bool = False,
     **kwargs: Any,
 ) -> Path:
@@ -138,6 +140,9 @@ def export_model(
     ``int8=True`` (or ultralytics' ``quantize=8``), for ``openvino`` and ``onnx``: post-training INT8 quantization
     of the FP32 export (:mod:`yolo_prune.quantize`) on ``calib_images`` images of ``data``'s train split drawn with
     ``seed`` (or ultralytics' ``fraction`` of it); writes ``<stem>_int8_openvino_model/`` or ``<stem>_int8.onnx``.
+    ``max_map_drop`` (with ``int8=True``, format ``openvino``): NNCF's accuracy-controlled quantization keeps layers
+    in FP32 until the mAP50-95 on ``calib_images`` val images is at most that much (absolute) below the FP32 model's
+    (:mod:`yolo_prune.quantize_control`); the folder gets ``int8_report.json`` (mAPs, layers kept in FP32).
     The model is never modified. ultralytics' log lines are shown only with ``verbose=True``.
     """
     fmt = check_format(format)
@@ -148,6 +153,7 @@ def export_model(
     if int8 and model_task(module) != "detect":
         raise UsageError(f"int8=True exports detection models only; this is a {model_task(module)} model "
                          "(export it without int8)")
+    check_control(fmt, max_map_drop, int8=int8)
     if int8:
         check_int8(fmt, data, half=half)
     elif fmt == "openvino":  # ultralytics would try to pip-install it (and fail offline) with a long traceback
@@ -162,8 +168,12 @@ def export_model(
         raise OutputError(f"cannot write to {save_dir}: {e.strerror or e}") from None
     with tmp_root as tmp:
         out = _ultralytics_export(module, Path(tmp) / f"{_model_stem(model, module)}.pt", args, verbose)
-        if images is not None:
-            out = quantize_export(out, fmt, images, head=len(module.model) - 1, verbose=verbose)
+        head = len(module.model) - 1
+        if images is not None and max_map_drop is not None:
+            out = quantize_export_controlled(out, images, data=data, head=head, max_map_drop=max_map_drop,
+                                             val_images=calib_images, verbose=verbose)
+        elif images is not None:
+            out = quantize_export(out, fmt, images, head=head, verbose=verbose)
         return _move_output(out, save_dir)
 
 

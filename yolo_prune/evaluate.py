@@ -538,3 +538,59 @@ def _has_box_labels(images: Sequence[Path]) -> bool:
         if any(len(row.split()) == 5 for row in rows):
             return True
     return False
+
+
+# A fixed val sample scored from raw model outputs ------------------------------------------------------------------
+
+
+class ValSample:
+    """``n`` images of the val split of ``data`` preprocessed exactly as ``val`` preprocesses them for a static export
+    (ultralytics' val dataset without ``rect``: square letterbox at ``imgsz``, no upscaling, batch 1, RGB floats in
+    [0, 1]), and the COCO mAP50-95 of a model's raw outputs on any of them, scored like :func:`evaluate`
+    (ultralytics' NMS at ``conf``/``iou``, boxes scaled back to the original images, the dataset's own ids, COCOeval).
+
+    For callers that run the model themselves (an OpenVINO model being quantized has no folder ``val`` could read):
+    ``inputs(item)`` is the model input of an item, ``score(outputs, items)`` the mAP50-95 of those items.
+    """
+
+    def __init__(self, data: str | Path | DataSpec, *, imgsz: int, n: int, conf: float = 0.001, iou: float = 0.7,
+                 backend: str = "auto", end2end: bool = False, progress: bool = False) -> None:
+        from ultralytics.data.utils import check_det_dataset
+
+        self.spec, self.backend = resolve_data(data), resolve_backend(backend)
+        args = {"data": str(self.spec.yaml), "imgsz": imgsz, "batch": 1, "conf": conf, "iou": iou, "task": "detect",
+                "mode": "val", "split": "val", "rect": False, "plots": False, "verbose": False, "save_json": False}
+        v = CocoValidator(self.spec, args=args)
+        v.device, v.stride, v.end2end = torch.device("cpu"), 32, end2end
+        v.class_map = list(self.spec.category_ids)
+        with quiet_ultralytics(False):
+            v.data = check_det_dataset(str(self.spec.yaml))
+            dataset = v.build_dataset(v.data["val"], mode="val", batch=1)
+        if n < 1:
+            raise UsageError(f"the val sample needs at least 1 image, got {n}")
+        picks = sorted({int(round(i)) for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset)))})
+        self.items: list[dict[str, Any]] = []
+        for i in Progress("val images", len(picks), unit="images", enabled=progress).iterate(picks):
+            self.items.append(v.preprocess(dataset.collate_fn([dataset[i]])))
+        self._validator = v
+
+    @staticmethod
+    def inputs(item: dict[str, Any]) -> np.ndarray:
+        """The ``(1, 3, imgsz, imgsz)`` float32 input of one item."""
+        return item["img"].numpy()
+
+    def score(self, outputs: Sequence[Any], items: Sequence[dict[str, Any]]) -> float:
+        """COCO mAP50-95 over ``items`` of the raw outputs (``(1, 4 + nc, anchors)`` each) the model gave for them."""
+        v = self._validator
+        v.jdict, v.coco_image_ids, v.unmatched_images = [], [], []
+        for out, item in zip(outputs, items):
+            pred = v.postprocess(torch.as_tensor(np.asarray(out)))[0]
+            pbatch = v._prepare_batch(0, item)
+            v.pred_to_json(v.scale_preds(pred, pbatch), pbatch)
+        if not v.coco_image_ids:
+            return 0.0
+        with tempfile.TemporaryDirectory(prefix="yolo_prune_score_") as tmp:
+            preds = write_text(Path(tmp) / "predictions.json", json.dumps(v.jdict))
+            coco = coco_eval(self.spec.val_json, preds, backend=self.backend,
+                             image_ids=sorted(set(v.coco_image_ids), key=str))
+        return float(coco["map50_95"] or 0.0)

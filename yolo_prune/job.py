@@ -19,20 +19,24 @@ from .data import resolve_data
 from .errors import UsageError
 from .evaluate import evaluate
 from .logs import LOGGER, listening
-from .forms import PRUNABLE_TASKS
+from .forms import PRUNABLE_TASKS, model_task
+from .latency import build_table
 from .models import load_model
 from .options import (SCHEMA, BenchOptions, DistillOptions, LatencyOptions, Options, PruneOptions, RunOptions, Settings,
                       SparseOptions, StageOptions, TrainOptions, settings)
 from .stages.prune import prune
+from .stages.quantize import check_quantize, quantize_stage
 from .stages.report import PipelineResult, pipeline_report, val_maps, verdict
 from .stages.teacher import pipeline_teacher
 from .stats import model_stats
 from .train import finetune, sparse_train
 
-STAGES = ("baseline", "sparse", "prune", "finetune", "val", "bench")
-GROUPS = (PruneOptions, SparseOptions, StageOptions, TrainOptions, DistillOptions, BenchOptions, RunOptions)
-# what a resumed run takes from its pipeline.json (device, workers, verbose, bench settings and data may change)
-RESUMED = (PruneOptions, SparseOptions, StageOptions, DistillOptions)
+STAGES = ("baseline", "sparse", "prune", "finetune", "val", "quantize", "bench")
+GROUPS = (PruneOptions, SparseOptions, StageOptions, TrainOptions, DistillOptions, BenchOptions, RunOptions,
+          LatencyOptions)
+# what a resumed run takes from its pipeline.json (device, workers, verbose, bench settings and data may change;
+# int8/runtime/threads, the INT8 stage's, are LatencyOptions)
+RESUMED = (PruneOptions, SparseOptions, StageOptions, DistillOptions, LatencyOptions)
 STATE_FILE = "pipeline.json"
 
 
@@ -49,6 +53,7 @@ class _Run:
     target_macs: float | None
     distill_kw: dict[str, Any]
     train_args: dict[str, Any]
+    latency_table: Any = None  # with a latency target: the input model's table (every prune step plans over it)
 
     @property
     def val_kw(self) -> dict[str, Any]:
@@ -61,6 +66,10 @@ class _Run:
         t = self.s.train
         return dict(imgsz=t.imgsz, batch=t.batch, device=t.device, seed=t.seed, verbose=self.s.run.verbose,
                     workers=t.workers, **self.distill_kw, **self.train_args)
+
+    def step(self, k: int) -> str:
+        """``[k/N]`` of the log lines: 7 stages with the INT8 stage, else 6."""
+        return f"[{k}/{7 if self.s.latency.int8 else 6}]"
 
     def training(self, mode: str, folder: str, fn: Any, source: Any, epochs: int, **kw: Any) -> dict[str, Any]:
         """Train into ``save_dir/mode/folder``; on resume continue from its last.pt if it has one."""
@@ -103,9 +112,11 @@ def pipeline(model: Any, data: str | Path | None, *options: Options, train_args:
     ft = _finetune(ctx, pr["checkpoint"])
     final = Path((ft or {}).get("best") or (ft or {}).get("last") or pr["checkpoint"])
     va = _val(ctx, final)
+    _quantize(ctx, final)  # (the report reads its record)
     be = None
     if bench and s.bench.backends:
-        LOGGER.info("[6/6] bench: CPU latency, dense vs pruned (%s)", s.bench.backends)
+        LOGGER.info("%s bench: CPU latency, dense vs pruned (%s)", ctx.step(7 if s.latency.int8 else 6),
+                    s.bench.backends)
         be = run.bench_stage(ctx.state, {"dense": model, "pruned": final}, imgsz=s.train.imgsz,
                              backends=run.backend_list(s.bench.backends), runs=s.bench.bench_runs,
                              warmup=s.bench.bench_warmup, seed=s.train.seed, verbose=s.run.verbose)
@@ -134,6 +145,9 @@ def _resumed(folder: Path, model: Any, data: Any, s: Settings) -> tuple[Any, Any
 def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[str, Any]) -> _Run:
     """Check the data and the options, resolve the teacher, record the settings: the run's context."""
     spec = resolve_data(data)  # fail early on a bad dataset, before any training
+    check_quantize(s.latency.int8, s.latency.runtime, data)  # (runtime=torch, openvino missing: before training)
+    if s.latency.int8 and (task := model_task(load_model(model, tasks=PRUNABLE_TASKS))) != "detect":
+        raise UsageError(f"int8=True quantizes detection models only; this is a {task} model (run without int8)")
     teacher = pipeline_teacher(s.distill.teacher, model, spec.nc, folder)
     if teacher is None and (s.distill.labels is False or s.distill.unlabeled):
         raise UsageError("labels=False trains against a teacher's outputs, but this pipeline has no teacher")
@@ -144,10 +158,15 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
     if threshold is not None and s.prune.ratio is not None:
         raise UsageError("threshold (free removal of zeroed channels) combines with target_macs, not with ratio")
     target = None if s.prune.ratio is not None else (s.prune.target_macs if s.prune.target_macs is not None else 0.5)
+    if _latency_target(s):
+        target = None
+        if s.stage.sparse_epochs > 0 and s.sparse.sr_mode == "greg":
+            raise UsageError("sr_mode=greg plans toward target_macs; with target_latency/target_ms use sparse_epochs=0 "
+                             "or another sr_mode")
     args = {"model": run.absolute(model), "data": run.absolute(data), **s.sparse.to_dict(), **s.stage.to_dict(),
             **s.prune.to_dict(), "threshold": threshold, "target_macs": target, "imgsz": s.train.imgsz,
             "batch": s.train.batch, "seed": s.train.seed, "train_args": dict(train_args),
-            **s.distill.to_dict(), "teacher": teacher}
+            **s.distill.to_dict(), "teacher": teacher, **s.latency.to_dict()}
     state = run.start(folder, STATE_FILE, args, resume=s.run.resume)
     return _Run(s=s, model=model, data=data, save_dir=folder, state=state, threshold=threshold, target_macs=target,
                 distill_kw=distill_kw, train_args=dict(train_args))
@@ -156,7 +175,7 @@ def _start(model: Any, data: Any, s: Settings, folder: Path, train_args: dict[st
 def _baseline(ctx: _Run) -> dict[str, Any]:
     base = ctx.state.done("baseline")
     if base is None:
-        LOGGER.info("[1/6] baseline: measuring and validating the dense model")
+        LOGGER.info("%s baseline: measuring and validating the dense model", ctx.step(1))
         dense = load_model(ctx.model, tasks=PRUNABLE_TASKS)
         stats = model_stats(dense.model, imgsz=ctx.s.train.imgsz)
         val = evaluate(dense, ctx.data, save_dir=ctx.save_dir / "baseline", **ctx.val_kw)
@@ -169,7 +188,7 @@ def _sparse(ctx: _Run) -> dict[str, Any] | None:
     sp = ctx.state.done("sparse")
     s = ctx.s
     if sp is None and s.stage.sparse_epochs > 0:
-        LOGGER.info("[2/6] sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", s.stage.sparse_epochs,
+        LOGGER.info("%s sparse: %d epochs of sparsity training (sr_mode=%s, sr=%s)", ctx.step(2), s.stage.sparse_epochs,
                     s.sparse.sr_mode, s.sparse.sr)
         method = s.prune.method or "auto"
         greg = {"target_macs": ctx.target_macs, "method": method if method in ("bn", "l1", "l2", "random") else "bn",
@@ -192,8 +211,7 @@ def _prune(ctx: _Run, source: Any, base: dict[str, Any]) -> dict[str, Any]:
     if pr is not None:
         return pr
     p = ctx.s.prune
-    LOGGER.info("[3/6] prune: method=%s %s in %d step(s)", p.method or "auto",
-                f"ratio={p.ratio}" if p.ratio is not None else f"target_macs={ctx.target_macs}", p.steps)
+    LOGGER.info("%s prune: method=%s %s in %d step(s)", ctx.step(3), p.method or "auto", _goal(ctx), p.steps)
 
     def one_step(step: int, current: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         return _prune_step(ctx, step, current, records[-1]["macs"] if records else base["macs"], base["macs"])
@@ -252,22 +270,53 @@ def _moved(record: dict[str, Any], src: Path, dst: Path) -> dict[str, Any]:
     return {**record, "checkpoint": str(dst / ckpt.relative_to(src))}
 
 
+def _latency_target(s: Settings) -> bool:
+    return s.prune.ratio is None and (s.latency.target_latency is not None or s.latency.target_ms is not None)
+
+
+def _goal(ctx: _Run) -> str:
+    p, lat = ctx.s.prune, ctx.s.latency
+    if p.ratio is not None:
+        return f"ratio={p.ratio}"
+    if _latency_target(ctx.s):
+        what = (f"target_latency={lat.target_latency}" if lat.target_latency is not None
+                else f"target_ms={lat.target_ms}")
+        return f"{what} on {lat.runtime}{' INT8' if lat.int8 else ''}"
+    return f"target_macs={ctx.target_macs}"
+
+
+def _step_latency(ctx: _Run, step: int, steps: int) -> LatencyOptions:
+    """The latency options of prune step ``step`` of ``steps``: ``1 - (1 - target) * step / steps`` of the dense
+    latency of the input model's table (measured once, cached; INT8 kernels with ``int8``)."""
+    lat = ctx.s.latency
+    if ctx.latency_table is None:
+        ctx.latency_table = build_table(ctx.model, imgsz=ctx.s.train.imgsz, runtime=lat.runtime, threads=lat.threads,
+                                        int8=lat.int8, progress=listening())
+    t = ctx.latency_table
+    target = lat.target_latency if lat.target_latency is not None else min(1.0, lat.target_ms / t.dense_ms)
+    return lat.replace(target_latency=1 - (1 - target) * step / steps, target_ms=None)
+
+
 def _prune_step(ctx: _Run, step: int, current: Any, prev_macs: float, base_macs: float, *,
                 folder: str | None = None) -> dict[str, Any]:
     p, steps = ctx.s.prune, ctx.s.prune.steps
-    if p.ratio is not None:
+    lat = ctx.s.latency.replace(target_latency=None, target_ms=None, int8=False)  # (MACs: no table to measure)
+    if _latency_target(ctx.s):
+        step_kw = {"ratio": None, "target_macs": None}
+        lat = _step_latency(ctx, step, steps)
+    elif p.ratio is not None:
         step_kw = {"ratio": 1 - (1 - p.ratio) ** (1 / steps), "target_macs": None}
     else:
         goal = 1 - (1 - ctx.target_macs) * step / steps
         step_kw = {"target_macs": min(1.0, goal * base_macs / prev_macs), "ratio": None}
     threshold = ctx.threshold if step == 1 else None
-    res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), data=ctx.data, seed=ctx.s.train.seed,
+    res = prune(current, p.replace(steps=1, threshold=threshold, **step_kw), lat, data=ctx.data, seed=ctx.s.train.seed,
                 imgsz=ctx.s.train.imgsz, project=ctx.save_dir / "prune", name=folder or f"step{step}", exist_ok=True,
-                progress=listening())
+                progress=listening(), latency_table=ctx.latency_table)
     record = {"step": step, "checkpoint": str(res.checkpoint), "macs": res.macs_after, "params": res.params_after,
               "size_mb": res.size_mb_after, "macs_fraction": res.macs_after / base_macs, "prune_seconds": res.seconds,
               "prune_timings": res.timings, "prune_total_seconds": res.total_seconds,
-              "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free,
+              "macs_fraction_free": res.macs_ratio_free, "channels_free": res.channels_free, "latency": res.latency,
               "layers": [dataclasses.asdict(x) for x in res.layers]}
     v = evaluate(res.model, ctx.data, save_dir=res.save_dir / "val", **ctx.val_kw)
     maps = val_maps(v)
@@ -284,7 +333,7 @@ def _finetune(ctx: _Run, checkpoint: str) -> dict[str, Any] | None:
     ft = ctx.state.done("finetune")
     epochs = ctx.s.stage.finetune_epochs
     if ft is None and epochs > 0:
-        LOGGER.info("[4/6] finetune: %d epochs", epochs)
+        LOGGER.info("%s finetune: %d epochs", ctx.step(4), epochs)
         ft = ctx.state.finish("finetune", ctx.training("finetune", "final", finetune, checkpoint, epochs))
     return ft
 
@@ -292,7 +341,7 @@ def _finetune(ctx: _Run, checkpoint: str) -> dict[str, Any] | None:
 def _val(ctx: _Run, final: Path) -> dict[str, Any]:
     va = ctx.state.done("val")
     if va is None:
-        LOGGER.info("[5/6] val: COCO evaluation of %s", final)
+        LOGGER.info("%s val: COCO evaluation of %s", ctx.step(5), final)
         v = evaluate(final, ctx.data, save_dir=ctx.save_dir / "val", **ctx.val_kw)
         st = model_stats(final, imgsz=ctx.s.train.imgsz)
         va = ctx.state.finish("val", {**val_maps(v), "params": st.params, "macs": st.macs,
@@ -300,12 +349,27 @@ def _val(ctx: _Run, final: Path) -> dict[str, Any]:
     return va
 
 
+def _quantize(ctx: _Run, final: Path) -> dict[str, Any] | None:
+    """``int8=True``: the final model as an INT8 export for ``runtime``, against the dense FP32 export (stage
+    ``quantize``)."""
+    q8 = ctx.state.done("quantize")
+    lat = ctx.s.latency
+    if q8 is None and lat.int8:
+        LOGGER.info("%s quantize: INT8 export for %s, COCO evaluation, latency against the dense FP32 export",
+                    ctx.step(6), lat.runtime)
+        res = quantize_stage(final, ctx.model, ctx.data, runtime=lat.runtime, save_dir=ctx.save_dir / "quantize",
+                             imgsz=ctx.s.train.imgsz, calib_images=ctx.s.prune.calib_images, seed=ctx.s.train.seed,
+                             threads=lat.threads, bench=ctx.s.bench,
+                             val_kw=ctx.val_kw, progress=ctx.s.run.verbose or listening())
+        q8 = ctx.state.finish("quantize", res.to_dict())
+    return q8
+
+
 def pipeline_from_cfg(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     """Run :func:`pipeline` from a merged CLI configuration (see :mod:`yolo_prune.config`)."""
-    if any(cfg.get(k) is not None for k in LatencyOptions.names() if k in ("target_latency", "target_ms")) \
-            or cfg.get("round_to") == "auto":
-        raise UsageError("the pipeline prunes to MACs targets only (latency targets and round_to=auto: run "
-                         "'yolo-prune prune target_latency=...', then 'yolo-prune finetune')")
+    if cfg.get("round_to") == "auto":
+        raise UsageError("the pipeline does not take round_to=auto (run 'yolo-prune prune round_to=auto ...', then "
+                         "'yolo-prune finetune'); latency targets (target_latency=, target_ms=) it takes")
     resume_dir = cfg["model"] if cfg["resume"] and Path(str(cfg["model"])).is_dir() else None  # model=<run folder>
     return pipeline(cfg["model"], cfg["data"], train_args=extra, save_dir=resume_dir, **config_keys(cfg))
 

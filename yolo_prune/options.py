@@ -166,7 +166,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           modes=_PRUNE | _STEPPED),
         K("calib_images", 64, "int", "images from the data's train split for method=activation|recon, compensate, "
           "recalibrate and allocation (the sensitivity probes use the first 32); export int8=True: the quantization's "
-          "calibration images (ultralytics' fraction= takes that fraction of the split instead)", "prune", lo=0,
+          "calibration images (ultralytics' fraction= takes that fraction of the split instead), and with "
+          "max_map_drop= also the number of val-split images the accuracy control scores each candidate on", "prune", lo=0,
           modes=_PRUNE | {"sensitivity", "sparsify", "export"}),
         K("compensate", "lstsq_seq", "str", "with data=: how the pruned model makes up for removed channels on "
           "calib_images: lstsq_seq (refit every conv layer by layer toward the dense model's outputs), lstsq (refit "
@@ -194,16 +195,18 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "form), loading then needs yolo-prune; also greg's plan (sparse), which then zeroes what portable pruning "
           "removes", "prune", modes=frozenset({"prune", "pipeline", "sparse"})),
         K("target_latency", None, "float", "fraction of the dense model's latency to keep, in (0, 1], measured on "
-          "`runtime` with `threads`; replaces target_macs", "latency", optional=True, lo=0, hi=1, bounds="(]",
-          modes=frozenset({"prune"})),
+          "`runtime` with `threads`; replaces target_macs (pipeline: reached in `steps` equal increments of the dense "
+          "latency, one table of the input model; int8=True: on INT8 kernels)", "latency", optional=True, lo=0, hi=1,
+          bounds="(]", modes=_PRUNE),
         K("target_ms", None, "float", "latency to reach in milliseconds on `runtime` with `threads`; replaces "
-          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=frozenset({"prune"})),
+          "target_macs", "latency", optional=True, lo=0, bounds="(]", modes=_PRUNE),
         K("runtime", "onnxruntime", "str", "where latency targets and round_to=auto are measured: onnxruntime, "
-          "openvino (pip install yolo-prune[openvino]), torch", "latency", choices=("onnxruntime", "openvino", "torch"),
+          "openvino (pip install yolo-prune[openvino]), torch; pipeline/demo with int8=True: the runtime the INT8 "
+          "stage exports for (openvino or onnxruntime) and measures on", "latency", choices=("onnxruntime", "openvino", "torch"),
           aliases={"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "pytorch": "torch"},
-          modes=frozenset({"prune"})),
+          modes=_PRUNE),
         K("threads", None, "int", "intra-op threads of the runtime for latency targets and mode=bench; empty: the "
-          "runtime's default", "latency", optional=True, lo=0, modes=frozenset({"prune", "bench"})),
+          "runtime's default", "latency", optional=True, lo=0, modes=_PRUNE | {"bench"}),
         K("latency_aware", False, "bool|float", "with a latency target: rank channels by importance per millisecond "
           "they cost (True), or by importance / ms**latency_aware (a number in (0, 1]); False: by importance alone",
           "latency", lo=0, hi=1, bounds="(]", modes=frozenset({"prune"})),
@@ -227,7 +230,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
         K("step_epochs", 1, "int", "pipeline/sparsify with steps>1: fine-tuning epochs after each pruning increment",
           "stage", lo=0, modes=_STEPPED),
         K("max_map_drop", None, "float", "pipeline/sparsify with steps>1: stop early and keep the last model whose "
-          "mAP50-95 dropped by at most this (absolute)", "stage", optional=True, lo=0, hi=1, modes=_STEPPED),
+          "mAP50-95 dropped by at most this (absolute, 0.01 = one point); export with int8=True format=openvino: "
+          "NNCF accuracy control keeps layers in FP32 until the INT8 mAP50-95, scored on calib_images val images, "
+          "is at most this below FP32's (int8_report.json lists them)", "stage", optional=True, lo=0, hi=1,
+          modes=_STEPPED | {"export"}),
         K("resume", False, "bool|str", "continue an interrupted run with its own settings (no data= needed): "
           "sparse/finetune from model=.../weights/last.pt (or the project/name run folder); pipeline/demo/sparsify "
           "from the last finished stage of model=<run folder> (or project/name); the API also takes the path of a "
@@ -270,11 +276,20 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "openvino", "bench", optional=True, modes=_STEPPED | {"bench"}),
         K("format", "onnx", "str", "export format for mode=export (any ultralytics export format)", "export",
           modes=frozenset({"export"})),
-        K("int8", False, "bool", "mode=export: post-training INT8 quantization of the export, calibrated on "
+        K("int8", False, "bool|str", "mode=export: post-training INT8 quantization of the export, calibrated on "
           "calib_images images of data's train split (needs data=); format=openvino: NNCF (pip install "
           "yolo-prune[openvino]), writes <name>_int8_openvino_model/; format=onnx: onnxruntime QDQ, per-channel "
-          "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float", "export",
-          modes=frozenset({"export"})),
+          "weights, writes <name>_int8.onnx; Detect's box/DFL decode and final concat stay float; pipeline/demo: "
+          "a quantize stage after val exports the final model INT8 for `runtime` (openvino|onnxruntime) and reports "
+          "its mAP, size and latency against the dense FP32 export; prune with target_latency/target_ms: the latency "
+          "table is measured on INT8 kernels of `runtime` and the pruned model is verified as an INT8 export; auto (the "
+          "demo's setting, demo only): True with runtime=openvino when openvino and nncf are installed, else False",
+          "latency", choices=(True, False, "auto"), modes=_PRUNE | {"export"}),
+        K("qat_epochs", 0, "int", "mode=export with int8=True: quantization-aware training first, for N epochs of "
+          "ultralytics' loop on data's train split with NNCF fake-quantizers (pruned shapes kept; the run folder is "
+          "<export folder>/qat; batch, workers, device and ultralytics train keys such as lr0 apply), then the trained "
+          "model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); 0: post-training quantization only",
+          "export", lo=0, modes=frozenset({"export"})),
     )),
 )
 

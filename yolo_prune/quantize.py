@@ -118,12 +118,12 @@ def quantize_onnx(src: str | Path, dst: str | Path, images: np.ndarray, *, head:
     out = onnx.load(str(dst))
     del out.metadata_props[:]
     for prop in model.metadata_props:
-        out.metadata_props.add(key=prop.key, value=_int8_args(prop.value) if prop.key == "args" else prop.value)
+        out.metadata_props.add(key=prop.key, value=int8_args(prop.value) if prop.key == "args" else prop.value)
     onnx.save(out, str(dst))
     return dst
 
 
-def _int8_args(text: str) -> str:
+def int8_args(text: str) -> str:
     """ultralytics' export args (a dict literal in the ONNX metadata) with ``quantize: 8``."""
     try:
         args = ast.literal_eval(text)
@@ -151,18 +151,44 @@ def quantize_openvino(src: str | Path, dst: str | Path, images: np.ndarray, *, h
     """Write the NNCF INT8 model of the FP32 OpenVINO folder ``src`` into the folder ``dst``, calibrated on
     ``images``; ``ignored`` (default: the decode tail of Detect layer ``head``) stays in float. ``metadata.yaml``
     is copied with its args marked ``quantize: 8``."""
-    ov, nncf = require_openvino(), require_nncf()
-    src, dst = Path(src), Path(dst)
-    xml = next(src.glob("*.xml"), None)
+    xml = openvino_xml(src)
+    model = require_openvino().Core().read_model(str(xml))
+    ignored = openvino_decode_tail(model, head) if ignored is None else list(ignored)
+    return save_openvino(ptq_openvino(model, images, ignored, verbose=verbose), src, dst)
+
+
+def openvino_xml(src: str | Path) -> Path:
+    """The ``.xml`` of the OpenVINO export folder ``src``."""
+    xml = next(Path(src).glob("*.xml"), None)
     if xml is None:
         raise OutputError(f"no OpenVINO model (.xml) in {src}")
-    model = ov.Core().read_model(str(xml))
-    ignored = openvino_decode_tail(model, head) if ignored is None else list(ignored)
-    with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
-        quantized = nncf.quantize(model, nncf.Dataset(list(images[:, None])), preset=nncf.QuantizationPreset.MIXED,
-                                  subset_size=len(images), ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    return xml
+
+
+def ptq_openvino(model: Any, images: np.ndarray, ignored: Sequence[str], *, verbose: bool = False) -> Any:
+    """NNCF post-training quantization of the ``ov.Model`` (preset MIXED), ``ignored`` ops kept in float."""
+    nncf = require_nncf()
+    with quiet_nncf(verbose):
+        return nncf.quantize(model, calibration_dataset(images), preset=nncf.QuantizationPreset.MIXED,
+                             subset_size=len(images), ignored_scope=ignored_scope(ignored))
+
+
+def calibration_dataset(images: np.ndarray) -> Any:
+    """The calibration images as an ``nncf.Dataset`` of ``(1, 3, h, w)`` inputs."""
+    return require_nncf().Dataset(list(images[:, None]))
+
+
+def ignored_scope(names: Sequence[str]) -> Any:
+    """An ``nncf.IgnoredScope`` of op names (not checked against the model: the decode tail differs per head)."""
+    return require_nncf().IgnoredScope(names=list(names), validate=False)
+
+
+def save_openvino(model: Any, src: str | Path, dst: str | Path) -> Path:
+    """Save the quantized ``ov.Model`` into the folder ``dst`` under the name of ``src``'s model, with ``src``'s
+    ``metadata.yaml`` marked ``quantize: 8``."""
+    src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(dst / xml.name), compress_to_fp16=False)
+    require_openvino().save_model(model, str(dst / openvino_xml(src).name), compress_to_fp16=False)
     meta = src / "metadata.yaml"
     if meta.is_file():
         data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
@@ -188,6 +214,13 @@ def quantize_export(fp32: Path, fmt: str, images: np.ndarray, *, head: int, verb
         out = quantize_onnx(fp32, dst, images, head=head)
         fp32.unlink()
     return out
+
+
+@contextlib.contextmanager
+def quiet_nncf(verbose: bool = False) -> Iterator[None]:
+    """NNCF's log lines and progress bars, shown only with ``verbose``."""
+    with _quiet_logging("nncf", verbose), _quiet_streams(verbose):
+        yield
 
 
 @contextlib.contextmanager

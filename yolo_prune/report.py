@@ -63,13 +63,15 @@ def timings_markdown(timings: dict[str, float], total: float | None) -> str:
 def _latency_markdown(lat: dict) -> str:
     """The latency section of a prune report: the table's setting, predicted and measured latency."""
     threads = lat.get("threads") or "default"
-    rows = [("predicted (latency table)", lat.get("dense_ms"), lat.get("predicted_ms"), lat.get("predicted_ratio"))]
+    int8 = " INT8" if lat.get("int8") else ""
+    rows = [(f"predicted ({int8.strip() + ' ' if int8 else ''}latency table)", lat.get("dense_ms"),
+             lat.get("predicted_ms"), lat.get("predicted_ratio"))]
     if lat.get("measured_ms") is not None:
-        rows.append(("measured (exported models, interleaved)", lat["measured_dense_ms"], lat["measured_ms"],
-                     lat["measured_ratio"]))
+        rows.append((f"measured ({'INT8 ' if int8 else ''}exported models, interleaved)", lat["measured_dense_ms"],
+                     lat["measured_ms"], lat["measured_ratio"]))
     spread = lat.get("measured_spread") or {}
     text = [
-        f"Runtime {lat.get('runtime')} {lat.get('runtime_version')}, {threads} thread(s), imgsz {lat.get('imgsz')}, "
+        f"Runtime {lat.get('runtime')} {lat.get('runtime_version')}{int8}, {threads} thread(s), imgsz {lat.get('imgsz')}, "
         f"clock {lat.get('clock')}, CPU {lat.get('cpu')}.",
         "",
         markdown_table(rows, header=("latency (ms)", "dense", "pruned", "ratio")),

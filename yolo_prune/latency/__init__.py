@@ -26,7 +26,7 @@ latency, with and without the calibration).
 
 Timing: interleaved rounds, medians. ``clock="auto"`` uses the process CPU time with one thread (equal to the
 latency of a quiet machine, and stable while other processes share the cores) and the wall clock with more.
-Tables are cached per (architecture, imgsz, runtime, threads, clock, CPU, runtime version) in
+Tables are cached per (architecture, imgsz, runtime, threads, clock, CPU, runtime version, INT8 or not) in
 ``$YOLO_PRUNE_CACHE/latency`` (default ``~/.cache/yolo_prune/latency``).
 
 Modules, bottom-up (this package sits above :mod:`yolo_prune.pruning`, whose traced graph it measures; the

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bench import check_threads, interleaved_times, make_runner, torch_threads
+from ..bench import check_threads, export_runner, interleaved_times, make_runner, torch_threads
+from ..deploy import export_model
 from ..errors import UsageError
 from ..logs import LOGGER, Progress
 from ..pruning.graph import build_graph, prepare
+from ..quantize import quantize_export
 from ..forms import as_detection_model
 from ..stats import input_channels
 from .convs import ConvSpec, architecture_hash, conv_specs
@@ -42,23 +44,39 @@ def prepared_model(model: Any) -> nn.Module:
 
 
 def table_key(specs: Sequence[ConvSpec], *, imgsz: int, runtime: str, threads: int | None, clock: str,
-              points: int, min_fraction: float, in_context: bool = True, calibrate: int = 0) -> str:
-    """The cache key: architecture, imgsz, runtime (and version), threads, clock, CPU model, grid settings."""
+              points: int, min_fraction: float, in_context: bool = True, calibrate: int = 0, int8: bool = False) -> str:
+    """The cache key: architecture, imgsz, runtime (and version), threads, clock, CPU model, grid settings, and
+    INT8 (FP32 and INT8 tables never share a key; FP32 keys are those of tables measured before INT8 existed)."""
     return architecture_hash(specs, (imgsz, runtime, runtime_version(runtime), threads, clock, cpu_model(), points,
-                                     min_fraction, in_context, calibrate, TABLE_VERSION))
+                                     min_fraction, in_context, calibrate, TABLE_VERSION) + (("int8",) if int8 else ()))
 
 
-def whole_model_runner(runtime: str, model: nn.Module, imgsz: int, folder: Path, threads: int | None):
-    """A runner of the whole model (exported as users deploy it) in ``runtime``, on a fixed random image."""
+def whole_model_runner(runtime: str, model: nn.Module, imgsz: int, folder: Path, threads: int | None, *,
+                       int8: bool = False):
+    """A runner of the whole model (exported as users deploy it) in ``runtime``, on a fixed random image;
+    ``int8``: its INT8 export (:func:`int8_export`)."""
     x = torch.rand(1, input_channels(model), imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+    if int8:
+        return export_runner(int8_export(runtime, model, imgsz, folder), x.numpy(), threads)
     return make_runner(_BACKEND[runtime], model, x, folder, threads)
 
 
+def int8_export(runtime: str, model: nn.Module, imgsz: int, folder: Path, samples: int = 4) -> Path:
+    """``model`` exported INT8 for ``runtime`` as ``export int8=True`` does (onnxruntime QDQ / NNCF, Detect's decode
+    in float), calibrated on ``samples`` random images: latency does not depend on the calibration's values."""
+    if runtime not in ("onnxruntime", "openvino"):
+        raise UsageError(f"int8=True latency: runtime={runtime} has no INT8 path here; use onnxruntime or openvino")
+    fmt = _BACKEND[runtime]
+    fp32 = export_model(model, format=fmt, imgsz=imgsz, save_dir=folder)
+    images = np.random.default_rng(0).random((samples, input_channels(model), imgsz, imgsz), dtype=np.float32)
+    return quantize_export(fp32, fmt, images, head=len(model.model) - 1)
+
+
 def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int, threads: int | None,
-                   clock: str = "auto", runs: int = 20, warmup: int = 3,
-                   progress: bool = False) -> dict[str, list[float]]:
+                   clock: str = "auto", runs: int = 20, warmup: int = 3, progress: bool = False,
+                   int8: bool = False) -> dict[str, list[float]]:
     """Milliseconds of every model's runs in ``runtime``, interleaved (the first model is usually the dense one);
-    ``progress``: progress lines of the rounds."""
+    ``progress``: progress lines of the rounds; ``int8``: their INT8 exports."""
     runtime = check_runtime(runtime)
     threads = check_threads(threads)
     clock = resolve_clock(clock, threads)
@@ -66,7 +84,7 @@ def measure_models(models: Mapping[str, nn.Module], *, runtime: str, imgsz: int,
     try:
         with tempfile.TemporaryDirectory(prefix="yolo-prune-latency-") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runners = {name: whole_model_runner(runtime, m, imgsz, Path(tmp) / str(i), threads)
+            runners = {name: whole_model_runner(runtime, m, imgsz, Path(tmp) / str(i), threads, int8=int8)
                        for i, (name, m) in enumerate(models.items())}
             with torch_threads(threads or before):
                 return interleaved_times(runners, runs=runs, warmup=warmup, progress=progress, clock=clock)
@@ -91,7 +109,7 @@ class Measurement:
 
 def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: int = 640, runtime: str = "onnxruntime",
                 threads: int | None = None, cache: bool = True, rebuild: bool = False, progress: bool = False,
-                **overrides: Any) -> LatencyTable:
+                int8: bool = False, **overrides: Any) -> LatencyTable:
     """Measure (or load from the cache) the latency table of ``model`` at ``imgsz`` on ``runtime``.
 
     ``model`` is the dense model (path, YOLO or DetectionModel; never modified). ``points`` grid widths per
@@ -101,6 +119,10 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
     pruned variants measured with the dense model to fit the in-context scale and the fixed part
     (:func:`calibrate_table`; 0: fixed part = dense time - table sum at the dense widths, scale 1). These knobs
     are the fields of :class:`Measurement`, given as an object or by name in ``overrides``.
+
+    ``int8``: the table of the runtime's INT8 kernels (onnxruntime or openvino): every probe conv and every whole
+    model quantized as ``export int8=True`` quantizes them; INT8 kernels have their own width quanta and cost
+    ratios. Cached apart from the FP32 table.
     """
     m = dataclasses.replace(measurement or Measurement(), **overrides)
     clock, points, min_fraction, runs, warmup = m.clock, m.points, m.min_fraction, m.runs, m.warmup
@@ -108,14 +130,17 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
     runtime = check_runtime(runtime)
     threads = check_threads(threads)
     clock = resolve_clock(clock, threads)
+    if int8 and runtime == "torch":
+        raise UsageError("int8=True latency tables: torch has no INT8 path here; use runtime=onnxruntime or "
+                         "runtime=openvino")
     if not isinstance(imgsz, int) or imgsz < 32 or imgsz % 32:
         raise UsageError(f"imgsz={imgsz!r} must be a multiple of 32")
     module = prepared_model(model)
     graph = build_graph(module, imgsz=trace_imgsz)
     specs = conv_specs(module, graph, imgsz, trace_imgsz)
     key = table_key(specs, imgsz=imgsz, runtime=runtime, threads=threads, clock=clock, points=points,
-                    min_fraction=min_fraction, in_context=in_context, calibrate=calibrate)
-    path = cache_dir() / f"{runtime}-t{threads or 0}-{clock}-{imgsz}-{key}.json"
+                    min_fraction=min_fraction, in_context=in_context, calibrate=calibrate, int8=int8)
+    path = cache_dir() / f"{runtime}{'-int8' if int8 else ''}-t{threads or 0}-{clock}-{imgsz}-{key}.json"
     if cache and not rebuild and path.is_file():
         try:
             (LOGGER.info if progress else LOGGER.debug)("latency table: %s (cached)", path)
@@ -125,7 +150,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     convs: dict[str, ConvTable] = {}
-    kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context, min_fraction=min_fraction)
+    kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context, min_fraction=min_fraction, int8=int8)
     try:
         with Progress(f"latency table {runtime}", 2 * len(specs), unit="conv measurements", enabled=progress) as bar:
             probes = {}
@@ -140,7 +165,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
         # the reference is the model as given (C2f's first conv whole), not its prunable form
         if not calibrate:
             dense = measure_models({"dense": dense_model(model)}, runtime=runtime, imgsz=imgsz, threads=threads,
-                                   clock=clock, runs=dense_runs, warmup=warmup, progress=progress)["dense"]
+                                   clock=clock, runs=dense_runs, warmup=warmup, progress=progress, int8=int8)["dense"]
     finally:
         torch.set_num_threads(before)
     dense_ms = float(np.median(dense)) if not calibrate else float("nan")
@@ -150,7 +175,7 @@ def build_table(model: Any, measurement: Measurement | None = None, *, imgsz: in
         runtime_version=runtime_version(runtime), dense_ms=dense_ms, conv_ms=conv_ms, fixed_ms=dense_ms - conv_ms,
         dense_spread=float((np.percentile(dense, 90) - np.percentile(dense, 10)) / dense_ms) if not calibrate else 0.0,
         build_seconds=time.perf_counter() - t0, created=time.strftime("%Y-%m-%d %H:%M:%S"), common_quantum=common_q,
-        convs=convs)
+        convs=convs, int8=int8)
     if calibrate:
         calibrate_table(result, model, n=calibrate, runs=dense_runs, warmup=warmup, progress=progress)
         result.build_seconds = time.perf_counter() - t0
@@ -185,7 +210,7 @@ def calibrate_table(table: LatencyTable, model: Any, *, n: int = 6, seed: int = 
         models[f"c{i}"] = v
         sums[f"c{i}"] = table.conv_sum(model_widths(v, table.convs))
     times = measure_models(models, runtime=table.runtime, imgsz=table.imgsz, threads=table.threads,
-                           clock=table.clock, runs=runs, warmup=warmup, progress=progress)
+                           clock=table.clock, runs=runs, warmup=warmup, progress=progress, int8=table.int8)
     med = {k: float(np.median(v)) for k, v in times.items()}
     dense = times["dense"]
     table.dense_ms = med["dense"]
@@ -245,7 +270,7 @@ def validate_table(model: Any, table: LatencyTable, *, n: int = 10, seed: int = 
         variants[f"v{i}"] = random_variant(module, table, rng)
     t0 = time.perf_counter()
     times = measure_models(variants, runtime=table.runtime, imgsz=table.imgsz, threads=table.threads,
-                           clock=table.clock, runs=runs, warmup=warmup)
+                           clock=table.clock, runs=runs, warmup=warmup, int8=table.int8)
     dense_ms = float(np.median(times["dense"]))
     rows = []
     for name, m in variants.items():

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..bench import openvino_compiled
 from ..errors import UsageError
+from ..quantize import quantize_onnx
 from ..runtimes import require_openvino
 
 
@@ -87,6 +89,18 @@ def conv_onnx(cin: int, cout: int, kernel: int, stride: int, size: int, groups: 
     return model.SerializeToString()
 
 
+def int8_onnx(model: bytes, cin: int, size: int, *, samples: int = 4, seed: int = 0) -> bytes:
+    """The INT8 form of an FP32 ONNX model with one input ``1 x cin x size x size``, quantized as
+    ``yolo-prune export int8=True format=onnx`` quantizes (onnxruntime QDQ, per-channel int8 weights, uint8
+    activations: U8S8), calibrated on ``samples`` random images in [0, 1)."""
+    images = np.random.default_rng(seed).random((samples, cin, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="yolo-prune-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model)
+        quantize_onnx(src, dst, images, head=0, exclude=[])
+        return dst.read_bytes()
+
+
 class ConvBench:
     """One conv (cin -> cout at ``size`` x ``size``, + bias + SiLU) as a tiny model in ``runtime``; call to run it.
 
@@ -95,11 +109,17 @@ class ConvBench:
     which the whole model does not pay per conv. :meth:`share` is the fraction of the runtime's own time
     spent in the conv's nodes (from the runtime's per-node profile), so ``time * share`` is the conv's cost in
     context. torch eager has no such conversions (share 1).
+
+    ``int8``: the conv quantized as the INT8 export quantizes it (:func:`int8_onnx`; QDQ nodes around conv and
+    SiLU), run by onnxruntime's INT8 kernels or by OpenVINO, which turns the QDQ pairs into its INT8 convolution.
     """
 
     def __init__(self, runtime: str, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int,
-                 threads: int | None, *, profile_dir: str | Path | None = None):
+                 threads: int | None, *, profile_dir: str | Path | None = None, int8: bool = False):
         self.runtime = runtime
+        if int8 and runtime == "torch":
+            raise UsageError("int8=True latency tables: torch has no INT8 path here; use runtime=onnxruntime or "
+                             "runtime=openvino")
         x = np.random.default_rng(1).random((1, cin, size, size), dtype=np.float32)
         self._profile = None
         if runtime == "torch":
@@ -113,6 +133,8 @@ class ConvBench:
             self.run = run
             return
         model = conv_onnx(cin, cout, kernel, stride, size, groups)
+        if int8:
+            model = int8_onnx(model, cin, size)
         if runtime == "onnxruntime":
             import onnxruntime as ort
 

@@ -66,7 +66,8 @@ def _quantum(samples: Mapping[int, Sequence[float]], ref: int) -> tuple[int, boo
 
 
 def _timed(spec: ConvSpec, pairs: Iterable[tuple[int, int]], runtime: str, threads: int | None, *, clock: str,
-           runs: int, warmup: int, in_context: bool, budget_ms: float = 0.0) -> dict[tuple[int, int], list[float]]:
+           runs: int, warmup: int, in_context: bool, budget_ms: float = 0.0,
+           int8: bool = False) -> dict[tuple[int, int], list[float]]:
     """Milliseconds of the conv at each (cin, cout), interleaved; scaled to the conv's share of the runtime's time.
 
     With ``budget_ms``, fast convs get more rounds (up to 8x ``runs``) so that each point is timed for about
@@ -74,7 +75,8 @@ def _timed(spec: ConvSpec, pairs: Iterable[tuple[int, int]], runtime: str, threa
     """
     with tempfile.TemporaryDirectory(prefix="yolo-prune-conv-") as tmp:
         benches = {p: ConvBench(runtime, p[0], p[1], spec.kernel, spec.stride, spec.size,
-                                p[0] if spec.groups > 1 else 1, threads, profile_dir=tmp if in_context else None)
+                                p[0] if spec.groups > 1 else 1, threads, profile_dir=tmp if in_context else None,
+                                int8=int8)
                    for p in dict.fromkeys(pairs)}
         n = runs
         if budget_ms > 0:
@@ -98,8 +100,10 @@ class Probe:
 
 
 def probe_quanta(spec: ConvSpec, runtime: str, threads: int | None, *, clock: str, runs: int = 7, warmup: int = 2,
-                 min_fraction: float = 0.25, in_context: bool = True, budget_ms: float = 20.0) -> Probe:
-    """Time the conv narrowed by 0, 4, 8, 16, 32 channels on each prunable side; see :func:`_quantum`."""
+                 min_fraction: float = 0.25, in_context: bool = True, budget_ms: float = 20.0,
+                 int8: bool = False) -> Probe:
+    """Time the conv narrowed by 0, 4, 8, 16, 32 channels on each prunable side; see :func:`_quantum`. ``int8``:
+    the conv's INT8 form (:class:`ConvBench`), whose kernels block channels differently."""
 
     def probe(full: int, make: Callable[[int], tuple[int, int]]) -> tuple[int, bool]:
         ref = (full // 32) * 32 if full % 32 and full >= 64 else full  # a multiple of 32 when there is room
@@ -107,7 +111,7 @@ def probe_quanta(spec: ConvSpec, runtime: str, threads: int | None, *, clock: st
         if len(widths) < 2:
             return 1, False
         t = _timed(spec, [make(w) for w in widths], runtime, threads, clock=clock, runs=2 * runs, warmup=warmup,
-                   in_context=in_context, budget_ms=budget_ms)
+                   in_context=in_context, budget_ms=budget_ms, int8=int8)
         return _quantum({w: t[make(w)] for w in widths}, ref)
 
     result = Probe()
@@ -124,13 +128,13 @@ def probe_quanta(spec: ConvSpec, runtime: str, threads: int | None, *, clock: st
 
 def measure_conv(spec: ConvSpec, runtime: str, threads: int | None, *, clock: str, points: int = 4,
                  min_fraction: float = 0.25, runs: int = 7, warmup: int = 2, in_context: bool = True,
-                 probe: Probe | None = None) -> ConvTable:
+                 probe: Probe | None = None, int8: bool = False) -> ConvTable:
     """Time the conv over the width grid on multiples of its quanta (``probe``, measured when not given).
 
     ``in_context``: count only the conv's own nodes (see :class:`ConvBench`), not the layout conversions of the
     tiny model; ``False`` keeps the tiny model's whole time.
     """
-    kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context)
+    kw = dict(clock=clock, runs=runs, warmup=warmup, in_context=in_context, int8=int8)
     if probe is None:
         probe = probe_quanta(spec, runtime, threads, min_fraction=min_fraction, **kw)
     q_in, q_out = probe.q_in, probe.q_out

@@ -88,6 +88,7 @@ class LatencyTable:
     created: str
     common_quantum: int = 16  # the runtime-wide quantum (used for convs too small to measure their own)
     scale: float = 1.0  # in-context scale of the convs' isolated times (fitted on calibration variants)
+    int8: bool = False  # measured on the runtime's INT8 kernels (convs and whole models quantized as exported)
     calibration: dict[str, Any] | None = dataclasses.field(repr=False, default=None)
     convs: dict[str, ConvTable] = dataclasses.field(repr=False, default_factory=dict)
     validation: dict[str, Any] | None = dataclasses.field(repr=False, default=None)
@@ -121,7 +122,8 @@ class LatencyTable:
         return entry.q_out if is_out else entry.q_in
 
     def rows(self) -> list[tuple[str, Any]]:
-        rows = [("runtime", f"{self.runtime} {self.runtime_version}"), ("threads", self.threads or "default"),
+        rows = [("runtime", f"{self.runtime} {self.runtime_version}{' INT8' if self.int8 else ''}"),
+                ("threads", self.threads or "default"),
                 ("imgsz", self.imgsz), ("clock", self.clock), ("cpu", self.cpu), ("convs in table", len(self.convs)),
                 ("dense measured (ms)", self.dense_ms), ("convs at dense widths (ms)", self.conv_ms),
                 ("in-context scale", self.scale), ("fixed part (ms)", self.fixed_ms), ("fixed share", self.fixed_share),
@@ -144,14 +146,14 @@ class LatencyTable:
                 "dense_ms": self.dense_ms, "conv_ms": self.conv_ms, "fixed_ms": self.fixed_ms,
                 "fixed_share": self.fixed_share, "dense_spread": self.dense_spread,
                 "build_seconds": self.build_seconds, "created": self.created, "common_quantum": self.common_quantum,
-                "scale": self.scale, "calibration": self.calibration, "convs": {n: c.to_dict() for n, c in self.convs.items()}, "validation": self.validation}
+                "scale": self.scale, "int8": self.int8, "calibration": self.calibration, "convs": {n: c.to_dict() for n, c in self.convs.items()}, "validation": self.validation}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyTable:
         keys = ("runtime", "threads", "imgsz", "clock", "key", "cpu", "runtime_version", "dense_ms", "conv_ms",
                 "fixed_ms", "dense_spread", "build_seconds", "created")
         return cls(**{k: d[k] for k in keys}, common_quantum=d.get("common_quantum", 16), scale=d.get("scale", 1.0),
-                   calibration=d.get("calibration"), validation=d.get("validation"),
+                   int8=bool(d.get("int8", False)), calibration=d.get("calibration"), validation=d.get("validation"),
                    convs={n: ConvTable.from_dict(c) for n, c in d["convs"].items()})
 
     def save(self, path: str | Path) -> Path:

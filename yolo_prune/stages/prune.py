@@ -107,11 +107,11 @@ class PruneResult(Result):
             rows.append(row("mAP50-95 without BN re-estimation", self.map50_95_before, self.map50_95_no_recalibration))
             rows.append(row("mAP50 without BN re-estimation", self.map50_before, self.map50_no_recalibration))
         lat = self.latency or {}
+        where = f"{lat.get('runtime')}{' INT8' if lat.get('int8') else ''} {lat.get('threads') or 'default'} thr"
         if lat.get("predicted_ms") is not None:
-            where = f"{lat['runtime']} {lat['threads'] or 'default'} thr"
             rows.append(row(f"latency {where} predicted (ms)", lat["dense_ms"], lat["predicted_ms"]))
         if lat.get("measured_ms") is not None:
-            rows.append(("latency " + f"{lat['runtime']} {lat['threads'] or 'default'} thr measured (ms)",
+            rows.append((f"latency {where} measured (ms)",
                          lat["measured_dense_ms"], lat["measured_ms"], lat["measured_ratio"]))
         return rows
 
@@ -260,10 +260,8 @@ def prune(model: Any, *options: Options, data: str | Path | None = None, validat
             module = copy.deepcopy(yolo.model).float().cpu().eval()
             for param in module.parameters():
                 param.requires_grad_(True)
-        latency = _latency_cost(yolo.model, target_latency=lat.target_latency, target_ms=lat.target_ms,
-                                runtime=lat.runtime, threads=lat.threads, round_to=p.round_to, ratio=p.ratio,
-                                imgsz=t.imgsz, aware=lat.latency_aware, table=latency_table, progress=progress,
-                                timings=timings)
+        latency = _latency_cost(yolo.model, lat, round_to=p.round_to, ratio=p.ratio, imgsz=t.imgsz,
+                                table=latency_table, progress=progress, timings=timings)
         calib = _calibration(p.method or "auto", data, n=p.calib_images, imgsz=t.imgsz, seed=t.seed,
                              progress=progress, timings=timings)
         save_dir = run_dir(s.run.project, "prune", s.run.name, exist_ok=s.run.exist_ok) if save else None
@@ -453,33 +451,41 @@ def write_report(result: PruneResult, save_dir: Path) -> None:
     plot_layer_channels(result.layers, save_dir / "channels.png")
 
 
-def _latency_cost(dense: Any, *, target_latency: float | None, target_ms: float | None, runtime: str,
-                  threads: int | None, round_to: Any, ratio: float | None, imgsz: int, aware: bool | float, table: Any,
+def _latency_cost(dense: Any, lat: LatencyOptions, *, round_to: Any, ratio: float | None, imgsz: int, table: Any,
                   progress: bool, timings: Timings) -> Any:
-    """The latency model for a latency target or round_to=auto (None when neither is asked for). The values were
-    checked by the schema (:class:`~yolo_prune.options.LatencyOptions`); only their combination is checked here."""
+    """The latency model for a latency target or round_to=auto (None when neither is asked for), on ``lat.runtime``
+    (INT8 kernels with ``lat.int8``). The values were checked by the schema (``lat``); only their combination is
+    checked here."""
+    target_latency, target_ms, int8 = lat.target_latency, lat.target_ms, lat.int8
     if target_latency is not None and target_ms is not None:
         raise UsageError("give target_latency (a fraction of the dense latency) or target_ms, not both")
-    runtime = check_runtime(runtime)
-    threads = check_threads(threads)
+    runtime = check_runtime(lat.runtime)
+    threads = check_threads(lat.threads)
     wants_target = ratio is None and (target_latency is not None or target_ms is not None)
     if not wants_target and round_to != "auto":
+        if int8:
+            LOGGER.warning("int8=True in mode prune measures latency targets and round_to=auto on INT8 kernels; "
+                           "without either it changes nothing (export the pruned model with int8=True)")
         return None
     with timings("latency_table"):
         if isinstance(table, (str, Path)):
             table = LatencyTable.load(table)
         if table is None:
-            table = build_table(dense, imgsz=imgsz, runtime=runtime, threads=threads, progress=progress)
+            table = build_table(dense, imgsz=imgsz, runtime=runtime, threads=threads, progress=progress, int8=int8)
+    if bool(table.int8) != bool(int8):
+        raise UsageError(f"the latency table {table.path or ''} was measured {'in INT8' if table.int8 else 'in FP32'}"
+                         f" but int8={int8}: give a table measured with int8={not table.int8}, or none")
     target = None
     if wants_target:
         target = float(target_latency) if target_latency is not None else min(1.0, float(target_ms) / table.dense_ms)
-    return LatencyCost(table, target, aware=aware)
+    return LatencyCost(table, target, aware=lat.latency_aware)
 
 
 def _latency_summary(latency: Any, module: Any, target_latency: float | None, target_ms: float | None) -> dict:
     t = latency.table
     predicted = t.predict_model(module)
-    return {"runtime": t.runtime, "runtime_version": t.runtime_version, "threads": t.threads, "imgsz": t.imgsz,
+    return {"runtime": t.runtime, "runtime_version": t.runtime_version, "int8": t.int8, "threads": t.threads,
+            "imgsz": t.imgsz,
             "clock": t.clock, "cpu": t.cpu, "target_latency": target_latency, "target_ms": target_ms,
             "target_fraction": latency.target, "latency_aware": latency.aware, "dense_ms": t.dense_ms,
             "fixed_ms": t.fixed_ms, "fixed_share": t.fixed_share, "predicted_ms": predicted,
@@ -489,17 +495,19 @@ def _latency_summary(latency: Any, module: Any, target_latency: float | None, ta
 
 
 def _verify_latency(result: PruneResult, dense: Any, pruned: Any, latency: Any, runs: int = 20) -> None:
-    """Measure the exported dense and pruned models in the table's runtime, interleaved (medians)."""
+    """Measure the exported dense and pruned models in the table's runtime, interleaved (medians); with an INT8
+    table, both as INT8 exports (predicted from the INT8 table vs measured on the INT8 models)."""
     import numpy as np
 
     t = latency.table
     times = measure_models({"dense": dense, "pruned": pruned}, runtime=t.runtime, imgsz=t.imgsz, threads=t.threads,
-                           clock=t.clock, runs=runs)
+                           clock=t.clock, runs=runs, int8=t.int8)
     d, p = float(np.median(times["dense"])), float(np.median(times["pruned"]))
     spread = {k: float((np.percentile(v, 90) - np.percentile(v, 10)) / np.median(v)) for k, v in times.items()}
     result.latency.update(measured_dense_ms=d, measured_ms=p, measured_ratio=p / d, measured_runs=runs,
                           measured_spread=spread)
-    LOGGER.info("latency on %s: predicted %.3f, measured %.3f of the dense model (%.1f -> %.1f ms)", t.runtime,
+    LOGGER.info("latency on %s%s: predicted %.3f, measured %.3f of the dense model (%.1f -> %.1f ms)", t.runtime,
+                " INT8" if t.int8 else "",
                 result.latency["predicted_ratio"], p / d, d, p)
     if max(spread.values()) > NOISY:
         LOGGER.warning("the latency measurements varied by up to %.0f%%: the machine is busy, measured and predicted "

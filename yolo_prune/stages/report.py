@@ -100,7 +100,8 @@ def _ratio(a: Any, b: Any) -> float | None:
     return (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
 
 
-def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int) -> list[tuple[str, Any, Any, Any]]:
+def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int,
+          int8: dict | None = None) -> list[tuple[str, Any, Any, Any]]:
     rows = [
         ("params (M)", base["params"] / 1e6, val["params"] / 1e6),
         (f"GMACs @{imgsz}", base["macs"] / 1e9, val["macs"] / 1e9),
@@ -115,7 +116,33 @@ def _rows(base: dict, kept: dict, val: dict, bench: dict | None, imgsz: int) -> 
         if latency_of(bench, "dense", backend) is not None:
             rows.append((f"CPU latency {backend} (ms)", latency_of(bench, "dense", backend),
                          latency_of(bench, "pruned", backend)))
+    rows += latency_rows(kept.get("latency"))
+    rows += int8_rows(base, int8)
     return [(k, a, b, _ratio(a, b)) for k, a, b in rows]
+
+
+def latency_rows(lat: dict | None) -> list[tuple[str, Any, Any]]:
+    """A latency target's rows: predicted (the input model's table) and measured (exports of the model before and
+    after the kept prune step, interleaved) milliseconds on the table's runtime, INT8 kernels with ``int8``."""
+    if not lat or lat.get("predicted_ms") is None:
+        return []
+    where = f"{lat['runtime']}{' INT8' if lat.get('int8') else ''}"
+    rows = [(f"latency {where} predicted (ms)", lat["dense_ms"], lat["predicted_ms"])]
+    if lat.get("measured_ms") is not None:
+        rows.append((f"latency {where} measured (ms)", lat["measured_dense_ms"], lat["measured_ms"]))
+    return rows
+
+
+def int8_rows(base: dict, int8: dict | None) -> list[tuple[str, Any, Any]]:
+    """The INT8 stage's rows: the final model's INT8 export (after) against the dense FP32 model (before): its mAP
+    (the dense checkpoint's), its FP32 export's size and latency on the same runtime."""
+    if not int8:
+        return []
+    rt = int8["runtime"]
+    return [(f"INT8 {rt} mAP50-95", base["map50_95"], int8["map50_95"]),
+            (f"INT8 {rt} mAP50", base["map50"], int8["map50"]),
+            (f"INT8 {rt} size (MB)", int8["dense_size_mb"], int8["size_mb"]),
+            (f"INT8 {rt} latency (ms)", int8["dense_latency_ms"], int8["latency_ms"])]
 
 
 def _plots(save_dir: Path, base: dict, prune: dict, kept: dict, val: dict) -> None:
@@ -158,15 +185,18 @@ def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict
                     val: dict, bench: dict | None, final: Path, imgsz: int, seconds: float,
                     warning: list[str] | None = None) -> PipelineResult:
     """Write ``report.json``, ``report.md``, ``layers.csv`` and the plots; return the result table. ``warning``
-    (from :func:`verdict`) heads the report when the final model is worse than the input."""
+    (from :func:`verdict`) heads the report when the final model is worse than the input; the INT8 stage's record in
+    ``state`` (``quantize``) adds the INT8 rows, each against the dense FP32 model."""
+    int8 = state.done("quantize")
     warning = list(warning or [])
-    rows = _rows(base, kept, val, bench, imgsz)
+    rows = _rows(base, kept, val, bench, imgsz, int8)
     _plots(save_dir, base, prune, kept, val)
     sparse_lines = _sparse_section(save_dir, base, sparse, kept)
     report = {"save_dir": str(save_dir), "final_checkpoint": str(final), "seconds": seconds,
               "sparse_free_macs": (sparse or {}).get("free_macs_after"),
               "sparse_gamma_zero": (sparse or {}).get("gamma_zero_after"),
               "table": [dict(zip(("metric", "before", "after", "ratio"), r)) for r in rows], "warning": warning,
+              "int8": int8,
               "stages": state.data["stages"], "args": state.data["args"]}
     write_json(save_dir / "report.json", report)
     md = ["# yolo-prune pipeline report", "", f"final model: `{final}`", ""]
@@ -174,6 +204,10 @@ def pipeline_report(save_dir: Path, state: RunState, *, base: dict, sparse: dict
         md += [f"**Warning: {warning[0]}.**", ""] + [f"- {line}" for line in warning[1:]] + [""]
     md += [markdown_table(rows, header=("", "before", "after", "ratio")), "",
           "![channels kept per layer](channels.png)", "", "![mAP vs MACs](map_vs_macs.png)", ""]
+    if int8:
+        md[-4:-4] = [f"INT8 rows: the final model exported INT8 for {int8['runtime']} (`{int8['export']}`) against the "
+                     f"dense model (mAP of the checkpoint; size and latency of its FP32 {int8['runtime']} export, "
+                     f"timed interleaved, {int8['runs']} runs).", ""]
     md += sparse_lines
     if (save_dir / "gamma_hist.png").is_file():
         md += ["![BN gamma before/after sparsity training](gamma_hist.png)", ""]

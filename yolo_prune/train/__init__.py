@@ -7,6 +7,7 @@
 * both distil from a ``teacher=`` checkpoint on request (:mod:`yolo_prune.train.distill`, options grouped in
   :class:`DistillOptions`): output distillation of class scores and DFL box distributions, ultralytics' feature
   distillation, label-free mode;
+* :func:`qat_finetune` / :class:`QATTrainer`: fine-tuning with NNCF fake-quantizers (:mod:`yolo_prune.train.qat`);
 * both keep the checkpoint's architecture (:mod:`yolo_prune.train.keep_arch`) and a sparsified checkpoint's zeros
   (:mod:`yolo_prune.train.keep_zeros`); one run goes through :func:`yolo_prune.train.run.run_training` and returns
   a :class:`TrainResult` (:class:`SparseResult` for sparsity training, :mod:`yolo_prune.train.results`).
@@ -18,7 +19,8 @@ Every trainer is importable by module path (``yolo_prune.train.sparse.SparseTrai
 """
 
 from ..options import DistillOptions
-from .finetune import FinetuneOBBTrainer, FinetunePoseTrainer, FinetuneSegmentTrainer, FinetuneTrainer, finetune
+from .finetune import (FinetuneOBBTrainer, FinetunePoseTrainer, FinetuneSegmentTrainer, FinetuneTrainer, QATTrainer,
+                       finetune, qat_finetune)
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin
 from .results import SparseResult, TrainResult
@@ -45,6 +47,7 @@ __all__ = [
     "FinetuneTrainer",
     "KeepArchitectureMixin",
     "KeepZerosMixin",
+    "QATTrainer",
     "SparseResult",
     "SparseOBBTrainer",
     "SparsePoseTrainer",
@@ -56,6 +59,7 @@ __all__ = [
     "finetune",
     "gamma_stats",
     "l1_step",
+    "qat_finetune",
     "save_gamma_histogram",
     "sparse_train",
     "sr_at",

@@ -21,20 +21,22 @@ from ..options import DistillOptions, Options, RunOptions, TrainOptions, setting
 from .distill import DistillMixin, distill_options
 from .keep_arch import KeepArchitectureMixin
 from .keep_zeros import KeepZerosMixin
+from .qat import QATMixin
 from .results import TrainResult
 from .run import run_training
 
 __all__ = ["FINETUNE_TRAINERS", "FinetuneOBBTrainer", "FinetunePoseTrainer", "FinetuneSegmentTrainer", "FinetuneTrainer",
-           "finetune"]
+           "QATTrainer", "finetune", "qat_finetune"]
 
 
-class FinetuneTrainer(KeepZerosMixin, DistillMixin, KeepArchitectureMixin, DetectionTrainer):
+class FinetuneTrainer(QATMixin, KeepZerosMixin, DistillMixin, KeepArchitectureMixin, DetectionTrainer):
     """ultralytics ``DetectionTrainer`` that trains the (pruned) checkpoint in ``args.model`` as it is.
 
     Use like any ultralytics trainer: ``FinetuneTrainer(overrides={"model": "pruned.pt", "data": ...}).train()``.
     ``args.model`` must be a path (DDP workers and ``resume`` reload the architecture from it). With
     ``teacher=<checkpoint>`` it distils from that model (see :mod:`yolo_prune.train.distill`). The weights a
     ``yolo-prune sparsify`` checkpoint set to zero stay zero (:class:`~yolo_prune.train.keep_zeros.KeepZerosMixin`).
+    A quantization-aware trained checkpoint keeps training with its fake-quantizers (:mod:`yolo_prune.train.qat`).
     """
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None):
@@ -90,4 +92,20 @@ def finetune(model: Any, data: Any, *options: Options, **overrides: Any) -> Trai
     extra = distill_options(**s.distill.to_dict())
     _, result = run_training(FINETUNE_TRAINERS, "finetune", model, data, s.train, s.run, extra=extra,
                              train_args=train_args)
+    return result
+
+
+class QATTrainer(FinetuneTrainer):
+    """:class:`FinetuneTrainer` with quantization-aware training: NNCF fake-quantizers are inserted into the model
+    (:class:`~yolo_prune.train.qat.QATMixin`)."""
+
+    qat = True
+
+
+def qat_finetune(model: Any, data: Any, train: TrainOptions, run: RunOptions,
+                 train_args: dict[str, Any] | None = None) -> TrainResult:
+    """Quantization-aware fine-tuning of ``model`` (a checkpoint path or in-memory model) on ``data`` in the run folder
+    of ``run`` (``runs/qat/qat`` by default; ``run.resume`` continues one); returns the :class:`TrainResult`
+    (``best`` holds the quantizers' state)."""
+    _, result = run_training(QATTrainer, "qat", model, data, train, run, train_args=train_args)
     return result
