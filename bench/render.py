@@ -877,13 +877,14 @@ def block_tasks(name: str = "tasks") -> str:
         return f"_No `bench/results/{name}.json` yet: run `python -m bench.tasks`._"
     c = res.get("config", {})
     la = res.get("loadavg_now")
+    lr = f" except lr0={c['finetune_lr0']} for the pipeline's fine-tune and the reference" if c.get("finetune_lr0") else ""
     out = [f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}"
            f"{f'; at the last step {la[0]:.2f}' if la else ''}. OMP_NUM_THREADS={res.get('threads')}. "
            f"Data: `make_synthetic(task=...)`, {c.get('n_train')} train / {c.get('n_val')} val images of "
            f"{c.get('data_imgsz')} px, trained and validated at imgsz {c.get('imgsz')}. Dense: {c.get('dense_epochs')} "
            f"epochs from the yaml; pipeline: target_macs 0.5, 0 sparse + {c.get('finetune_epochs')} fine-tune epochs "
            f"(its defaults: distilled from the dense model); reference: dense + {c.get('finetune_epochs')} epochs, same "
-           f"recipe `{res.get('recipe')}`. mAP50-95 of `last.pt` on the val split."]
+           f"recipe `{res.get('recipe')}`{lr}. mAP50-95 of `last.pt` on the val split."]
     for r in res.get("runs", [])[:-1] if len(res.get("runs", [])) > 1 else []:
         la0 = r.get("loadavg_start")
         out.append(f"\nEarlier run: `{r['command']}` ({', '.join(r.get('models') or [])}; started {r.get('started')}, "
@@ -925,7 +926,7 @@ BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_
 # blocks that take a result name: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
 NAMED_BLOCKS = {"frontier": block_frontier, "sparsity": block_sparsity, "latency_target": block_latency_target,
                 "latency": block_latency, "families": block_families, "portable": block_portable,
-                "bccd_pipeline": block_bccd_pipeline, "int8": block_int8}
+                "bccd_pipeline": block_bccd_pipeline, "int8": block_int8, "tasks": block_tasks}
 
 
 def render(text: str) -> str:

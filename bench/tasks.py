@@ -129,6 +129,12 @@ def estimate(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     return 0
 
 
+def finetune_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of the pipeline's fine-tune and of the dense reference: the dense recipe, ``lr0`` overridden by
+    ``--finetune-lr0``."""
+    return {**RECIPE, **({"lr0": cfg["finetune_lr0"]} if cfg.get("finetune_lr0") else {})}
+
+
 def _pipeline_row(dense: Path, data: Path, cfg: dict[str, Any], folder: Path, args: argparse.Namespace) -> dict:
     """Run the pipeline (target_macs 0.5, no sparse stage, F fine-tune epochs) and summarise its report."""
     from yolo_prune.job import pipeline
@@ -137,7 +143,7 @@ def _pipeline_row(dense: Path, data: Path, cfg: dict[str, Any], folder: Path, ar
     again = args.resume and (folder / "pipeline.json").is_file()
     if folder.exists() and not again:  # pipeline() would reuse the stages recorded there
         shutil.rmtree(folder)
-    train_args = {**COMMON_TRAIN, **RECIPE}
+    train_args = {**COMMON_TRAIN, **finetune_recipe(cfg)}
     train_args.pop("batch")
     p = pipeline(dense, data, target_macs=0.5, sparse_epochs=0, finetune_epochs=cfg["finetune_epochs"],
                  imgsz=cfg["imgsz"], batch=COMMON_TRAIN["batch"], workers=args.workers, seed=0, bench=False,
@@ -185,7 +191,7 @@ def run_model(key: str, res: dict[str, Any], cfg: dict[str, Any], args: argparse
         log(f"{key}: dense reference, {F} more epochs")
         t0 = time.perf_counter()
         r = finetune(dense, data, epochs=F, project=work, name=f"{key}_dense_ft", exist_ok=True, imgsz=imgsz, seed=0,
-                     workers=args.workers, **{**COMMON_TRAIN, **RECIPE})
+                     workers=args.workers, **{**COMMON_TRAIN, **finetune_recipe(cfg)})
         row["dense_ft"] = {"seconds": round(time.perf_counter() - t0, 1), "checkpoint": str(r.last),
                            **evaluate_maps(r.last, data, imgsz)}
         save()
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-epochs", dest="dense_epochs", type=int, help=f"D (default {FULL['dense_epochs']})")
     parser.add_argument("--finetune-epochs", dest="finetune_epochs", type=int,
                         help=f"F (default {FULL['finetune_epochs']})")
+    parser.add_argument("--finetune-lr0", dest="finetune_lr0", type=float,
+                        help=f"lr0 of the pipeline's fine-tune and of the reference (default the dense {RECIPE['lr0']})")
     parser.add_argument("--runs", type=int, default=30, help="latency runs per model @640 (0: none)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-reference", action="store_true", help="no dense + F reference run")
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep finished steps of an earlier run of the same name")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("imgsz", "dense_epochs", "finetune_epochs"):
+    for key in ("imgsz", "dense_epochs", "finetune_epochs", "finetune_lr0"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.quick:

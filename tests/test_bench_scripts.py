@@ -124,9 +124,10 @@ def test_tasks_block_renders_box_and_task_map_and_head_widths(tmp_path, monkeypa
            "widths": {"dense": {"proto": {"cv1": 64, "upsample": 64, "cv2": 64, "cv3": 32}, "cv4": [[32, 32]]},
                       "pruned": {"proto": {"cv1": 48, "upsample": 16, "cv2": 16, "cv3": 32}, "cv4": [[24, 32]]}}}
     common.write_result("tasks_x", {"command": "python -m bench.tasks", "complete": True, "models": {"m-seg": row},
-                                    "config": {"imgsz": 128, "finetune_epochs": 10}})
+                                    "config": {"imgsz": 128, "finetune_epochs": 10, "finetune_lr0": 5e-4}})
     text = render.block_tasks("tasks_x")
     assert "| m-seg | box | 0.500 | 0.600 | 0.200 | 0.550 | -5.0 |" in text
     assert "| m-seg | mask | 0.400 | 0.450 | 0.100 | 0.470 | +2.0 |" in text
     assert "cv1 64->48, upsample 64->16, cv2 64->16, cv3 32->32" in text and "P3 32/32->24/32" in text
     assert "200 / 120 (0.60)" in text and "INCOMPLETE" not in text
+    assert "except lr0=0.0005 for the pipeline's fine-tune and the reference" in text
