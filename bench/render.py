@@ -5,7 +5,7 @@ BENCHMARKS.md holds hand-written text around generated blocks delimited by
 ``frontier``, ``frontier:<result name>``, ``pruneonly``, ``latency``, ``latency:<result name>``, ``latency_target``,
 ``cost``, ``families``, ``families:<result name>``, ``distill``, ``unstructured``, ``sparsity:<result name>``,
 ``accuracy``, ``accuracy_targets``, ``collapse``, ``recovery``, ``portable:<result name>``,
-``bccd_pipeline:<result name>``, ``int8:<result name>``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
+``bccd_pipeline:<result name>``, ``int8:<result name>``, ``tasks``, ``quick``). A block whose JSON is missing says so. Run after any benchmark:
 
     python -m bench.render            # rewrite the blocks in BENCHMARKS.md
     python -m bench.render --print    # print the blocks instead
@@ -782,7 +782,7 @@ def block_recovery(name: str = "recovery") -> str:
 def block_quick() -> str:
     out = []
     for name, fn in (("frontier_quick", block_frontier), ("latency_quick", block_latency), ("cost_quick", block_cost),
-                     ("families_quick", block_families), ("distill_quick", block_distill),
+                     ("families_quick", block_families), ("distill_quick", block_distill), ("tasks_quick", block_tasks),
                      ("unstructured_quick", block_unstructured), ("sparsity_fixture_quick", block_sparsity),
                      ("accuracy_quick", block_accuracy),
                      ("latency_target_quick", block_latency_target)):
@@ -858,17 +858,75 @@ def block_accuracy_targets(name: str = "accuracy") -> str:
     return md_table(rows, ("target", "measured", "verdict")) if rows else "_No results yet._"
 
 
+TASK_METRIC = {"segment": "mask", "pose": "pose", "obb": "obb"}
+
+
+def _widths_note(w: dict[str, Any]) -> tuple[str, str]:
+    """(Proto widths, cv4 hidden widths) dense -> pruned, as table cells."""
+    d, p = w.get("dense") or {}, w.get("pruned") or {}
+    proto = ", ".join(f"{k} {v}->{(p.get('proto') or {}).get(k)}" for k, v in (d.get("proto") or {}).items()) or "-"
+    cv4 = "; ".join(f"P{3 + i} {'/'.join(map(str, a))}->{'/'.join(map(str, b))}"
+                    for i, (a, b) in enumerate(zip(d.get("cv4") or [], p.get("cv4") or []))) or "-"
+    return proto, cv4
+
+
+def block_tasks(name: str = "tasks") -> str:
+    """Issue 22: segmentation, pose and OBB models pruned to 0.5 MACs vs dense at an equal budget (bench/tasks.py)."""
+    res = common.read_result(name)
+    if not res:
+        return f"_No `bench/results/{name}.json` yet: run `python -m bench.tasks`._"
+    c = res.get("config", {})
+    la = res.get("loadavg_now")
+    lr = f" except lr0={c['finetune_lr0']} for the pipeline's fine-tune and the reference" if c.get("finetune_lr0") else ""
+    out = [f"Command: {cmd(res)}{'' if res.get('complete') else ' - **INCOMPLETE run**'}. {load_note(res)}"
+           f"{f'; at the last step {la[0]:.2f}' if la else ''}. OMP_NUM_THREADS={res.get('threads')}. "
+           f"Data: `make_synthetic(task=...)`, {c.get('n_train')} train / {c.get('n_val')} val images of "
+           f"{c.get('data_imgsz')} px, trained and validated at imgsz {c.get('imgsz')}. Dense: {c.get('dense_epochs')} "
+           f"epochs from the yaml; pipeline: target_macs 0.5, 0 sparse + {c.get('finetune_epochs')} fine-tune epochs "
+           f"(its defaults: distilled from the dense model); reference: dense + {c.get('finetune_epochs')} epochs, same "
+           f"recipe `{res.get('recipe')}`{lr}. mAP50-95 of `last.pt` on the val split."]
+    for r in res.get("runs", [])[:-1] if len(res.get("runs", [])) > 1 else []:
+        la0 = r.get("loadavg_start")
+        out.append(f"\nEarlier run: `{r['command']}` ({', '.join(r.get('models') or [])}; started {r.get('started')}, "
+                   f"{minutes(r.get('seconds'))}{f', load average at start {la0[0]:.2f}' if la0 else ''}).")
+    out.append("")
+    F = c.get("finetune_epochs")
+    maps, sizes = [], []
+    for key, r in res["models"].items():
+        d, p, ft, l6 = r.get("dense", {}), r.get("pipeline"), r.get("dense_ft") or {}, r.get("latency640") or {}
+        if not p:
+            continue
+        for metric in ("box", TASK_METRIC.get(r["task"], "")):
+            k = "map50_95" if metric == "box" else f"{metric}_map50_95"
+            fin, ref = p["final_maps"].get(k), ft.get(k)
+            delta = f"{100 * (fin - ref):+.1f}" if fin is not None and ref is not None else "-"
+            maps.append((key, metric, f(d.get(k)), f(ref), f(p["pruned"].get(k)), f(fin), delta))
+        proto, cv4 = _widths_note(r.get("widths") or {})
+        sizes.append((key, f"{d['params'] / 1e6:.2f} -> {p['params'] / 1e6:.2f}",
+                      f"{d['macs'] / 1e9:.4f} -> {p['macs'] / 1e9:.4f} ({p['macs_ratio']:.3f})",
+                      f(p.get("prune_seconds"), 1),
+                      f"{f(l6.get('dense_ms'), 0)} / {f(l6.get('pruned_ms'), 0)} ({f(l6.get('ratio'), 2)})" if l6 else "-",
+                      proto, cv4))
+    out.append(md_table(maps, ("model", "mAP50-95", "dense", f"dense +{F} ep", "right after pruning",
+                               f"pruned +{F} ep", f"vs dense +{F} ep (points)")))
+    out.append("")
+    out.append(md_table(sizes, ("model", "params (M)", f"GMACs @{c.get('imgsz')} (ratio)", "prune s",
+                                "onnxruntime ms @640, dense / pruned (ratio)", "Proto out channels, dense->pruned",
+                                "cv4 hidden convs per level, dense->pruned")))
+    return "\n".join(out)
+
+
 BLOCKS = {"machine": block_machine, "targets": block_targets, "frontier": block_frontier, "pruneonly": block_pruneonly, "latency": block_latency,
           "cost": block_cost, "families": block_families, "distill": block_distill, "unstructured": block_unstructured,
           "accuracy": block_accuracy, "accuracy_targets": block_accuracy_targets, "bccd_pipeline": block_bccd_pipeline, "latency_target": block_latency_target,
-          "collapse": block_collapse, "recovery": block_recovery,
+          "collapse": block_collapse, "recovery": block_recovery, "tasks": block_tasks,
           "quick": block_quick}
 
 
 # blocks that take a result name: <!-- BEGIN frontier:NAME --> renders bench/results/NAME.json
 NAMED_BLOCKS = {"frontier": block_frontier, "sparsity": block_sparsity, "latency_target": block_latency_target,
                 "latency": block_latency, "families": block_families, "portable": block_portable,
-                "bccd_pipeline": block_bccd_pipeline, "int8": block_int8}
+                "bccd_pipeline": block_bccd_pipeline, "int8": block_int8, "tasks": block_tasks}
 
 
 def render(text: str) -> str:

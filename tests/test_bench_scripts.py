@@ -107,3 +107,27 @@ def test_render_also_runs_as_a_file_from_anywhere(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "render.py"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m bench.render"), proc.stderr[-2000:]
+
+
+def test_tasks_block_renders_box_and_task_map_and_head_widths(tmp_path, monkeypatch):
+    from bench import common, render
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert "python -m bench.tasks" in render.block_tasks("tasks_x")  # no result yet: says how to make it
+    maps = {"map50_95": 0.5, "mask_map50_95": 0.4}
+    row = {"task": "segment", "dense": {"params": 2.8e6, "macs": 1.2e9, **maps},
+           "dense_ft": {"map50_95": 0.6, "mask_map50_95": 0.45},
+           "pipeline": {"params": 1.4e6, "macs": 0.6e9, "macs_ratio": 0.5, "prune_seconds": 3.0,
+                        "pruned": {"map50_95": 0.2, "mask_map50_95": 0.1},
+                        "final_maps": {"map50_95": 0.55, "mask_map50_95": 0.47}},
+           "latency640": {"dense_ms": 200.0, "pruned_ms": 120.0, "ratio": 0.6},
+           "widths": {"dense": {"proto": {"cv1": 64, "upsample": 64, "cv2": 64, "cv3": 32}, "cv4": [[32, 32]]},
+                      "pruned": {"proto": {"cv1": 48, "upsample": 16, "cv2": 16, "cv3": 32}, "cv4": [[24, 32]]}}}
+    common.write_result("tasks_x", {"command": "python -m bench.tasks", "complete": True, "models": {"m-seg": row},
+                                    "config": {"imgsz": 128, "finetune_epochs": 10, "finetune_lr0": 5e-4}})
+    text = render.block_tasks("tasks_x")
+    assert "| m-seg | box | 0.500 | 0.600 | 0.200 | 0.550 | -5.0 |" in text
+    assert "| m-seg | mask | 0.400 | 0.450 | 0.100 | 0.470 | +2.0 |" in text
+    assert "cv1 64->48, upsample 64->16, cv2 64->16, cv3 32->32" in text and "P3 32/32->24/32" in text
+    assert "200 / 120 (0.60)" in text and "INCOMPLETE" not in text
+    assert "except lr0=0.0005 for the pipeline's fine-tune and the reference" in text
