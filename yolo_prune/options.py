@@ -287,7 +287,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Key, ...]], ...] = (
           "latency", choices=(True, False, "auto"), modes=_PRUNE | {"export"}),
         K("qat_epochs", 0, "int", "mode=export with int8=True: quantization-aware training first, for N epochs of "
           "ultralytics' loop on data's train split with NNCF fake-quantizers (pruned shapes kept; the run folder is "
-          "<export folder>/qat; batch, workers, device and ultralytics train keys such as lr0 apply), then the trained "
+          "<export folder>/qat; batch, workers, device and ultralytics train keys apply; unless given: optimizer=AdamW "
+          "lr0=1e-5 warmup_epochs=0 mosaic=0, as ultralytics' defaults wreck a converged model), then the trained "
           "model is exported to INT8 (openvino: FakeQuantize IR; onnx: QDQ); 0: post-training quantization only",
           "export", lo=0, modes=frozenset({"export"})),
     )),

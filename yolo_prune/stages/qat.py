@@ -24,7 +24,12 @@ from ..qat import copy_metadata, export_qat, is_qat
 from ..quantize import check_int8
 from ..train.finetune import qat_finetune
 
-__all__ = ["check_qat", "qat_export"]
+__all__ = ["QAT_RECIPE", "check_qat", "qat_export"]
+
+# What the QAT run trains with unless train_args say otherwise: a converged model needs only its quantization noise
+# learned. Measured on the bccd pruned yolov8n (1 epoch at 640, OpenVINO export scored by `val` on bccd val):
+# ultralytics' defaults (auto optimizer, warmup, mosaic) fell to 0.467 mAP50-95 from PTQ's 0.584; this recipe 0.584.
+QAT_RECIPE = {"optimizer": "AdamW", "lr0": 1e-5, "warmup_epochs": 0, "mosaic": 0.0}
 
 
 def check_qat(qat_epochs: Any, *, int8: Any, fmt: str, data: Any, max_map_drop: float | None = None) -> int:
@@ -49,7 +54,8 @@ def qat_export(model: Any, data: Any, *, format: str = "openvino", qat_epochs: i
     """Train ``model`` (a checkpoint path or in-memory model) ``qat_epochs`` epochs quantization-aware on ``data``,
     then export it to INT8 ``format`` (``openvino`` or ``onnx``) in ``save_dir``; returns the export's path.
 
-    ``train_args``: ultralytics train keys (lr0, optimizer, ...) for the QAT run; its folder is ``save_dir/qat``.
+    ``train_args``: ultralytics train keys (lr0, optimizer, ...) for the QAT run, over :data:`QAT_RECIPE`; its folder
+    is ``save_dir/qat``.
     """
     fmt = check_format(format)
     check_qat(qat_epochs, int8=True, fmt=fmt, data=data)
@@ -58,7 +64,7 @@ def qat_export(model: Any, data: Any, *, format: str = "openvino", qat_epochs: i
     save_dir = Path(save_dir).expanduser().absolute()
     train = TrainOptions(epochs=qat_epochs, imgsz=imgsz, batch=batch, workers=workers, device=device, seed=seed)
     run = RunOptions(project=str(save_dir), name="qat", exist_ok=False, verbose=verbose, resume=False)
-    result = qat_finetune(model, data, train, run, train_args=dict(train_args or {}))
+    result = qat_finetune(model, data, train, run, train_args={**QAT_RECIPE, **(train_args or {})})
     best = result.best or result.last
     if best is None:
         raise OutputError(f"quantization-aware training wrote no checkpoint in {result.save_dir}")
