@@ -76,7 +76,9 @@ def test_demo_from_a_fresh_machine(tmp_path):
     assert "mAP50-95" in proc.stdout and "CPU latency onnx (ms)" in proc.stdout
     assert not _strays(home, t0, cwd, home)  # (ultralytics started from fresh settings in home)
     err = proc.stderr
-    for line in ("dense: epoch 1/1", "[1/6] baseline", "[2/6] sparse", "sparse: epoch 1/1", "[3/6] prune",
-                 "[4/6] finetune", "finetune: epoch 1/1", "[5/6] val", "[6/6] bench"):
+    n = 7 if "/7] baseline" in err else 6  # 7 with the INT8 stage (int8=auto: openvino and nncf installed)
+    lines = ["dense: epoch 1/1", f"[1/{n}] baseline", f"[2/{n}] sparse", "sparse: epoch 1/1", f"[3/{n}] prune",
+             f"[4/{n}] finetune", "finetune: epoch 1/1", f"[5/{n}] val", f"[{n}/{n}] bench"]
+    for line in lines + ([f"[6/{n}] quantize"] if n == 7 else []):
         assert line in err, (line, err[-3000:])
     assert "ETA" in err and "Traceback" not in err

@@ -134,6 +134,21 @@ def test_demo_short(tmp_path, capsys, monkeypatch):
         assert "INT8 openvino mAP50-95" in out and "INT8 openvino latency (ms)" in out
 
 
+def test_demo_of_a_segmentation_model(tmp_path, capsys):
+    """`yolo-prune demo model=yolo11n-seg.yaml`: the generated data of the model's task, box and mask mAP rows, half
+    the MACs; no INT8 stage (detection only)."""
+    code = cli.main(["demo", "model=yolo11n-seg.yaml", f"project={tmp_path}", "epochs=1", "sparse_epochs=0",
+                     "finetune_epochs=1", "imgsz=64", "bench_runs=2", "bench_warmup=1", "backends=torch", "workers=0",
+                     "batch=8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mask mAP50-95 right after pruning" in out and "\nmAP50-95 " in out and "INT8" not in out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert "demo_data_segment" in report["args"]["data"]
+    macs = next(r for r in report["table"] if r["metric"].startswith("GMACs"))
+    assert abs(macs["ratio"] - 0.5) < 0.03
+
+
 def test_iterative_steps_stop_at_the_map_budget(tmp_path, synthetic, dense_ckpt, monkeypatch):
     """steps=3 with max_map_drop: the step whose mAP falls out of budget is rejected, the one before is kept."""
     import dataclasses

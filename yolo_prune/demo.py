@@ -26,8 +26,8 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     Settings come from ``cfg/demo.yaml`` (merged by :func:`yolo_prune.config.build`), so any of them can be
     overridden on the command line. Nothing is downloaded.
     """
-    cache = Path(os.environ.get("YOLO_PRUNE_CACHE") or Path.home() / ".cache" / "yolo_prune")
-    data = cfg["data"] or make_synthetic(cache / "demo_data", n_train=128, n_val=32, imgsz=256, seed=cfg["seed"]) / "yolo.yaml"
+    task = YOLO(str(cfg["model"])).task  # a -seg / -pose / -obb model gets the generated data of its task
+    data = cfg["data"] or _demo_data(task, cfg["seed"])
     if cfg["resume"]:
         save_dir = run_path(cfg["project"], "demo", cfg["name"])
     else:
@@ -36,13 +36,22 @@ def demo(cfg: dict[str, Any], extra: dict[str, Any]) -> PipelineResult:
     if not dense.is_file():
         _train_dense(cfg, extra, data, save_dir)
     keys = config_keys(cfg)
-    if keys.get("int8") == "auto":  # the demo ends deployable where OpenVINO's INT8 path exists
-        keys.update(int8=True, runtime="openvino") if int8_available() else keys.update(int8=False)
+    if keys.get("int8") == "auto":  # the demo ends deployable where OpenVINO's INT8 path exists (detection)
+        on = int8_available() and task == "detect"
+        keys.update(int8=True, runtime="openvino") if on else keys.update(int8=False)
     result = pipeline(dense, data, save_dir=save_dir, train_args=extra, **keys)
     LOGGER.info("demo: the pruned model trained %d epochs more than the dense one (sparse + finetune), which is "
                 "part of its mAP; BENCHMARKS.md compares at equal training budget", cfg["sparse_epochs"] +
                 cfg["finetune_epochs"])
     return result
+
+
+def _demo_data(task: str, seed: int) -> Path:
+    """The generated dataset of ``task`` in the user's cache, YOLO form (the dense model trains with ultralytics)."""
+    cache = Path(os.environ.get("YOLO_PRUNE_CACHE") or Path.home() / ".cache" / "yolo_prune")
+    folder = cache / ("demo_data" if task == "detect" else f"demo_data_{task}")
+    root = make_synthetic(folder, n_train=128, n_val=32, imgsz=256, seed=seed, task=task)
+    return root / "yolo.yaml"
 
 
 def int8_available() -> bool:
