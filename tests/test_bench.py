@@ -113,3 +113,18 @@ def test_latency_keeps_the_thread_count():
     measure_latency({"n": DetectionModel("yolov8n.yaml", verbose=False)}, imgsz=64, backends=("torch", "onnx"),
                     runs=1, warmup=0, progress=False)
     assert torch.get_num_threads() == before
+
+
+def test_exports_bench_in_their_own_runtime_next_to_checkpoints(models, tmp_path):
+    """An existing export (here ONNX; an INT8 OpenVINO folder alike) is timed only in its runtime, against the first
+    model measured there; a static export asked at another imgsz is a one-line error."""
+    from yolo_prune.deploy import export_model
+
+    onnx_file = export_model(models["yolov8n"], format="onnx", imgsz=64, save_dir=tmp_path)
+    result = measure_latency({"dense": models["yolov8s"], "export": str(onnx_file)}, imgsz=64, backends="torch",
+                             runs=2, warmup=0, threads=1, progress=False)
+    assert {(r.model, r.backend) for r in result.entries} == {("dense", "torch"), ("dense", "onnx"), ("export", "onnx")}
+    got = result.get("export", "onnx")
+    assert got.ratio_vs_reference == pytest.approx(got.median_ms / result.get("dense", "onnx").median_ms)
+    with pytest.raises(UsageError, match="exported static at imgsz=64 batch=1: bench it with imgsz=64"):
+        measure_latency({"export": str(onnx_file)}, imgsz=96, runs=1, warmup=0, progress=False)

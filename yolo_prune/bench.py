@@ -51,6 +51,7 @@ from .forms import PRUNABLE_TASKS, ModelLike, as_detection_model
 from .stats import inference_copy, input_channels
 from .deploy import export_model
 from .deploy import export_onnx
+from .evaluate import exported_format, exported_metadata
 
 BACKENDS = ("torch", "onnx", "openvino")
 CLOCKS = ("wall", "cpu")
@@ -271,14 +272,36 @@ def interleaved_times(
     return times
 
 
+EXPORT_BACKEND = {"onnx": "onnx", "openvino": "openvino"}  # the backend an existing export runs in
+
+
+def _with_export_backends(backends: list[str], exports: dict[str, str]) -> list[str]:
+    """The asked backends plus the one of every export given as a model (an OpenVINO folder adds ``openvino``)."""
+    return backends + [b for b in dict.fromkeys(EXPORT_BACKEND[f] for f in exports.values()) if b not in backends]
+
+
+def _check_export_shape(path: str | Path, fmt: str, imgsz: int, batch: int) -> None:
+    """An export has a static input: refuse, in one line, an ``imgsz`` or ``batch`` it was not exported at."""
+    meta = exported_metadata(path, fmt)
+    size = meta.get("imgsz")
+    size = list(size) if isinstance(size, (list, tuple)) else [size, size]
+    args = meta.get("args") or {}  # a dict in metadata.yaml, its repr in ONNX metadata
+    dynamic = bool(args.get("dynamic")) if isinstance(args, dict) else "'dynamic': True" in str(args)
+    if not dynamic and (size != [imgsz, imgsz] or int(meta.get("batch", 1)) != batch):
+        raise UsageError(f"{path} was exported static at imgsz={size[0]} batch={meta.get('batch', 1)}: bench it with "
+                         f"imgsz={size[0]} batch={meta.get('batch', 1)}")
+
+
 def summarise(
     times: dict[tuple[str, str], list[float]], names: Sequence[str], backends: Sequence[str], imgsz: int
 ) -> list[LatencyRow]:
-    """Rows with median, p90 and ratio to the first model's median in the same backend."""
+    """Rows with median, p90 and ratio to the median of the first model measured in the same backend (a model given
+    as an export is measured only in its own backend)."""
     rows = []
     for backend in backends:
-        ref = float(np.median(times[(names[0], backend)]))
-        for name in names:
+        measured = [n for n in names if (n, backend) in times]
+        ref = float(np.median(times[(measured[0], backend)]))
+        for name in measured:
             t = np.asarray(times[(name, backend)])
             med = float(np.median(t))
             rows.append(LatencyRow(name, backend, imgsz, med, float(np.percentile(t, 90)), med / ref))
@@ -300,17 +323,23 @@ def measure_latency(
 ) -> LatencyResult:
     """CPU latency of each model (name -> DetectionModel / YOLO / path) in each backend; see the module docstring.
 
-    The first model of ``models`` is the reference of ``ratio_vs_reference``. ``backends`` is a
+    A model given as an existing export (a ``.onnx`` file, an OpenVINO folder; FP32 or INT8, e.g. from ``yolo-prune
+    export int8=True``) runs only in its own backend, which is added to ``backends``; its static ``imgsz``/``batch``
+    must be the ones asked. The first model measured in a backend is the reference of ``ratio_vs_reference``. ``backends`` is a
     sequence or a comma-separated string of ``torch``, ``onnx`` (``onnxruntime``) and ``openvino``. Input: one
     fixed uniform-random ``batch x 3 x imgsz x imgsz`` tensor drawn with ``seed``. ``progress``: progress lines of
     the exports and the timed rounds (:class:`~yolo_prune.logs.Progress`; on stderr when no logging is set up).
     """
-    backends = parse_backends(backends)
     threads = check_threads(threads)
+    exports = {name: fmt for name, m in models.items() if (fmt := exported_format(m))}
+    backends = _with_export_backends(parse_backends(backends), exports)
     _check_args(models, backends, runs, warmup, batch)
     names = list(models)
-    modules = {name: as_detection_model(m, tasks=PRUNABLE_TASKS) for name, m in models.items()}
-    channels = input_channels(modules[names[0]])
+    modules = {name: m if name in exports else as_detection_model(m, tasks=PRUNABLE_TASKS) for name, m in models.items()}
+    for name, fmt in exports.items():
+        _check_export_shape(models[name], fmt, imgsz, batch)
+    torch_models = [modules[n] for n in names if n not in exports]
+    channels = input_channels(torch_models[0]) if torch_models else 3
     x = torch.rand(batch, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
     # ultralytics' exporter (inside onnx_runner) resets torch's thread count: remember what to time with,
     # build every runner first, then time under that count and give the process its count back.
@@ -318,13 +347,14 @@ def measure_latency(
     want = threads or before
     try:
         with tempfile.TemporaryDirectory(prefix="yolo-prune-bench-") as tmp, progress_output(progress):
+            pairs = [(n, b) for n in names for b in backends if n not in exports or EXPORT_BACKEND[exports[n]] == b]
             runners: dict[tuple[str, str], Runner] = {}
-            bar = Progress("bench setup", len(names) * len(backends), unit="runners", enabled=progress)
-            for i, name in enumerate(names):
-                for backend in backends:
-                    runners[(name, backend)] = make_runner(backend, modules[name], x, Path(tmp) / f"{i}_{backend}",
-                                                           threads)
-                    bar.update()
+            bar = Progress("bench setup", len(pairs), unit="runners", enabled=progress)
+            for name, backend in pairs:
+                runners[(name, backend)] = (export_runner(models[name], x.numpy(), threads) if name in exports else
+                                            make_runner(backend, modules[name], x, Path(tmp) / f"{name}_{backend}",
+                                                        threads))
+                bar.update()
             bar.close()
             times: dict[tuple[str, str], list[float]] = {}
             with torch_threads(want):
